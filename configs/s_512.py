@@ -1,0 +1,8 @@
+"""FCDM-S at 512 px (64x64x4 SD-VAE latents). `--config=configs/s_512.py:flow` for flow matching."""
+
+from fcdm_jax import config_base
+
+
+def get_config(objective: str = "ddpm"):
+  config = config_base.get_config("S", 512, objective or "ddpm")
+  return config

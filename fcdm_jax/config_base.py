@@ -1,0 +1,129 @@
+"""The one base config every `configs/*.py` file starts from.
+
+A config is data: `config.model` holds exactly the `FCDM` fields (`FCDM(**config.model)`),
+the rest is the published training recipe and how the run is laid out. Variant files
+call `get_config(variant, resolution, objective)` and change a few fields.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from fcdm_jax.models.variants import get_variant
+
+VAE_SCALE = 0.18215  # SD-VAE ft-ema latent scale
+OBJECTIVES = ("ddpm", "flow")
+
+
+def latent_size(resolution: int) -> int:
+  """SD-VAE downsamples 8x: 256 px -> 32x32x4, 512 px -> 64x64x4."""
+  if resolution % 8:
+    raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor 8")
+  return resolution // 8
+
+
+def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm"
+               ) -> ml_collections.ConfigDict:
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+  c = ml_collections.ConfigDict()
+  c.name = f"fcdm_{variant.lower()}_{resolution}_{objective}"
+  c.seed = 0
+
+  # --- the network: exactly the FCDM fields -------------------------------------
+  fields = get_variant(variant)
+  c.model = ml_collections.ConfigDict(dict(
+      in_channels=fields["in_channels"],
+      hidden_size=fields["hidden_size"],
+      depth=tuple(fields["depth"]),
+      mlp_ratio=fields["mlp_ratio"],
+      class_dropout_prob=fields["class_dropout_prob"],
+      num_classes=fields["num_classes"],
+      # SiT-style flow matching predicts velocity only.
+      learn_sigma=objective == "ddpm",
+      # How it runs: compute dtype ('float32' or 'bfloat16'; params stay float32),
+      # per-block rematerialisation ('none', 'block', 'dots', 'dots_no_batch'),
+      # depthwise conv formulation ('auto', 'xla', 'shift'), unrolled block scan.
+      dtype="float32",
+      remat="none",
+      dwconv_impl="auto",
+      scan_unroll=False,
+  ))
+
+  # --- data ----------------------------------------------------------------------
+  c.image_size = resolution
+  c.latent_size = latent_size(resolution)
+  c.data = ml_collections.ConfigDict(dict(
+      # 'latents' (our shards, written by extract_latents), 'tfds' (images by name),
+      # 'embedded' (the dataset shipped in the wheel), 'torch_features' (published
+      # per-image .npy folders), 'torch_zarr' (published zarr store).
+      source="latents",
+      path="",            # latents / torch_features / torch_zarr location
+      tfds_name="",       # e.g. 'imagenet2012'
+      data_dir="",        # TFDS data_dir
+      split="train",
+      random_flip=True,
+      vae_scale=VAE_SCALE,
+      shuffle_seed=0,
+      prefetch=2,
+  ))
+
+  # --- objective -------------------------------------------------------------------
+  c.objective = objective
+  c.diffusion = ml_collections.ConfigDict(dict(
+      noise_schedule="linear", diffusion_steps=1000))
+  c.flow = ml_collections.ConfigDict(dict(
+      # SiT training samples t uniformly on [0, 1] (with tiny edge offsets).
+      train_eps=0.0, sample_eps=0.0))
+
+  # --- optimisation (published: AdamW, lr 1e-4 constant, wd 0, EMA 0.9999) ---------
+  c.batch_size = 256  # global
+  c.num_train_steps = 2_000_000
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      warmup_steps=0, grad_clip_norm=0.0))
+  c.ema_decay = 0.9999
+
+  # --- sampling (FID setting and training previews) ------------------------------
+  if objective == "ddpm":
+    c.sample = ml_collections.ConfigDict(dict(
+        sampler="ddpm", steps=250, cfg_scale=1.5, guide_all_eps=False, eta=0.0))
+    c.preview = ml_collections.ConfigDict(dict(
+        sampler="ddim", steps=250, cfg_scale=4.0, guide_all_eps=False, eta=0.0,
+        every_steps=50_000, num_classes_shown=8, per_class=4))
+  else:
+    c.sample = ml_collections.ConfigDict(dict(
+        sampler="sde", steps=250, cfg_scale=1.5, guide_all_eps=False,
+        diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04))
+    c.preview = ml_collections.ConfigDict(dict(
+        sampler="ode", steps=50, cfg_scale=4.0, guide_all_eps=False,
+        every_steps=50_000, num_classes_shown=8, per_class=4))
+
+  # --- run layout ------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict(dict(
+      # Named mesh axes and sizes; -1 takes the devices left over.
+      axes=(("data", -1), ("fsdp", 1)),
+  ))
+  # Logical axis -> mesh axis rules for params and activations (fcdm_jax.train.sharding).
+  c.sharding = ml_collections.ConfigDict(dict(
+      # 'replicated' keeps every parameter whole; 'fsdp' shards them by the rules.
+      params="replicated",
+      rules=(
+          ("activation_batch", ("data", "fsdp")),
+          ("embed", "fsdp"),
+          ("mlp", None),
+          ("cond", "fsdp"),
+          ("vocab", None),
+          ("embed_in", None),
+          ("embed_out", "fsdp"),
+          ("layers", None),
+      ),
+  ))
+  c.distributed = False  # jax.distributed.initialize() (also on when env says so)
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 10_000
+  c.keep_checkpoints = 3
+  c.eval = ml_collections.ConfigDict(dict(enabled=False))
+  c.profile_steps = 0  # >0: trace this many steps after warm-up
+  return c

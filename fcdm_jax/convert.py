@@ -1,0 +1,309 @@
+"""PyTorch state_dict <-> Flax params for FCDM, and checkpoint files in the published layout.
+
+The walk is mechanical: `torch_layout(depth)` lists every published key in the
+published order with the Flax path it maps to and the layout change it needs
+(conv OIHW <-> HWIO, linear transposed, GRN (1,C,1,1) <-> (C,), the blocks of a level
+stacked on a leading axis). Files are read without executing pickled code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import tempfile
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from fcdm_jax.models.fcdm import FCDM, LEVEL_NAMES
+
+BLOCK_PARAMS = (
+    ("dwconv.weight", ("dwconv", "kernel"), "dwconv"),
+    ("dwconv.bias", ("dwconv", "bias"), "vector"),
+    ("pwconv1.weight", ("pwconv1", "kernel"), "conv1x1"),
+    ("pwconv1.bias", ("pwconv1", "bias"), "vector"),
+    ("grn.gamma", ("grn", "gamma"), "grn"),
+    ("grn.beta", ("grn", "beta"), "grn"),
+    ("pwconv2.weight", ("pwconv2", "kernel"), "conv1x1"),
+    ("pwconv2.bias", ("pwconv2", "bias"), "vector"),
+    ("adaLN_modulation.1.weight", ("adaLN_modulation_1", "kernel"), "linear"),
+    ("adaLN_modulation.1.bias", ("adaLN_modulation_1", "bias"), "vector"),
+)
+
+
+class Entry(NamedTuple):
+  torch_key: str
+  flax_path: tuple[str, ...]
+  kind: str            # how the layout changes, see `to_flax` / `to_torch`
+  layer: int | None    # index on the stacked 'layers' axis, None for unstacked params
+
+
+def torch_layout(depth: Sequence[int]) -> list[Entry]:
+  """Every published state_dict key, in the published order, with its Flax location."""
+  entries: list[Entry] = []
+  for k in (1, 2, 3):
+    entries += [
+        Entry(f"t_embedder_{k}.mlp.0.weight", (f"t_embedder_{k}", "mlp_0", "kernel"), "linear", None),
+        Entry(f"t_embedder_{k}.mlp.0.bias", (f"t_embedder_{k}", "mlp_0", "bias"), "vector", None),
+        Entry(f"t_embedder_{k}.mlp.2.weight", (f"t_embedder_{k}", "mlp_2", "kernel"), "linear", None),
+        Entry(f"t_embedder_{k}.mlp.2.bias", (f"t_embedder_{k}", "mlp_2", "bias"), "vector", None),
+        Entry(f"y_embedder_{k}.embedding_table.weight", (f"y_embedder_{k}", "embedding_table"),
+              "table", None),
+    ]
+  entries += [Entry("x_embedder.weight", ("x_embedder", "kernel"), "conv", None),
+              Entry("x_embedder.bias", ("x_embedder", "bias"), "vector", None)]
+
+  def blocks(stage: int):
+    level = LEVEL_NAMES[stage]
+    return [Entry(f"{level}.{i}.{suffix}", (level,) + path, kind, i)
+            for i in range(depth[stage]) for suffix, path, kind in BLOCK_PARAMS]
+
+  def resample(name):
+    return [Entry(f"{name}.conv.0.weight", (name, "conv_0", "kernel"), "conv", None)]
+
+  def reduce(name):
+    return [Entry(f"{name}.weight", (name, "kernel"), "conv1x1", None),
+            Entry(f"{name}.bias", (name, "bias"), "vector", None)]
+
+  entries += blocks(0) + resample("down1_2") + blocks(1) + resample("down2_3") + blocks(2)
+  entries += resample("up3_2") + reduce("reduce_chans_2") + blocks(3)
+  entries += resample("up2_1") + reduce("reduce_chans_1") + blocks(4)
+  entries += [
+      Entry("output_layer.weight", ("output_layer", "kernel"), "conv", None),
+      Entry("output_layer.bias", ("output_layer", "bias"), "vector", None),
+      Entry("final_layer.adaLN_modulation.1.weight", ("final_layer", "adaLN_modulation_1", "kernel"),
+            "linear", None),
+      Entry("final_layer.adaLN_modulation.1.bias", ("final_layer", "adaLN_modulation_1", "bias"),
+            "vector", None),
+      Entry("final_layer.conv.weight", ("final_layer", "conv", "kernel"), "conv", None),
+      Entry("final_layer.conv.bias", ("final_layer", "conv", "bias"), "vector", None),
+  ]
+  return entries
+
+
+def to_flax(kind: str, a: np.ndarray) -> np.ndarray:
+  """One published tensor in Flax layout."""
+  if kind == "linear":
+    return a.T
+  if kind in ("conv", "dwconv"):          # OIHW -> HWIO ((C,1,7,7) -> (7,7,1,C))
+    return a.transpose(2, 3, 1, 0)
+  if kind == "conv1x1":                   # (out, in, 1, 1) -> Dense (in, out)
+    return a[:, :, 0, 0].T
+  if kind == "grn":
+    return a.reshape(-1)
+  return a
+
+
+def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+  """Inverse of `to_flax`."""
+  if kind == "linear":
+    return a.T
+  if kind in ("conv", "dwconv"):
+    return a.transpose(3, 2, 0, 1)
+  if kind == "conv1x1":
+    return a.T[:, :, None, None]
+  if kind == "grn":
+    return a.reshape(1, -1, 1, 1)
+  return a
+
+
+def _as_numpy(v) -> np.ndarray:
+  if hasattr(v, "detach"):  # a torch tensor
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":
+      v = v.float()
+    v = v.numpy()
+  return np.asarray(v)
+
+
+def infer_depth(keys) -> tuple[int, ...]:
+  """Stage depths from the block indices present in a published state_dict."""
+  depth = []
+  for level in LEVEL_NAMES:
+    idx = [int(m.group(1)) for k in keys if (m := re.match(rf"{level}\.(\d+)\.", k))]
+    depth.append(max(idx) + 1 if idx else 0)
+  return tuple(depth)
+
+
+def infer_model(state_dict: Mapping[str, Any], **overrides) -> FCDM:
+  """The FCDM (published fields) whose parameters have these shapes."""
+  need = ("x_embedder.weight", "y_embedder_1.embedding_table.weight",
+          "encoder_level_1.0.pwconv1.weight", "final_layer.conv.weight")
+  missing = [k for k in need if k not in state_dict]
+  if missing:
+    raise ValueError(f"not an FCDM state_dict: missing keys {missing}")
+  x_w = _as_numpy(state_dict[need[0]])
+  rows = _as_numpy(state_dict[need[1]]).shape[0]
+  hidden, in_ch = x_w.shape[0], x_w.shape[1]
+  mlp = _as_numpy(state_dict[need[2]]).shape[0]
+  out_ch = _as_numpy(state_dict[need[3]]).shape[0]
+  fields = dict(in_channels=in_ch, hidden_size=hidden, depth=infer_depth(state_dict.keys()),
+                mlp_ratio=mlp / hidden, class_dropout_prob=0.1, num_classes=rows - 1,
+                learn_sigma=out_ch == 2 * in_ch)
+  fields.update(overrides)
+  return FCDM(**fields)
+
+
+def expected_shapes(model: FCDM) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flax parameter shapes of `model`, from an abstract init (no memory used)."""
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  x = jnp.zeros((1, 8, 8, model.in_channels))
+  z = jnp.zeros((1,), jnp.int32)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, z, z)["params"]))
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  return {tuple(p.key for p in path): tuple(s.shape) for path, s in flat}
+
+
+def _torch_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  shape = flax_shape[1:] if entry.layer is not None else flax_shape
+  return tuple(to_torch(entry.kind, np.empty(shape, np.uint8)).shape)
+
+
+def params_from_torch(state_dict: Mapping[str, Any], model: FCDM | None = None) -> dict:
+  """Published state_dict (NCHW tensors or arrays) -> nested Flax params (numpy).
+
+  The model is inferred from the shapes unless given. Missing, extra and mis-shaped
+  keys are all listed in one error.
+  """
+  model = model or infer_model(state_dict)
+  layout = torch_layout(model.depth)
+  shapes = expected_shapes(model)
+  expected = {e.torch_key: e for e in layout}
+  missing = [k for k in expected if k not in state_dict]
+  extra = [k for k in state_dict if k not in expected]
+  misshaped = []
+  for key, entry in expected.items():
+    if key in state_dict:
+      want = _torch_shape(entry, shapes[entry.flax_path])
+      got = tuple(_as_numpy(state_dict[key]).shape)
+      if got != want:
+        misshaped.append(f"{key}: got {got}, expected {want}")
+  if missing or extra or misshaped:
+    parts = []
+    if missing:
+      parts.append(f"missing keys ({len(missing)}): {missing}")
+    if extra:
+      parts.append(f"unexpected keys ({len(extra)}): {extra}")
+    if misshaped:
+      parts.append(f"mis-shaped keys ({len(misshaped)}): {misshaped}")
+    raise ValueError("state_dict does not fit FCDM(depth=%s, hidden_size=%d): %s"
+                     % (list(model.depth), model.hidden_size, "; ".join(parts)))
+
+  stacked: dict[tuple[str, ...], list] = collections.defaultdict(list)
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  for entry in layout:
+    value = to_flax(entry.kind, _as_numpy(state_dict[entry.torch_key]))
+    if entry.layer is None:
+      flat[entry.flax_path] = value
+    else:
+      stacked[entry.flax_path].append(value)
+  for path, values in stacked.items():
+    flat[path] = np.stack(values)
+  return _unflatten(flat)
+
+
+def params_to_torch(params: Mapping[str, Any]) -> "collections.OrderedDict[str, np.ndarray]":
+  """Flax params -> published state_dict (numpy arrays, published key order)."""
+  depth = tuple(_get(params, (level, "dwconv", "bias")).shape[0] for level in LEVEL_NAMES)
+  out = collections.OrderedDict()
+  for entry in torch_layout(depth):
+    value = np.asarray(_get(params, entry.flax_path))
+    if entry.layer is not None:
+      value = value[entry.layer]
+    out[entry.torch_key] = np.ascontiguousarray(to_torch(entry.kind, value))
+  return out
+
+
+def _get(tree, path):
+  for key in path:
+    try:
+      tree = tree[key]
+    except KeyError:
+      raise ValueError(f"params have no entry {'/'.join(path)}: not FCDM params") from None
+  return tree
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("reading or writing .pt files needs PyTorch (pip install torch); "
+                      ".safetensors files do not") from e
+  return torch
+
+
+def load_torch_state_dict(path: str, which: str = "ema") -> dict[str, np.ndarray]:
+  """Reads a published-style checkpoint: `.pt` ({"model", "ema", ...} or a bare
+  state_dict) with `weights_only=True`, or `.safetensors`. `which` picks "ema" or "model".
+  """
+  if which not in ("ema", "model"):
+    raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return dict(load_file(path))
+  torch = _import_torch()
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+      ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise ValueError(f"{path} is not a loadable weights-only PyTorch checkpoint: {e}") from e
+  if not isinstance(ckpt, Mapping):
+    raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or "
+                     "{'model', 'ema'} checkpoint")
+  if which in ckpt and isinstance(ckpt[which], Mapping):
+    ckpt = ckpt[which]
+  elif "model" in ckpt and isinstance(ckpt["model"], Mapping):
+    ckpt = ckpt["model"]
+  return {k: _as_numpy(v) for k, v in ckpt.items()}
+
+
+def _atomic_write(path: str, write) -> None:
+  """Writes through a temporary file in the same folder, so an existing file is never
+  left half-written."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_torch_checkpoint(path: str, params, ema_params=None) -> None:
+  """Writes `.pt` as the published `{"model": sd, "ema": sd}` or `.safetensors` (the EMA
+  weights when given, else the params)."""
+  model_sd = params_to_torch(params)
+  ema_sd = params_to_torch(ema_params) if ema_params is not None else model_sd
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    _atomic_write(path, lambda p: save_file(dict(ema_sd), p))
+    return
+  if not path.endswith(".pt"):
+    raise ValueError(f"unknown checkpoint extension for {path}: use .pt or .safetensors")
+  torch = _import_torch()
+  as_torch = lambda sd: collections.OrderedDict(
+      (k, torch.from_numpy(np.array(v, np.float32))) for k, v in sd.items())
+  _atomic_write(path, lambda p: torch.save({"model": as_torch(model_sd),
+                                            "ema": as_torch(ema_sd)}, p))

@@ -1,0 +1,1 @@
+"""Diffusion (ADM/DiT Gaussian) and flow-matching (SiT) objectives and samplers."""

@@ -1,0 +1,208 @@
+"""Building blocks of FCDM, NHWC, named after the published PyTorch modules.
+
+Each module keeps the parameter names of its PyTorch counterpart so that weight
+conversion (`fcdm_jax.convert`) is a mechanical walk plus layout transposes.
+Every parameter carries logical axis names (see `fcdm_jax.train.sharding`) so that
+the training system can shard it from rules in the config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+FREQUENCY_EMBEDDING_SIZE = 256
+NORM_EPS = 1e-6
+GRN_EPS = 1e-6
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+normal_002 = nn.initializers.normal(stddev=0.02)
+
+DWCONV_IMPLS = ("xla", "shift", "auto")
+
+
+def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
+  """Attaches logical axis names to an initializer (read by the sharding rules)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def flattened_linear_xavier(key, shape, dtype=jnp.float32):
+  """Xavier-uniform of a conv kernel seen as a linear layer on its flattened window.
+
+  The published code initialises `x_embedder` this way: fan_in = kh*kw*in,
+  fan_out = out (a conv initialiser would use kh*kw*out).
+  """
+  kh, kw, cin, cout = shape
+  fan_in, fan_out = kh * kw * cin, cout
+  bound = math.sqrt(6.0 / (fan_in + fan_out))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def modulate(x, shift, scale):
+  """adaLN modulation, condition broadcast over the spatial axes (NHWC)."""
+  return x * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+
+
+def layer_norm(x, eps: float = NORM_EPS):
+  """LayerNorm over channels without affine, statistics in float32 (two-pass variance)."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def pixel_unshuffle(x, r: int = 2):
+  """PyTorch `pixel_unshuffle` in NHWC: output channel c*r*r + i*r + j holds offset (i, j).
+
+  TF's `space_to_depth` orders channels (i, j, c) instead; that would silently
+  break weight conversion.
+  """
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // r, r, w // r, r, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4)
+  return x.reshape(n, h // r, w // r, c * r * r)
+
+
+def pixel_shuffle(x, r: int = 2):
+  """PyTorch `pixel_shuffle` in NHWC, the inverse of `pixel_unshuffle`."""
+  n, h, w, crr = x.shape
+  c = crr // (r * r)
+  x = x.reshape(n, h, w, c, r, r)
+  x = x.transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(n, h * r, w * r, c)
+
+
+def timestep_features(t, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0):
+  """Sinusoidal features `[cos, sin]` of t as given (DDPM indices or flow times)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def depthwise_conv_xla(x, kernel):
+  """Depthwise conv as XLA's grouped convolution; kernel (kh, kw, 1, C), SAME padding."""
+  kh, kw = kernel.shape[:2]
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1),
+      padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+def depthwise_conv_shift(x, kernel):
+  """Depthwise conv as kh*kw shifted multiply-adds of a padded input.
+
+  Same numbers as the grouped conv (up to summation order); on CPUs (and for the
+  backward pass on GPUs) XLA runs it much faster than `feature_group_count=C`.
+  """
+  kh, kw = kernel.shape[:2]
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def resolve_dwconv_impl(impl: str) -> str:
+  """'auto' picks the faster formulation for the default backend (docs/performance.md)."""
+  if impl not in DWCONV_IMPLS:
+    raise ValueError(f"unknown dwconv_impl {impl!r}; expected one of {DWCONV_IMPLS}")
+  if impl != "auto":
+    return impl
+  return "shift" if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm") else "xla"
+
+
+class DepthwiseConv(nn.Module):
+  """7x7 depthwise conv with bias (PyTorch `Conv2d(D, D, 7, padding=3, groups=D)`)."""
+  features: int
+  kernel_size: int = 7
+  impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", logical(xavier_uniform, (None, None, None, "embed")),
+                        (k, k, 1, self.features))
+    bias = self.param("bias", logical(zeros, ("embed",)), (self.features,))
+    kernel = kernel.astype(self.dtype)
+    impl = resolve_dwconv_impl(self.impl)
+    fn = depthwise_conv_shift if impl == "shift" else depthwise_conv_xla
+    return fn(x.astype(self.dtype), kernel) + bias.astype(self.dtype)
+
+
+def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str,
+          kernel_init: Initializer = xavier_uniform, use_bias: bool = True) -> nn.Dense:
+  """A Linear / 1x1 conv with logical axis names on kernel and bias."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=logical(kernel_init, names),
+                  bias_init=logical(zeros, (names[1],)))
+
+
+def conv3x3(features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str,
+            use_bias: bool = True, kernel_init: Initializer = xavier_uniform) -> nn.Conv:
+  """A 3x3 conv with padding 1 (PyTorch `Conv2d(a, b, 3, padding=1)`)."""
+  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, dtype=dtype,
+                 name=name, kernel_init=logical(kernel_init, (None, None) + names),
+                 bias_init=logical(zeros, (names[1],)))
+
+
+class GRN(nn.Module):
+  """Global Response Normalisation (ConvNeXt-V2), per-channel gamma and beta."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", logical(zeros, ("mlp",)), (self.features,))
+    beta = self.param("beta", logical(zeros, ("mlp",)), (self.features,))
+    xf = x.astype(jnp.float32)
+    g = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(1, 2), keepdims=True))
+    n = g / (jnp.mean(g, axis=-1, keepdims=True) + GRN_EPS)
+    return (gamma * (xf * n) + beta + xf).astype(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal features -> Linear -> SiLU -> Linear (PyTorch `mlp.0`, `mlp.2`)."""
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    h = timestep_features(t).astype(self.dtype)
+    h = dense(self.hidden_size, ("time_freq", "cond_embed"), self.dtype, "mlp_0",
+              kernel_init=normal_002)(h)
+    h = nn.silu(h)
+    return dense(self.hidden_size, ("cond_embed", "cond_embed_out"), self.dtype, "mlp_2",
+                 kernel_init=normal_002)(h)
+
+
+class LabelEmbedder(nn.Module):
+  """Class table with an extra null row (for CFG) when label dropout is enabled."""
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+
+  @nn.compact
+  def __call__(self, labels, train: bool, force_drop_ids=None):
+    rows = self.num_classes + int(self.dropout_prob > 0)
+    table = self.param("embedding_table", logical(normal_002, ("vocab", "cond_embed")),
+                       (rows, self.hidden_size))
+    if force_drop_ids is not None:
+      labels = jnp.where(force_drop_ids == 1, self.num_classes, labels)
+    elif train and self.dropout_prob > 0:
+      rng = self.make_rng("label_dropout")
+      drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
+      labels = jnp.where(drop, self.num_classes, labels)
+    return jnp.take(table, labels, axis=0)

@@ -1,0 +1,41 @@
+"""fcdm_jax: FCDM (Reviving ConvNeXt for Efficient Convolutional Diffusion Models) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fcdm_jax",
+    version="0.1.0",
+    description="FCDM convolutional diffusion models in JAX/Flax: train, sample, evaluate, "
+                "and exchange checkpoints with the published PyTorch code.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fcdm_jax", "fcdm_jax.*"]),
+    include_package_data=True,
+    package_data={"fcdm_jax.data": ["embedded/*"]},
+    install_requires=[
+        # Lower bounds are the versions the test suite was run with.
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "clu>=0.0.12",
+        # clu.metric_writers imports TensorFlow and TensorBoard (DESIGN.md section 6).
+        "tensorflow-cpu>=2.21.0",
+        "tensorboard>=2.21.0",
+        "tensorflow-datasets>=4.9.10",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "absl-py>=2.1",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # The export checks load our checkpoints in PyTorch; pin the CPU build so an
+        # unpinned torch does not pull a multi-GB CUDA build.
+        "test": ["pytest>=8.0", "torch==2.13.0"],
+        "torch": ["torch>=2.2"],
+    },
+)
