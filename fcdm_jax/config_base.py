@@ -57,15 +57,21 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       # 'latents' (our shards, written by extract_latents), 'tfds' (images by name),
       # 'embedded' (the dataset shipped in the wheel), 'torch_features' (published
       # per-image .npy folders), 'torch_zarr' (published zarr store).
+      # Formats and the batch order: fcdm_jax/data (make_source).
       source="latents",
       path="",            # latents / torch_features / torch_zarr location
+      labels_path="",     # torch_features: labels folder if not the `*_labels` sibling
       tfds_name="",       # e.g. 'imagenet2012'
-      data_dir="",        # TFDS data_dir
-      split="train",
-      random_flip=True,
+      data_dir="",        # TFDS data_dir (prepared; nothing is downloaded)
+      image_key="image",  # TFDS feature names
+      label_key="label",
+      split="train",      # tfds / embedded ('train' or 'test')
+      random_flip=True,   # latents: the stored posterior of the mirrored image
       vae_scale=VAE_SCALE,
-      shuffle_seed=0,
-      prefetch=2,
+      shuffle_seed=0,     # with config.seed, seeds order, flips and latent noise
+      prefetch=2,         # batches kept ready by a background thread
+      num_workers=4,      # threads decoding per-example files (tfds, torch_features)
+      max_in_memory_gb=8.0,  # tfrecord TFDS splits and zarr stores up to this are held in RAM
   ))
 
   # --- objective -------------------------------------------------------------------

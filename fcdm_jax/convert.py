@@ -207,14 +207,17 @@ def params_from_torch(state_dict: Mapping[str, Any], model: FCDM | None = None) 
 
 
 def params_to_torch(params: Mapping[str, Any]) -> "collections.OrderedDict[str, np.ndarray]":
-  """Flax params -> published state_dict (numpy arrays, published key order)."""
+  """Flax params -> published state_dict (numpy arrays, published key order).
+
+  Values may be transposed views of the params; the file writers copy them.
+  """
   depth = tuple(_get(params, (level, "dwconv", "bias")).shape[0] for level in LEVEL_NAMES)
   out = collections.OrderedDict()
   for entry in torch_layout(depth):
     value = np.asarray(_get(params, entry.flax_path))
     if entry.layer is not None:
       value = value[entry.layer]
-    out[entry.torch_key] = np.ascontiguousarray(to_torch(entry.kind, value))
+    out[entry.torch_key] = to_torch(entry.kind, value)
   return out
 
 
@@ -298,7 +301,8 @@ def save_torch_checkpoint(path: str, params, ema_params=None) -> None:
   ema_sd = params_to_torch(ema_params) if ema_params is not None else model_sd
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    _atomic_write(path, lambda p: save_file(dict(ema_sd), p))
+    contiguous = {k: np.ascontiguousarray(v, np.float32) for k, v in ema_sd.items()}
+    _atomic_write(path, lambda p: save_file(contiguous, p))
     return
   if not path.endswith(".pt"):
     raise ValueError(f"unknown checkpoint extension for {path}: use .pt or .safetensors")

@@ -22,3 +22,43 @@ def combine_cfg(out, cfg_scale, num_guided: int):
   cond, uncond = jnp.split(guided, 2, axis=0)
   mixed = uncond + cfg_scale * (cond - uncond)
   return jnp.concatenate([jnp.concatenate([mixed, mixed], axis=0), rest], axis=-1)
+
+
+def check_guidance(cfg_scale, null_label, interval=None):
+  """Clear errors for guidance the model cannot do; returns (scale, interval) normalised."""
+  cfg_scale = float(cfg_scale)
+  if cfg_scale != 1.0 and null_label is None:
+    raise ValueError(f"cfg_scale={cfg_scale} needs a null (unconditional) label, but the model "
+                     "has none (class_dropout_prob=0): use cfg_scale=1.0")
+  if interval is not None:
+    lo, hi = (float(v) for v in interval)
+    if lo > hi:
+      raise ValueError(f"guidance interval must be (low, high) with low <= high, got {interval}")
+    interval = (lo, hi)
+  return cfg_scale, interval
+
+
+def guided_model(model_fn, y, *, cfg_scale, null_label, guide_all_eps: bool = False,
+                 interval=None):
+  """`model_fn(x, t, y)` -> `f(x, t)` for labels y, classifier-free guided when cfg_scale != 1.
+
+  Guidance runs the batch [x; x] with labels [y; null] (the published sampling recipe)
+  and returns the conditional half. `interval = (low, high)` guides only where
+  low <= t <= high, in the time the model is called with (DDPM: original step index;
+  flow: t in [0, 1]); elsewhere the output is the conditional one.
+  """
+  cfg_scale, interval = check_guidance(cfg_scale, null_label, interval)
+  if cfg_scale == 1.0:
+    return lambda x, t: model_fn(x, t, y)
+
+  def guided(x, t):
+    n = x.shape[0]
+    labels = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
+    out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), labels)
+    mixed = combine_cfg(out, cfg_scale, guided_channels(x.shape[-1], guide_all_eps))[:n]
+    if interval is None:
+      return mixed
+    inside = (t >= interval[0]) & (t <= interval[1])
+    return jnp.where(inside.reshape((n,) + (1,) * (out.ndim - 1)), mixed, out[:n])
+
+  return guided
