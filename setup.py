@@ -1,6 +1,6 @@
 """fcdm_jax: FCDM (Reviving ConvNeXt for Efficient Convolutional Diffusion Models) in JAX/Flax."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="fcdm_jax",
@@ -10,9 +10,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fcdm_jax", "fcdm_jax.*"]),
+    packages=find_namespace_packages(include=["fcdm_jax", "fcdm_jax.*"]),
     include_package_data=True,
-    package_data={"fcdm_jax.data": ["embedded/*"]},
+    package_data={"fcdm_jax.data.embedded": ["*"]},
     install_requires=[
         # Lower bounds are the versions the test suite was run with.
         "jax>=0.10.2",
@@ -35,7 +35,16 @@ setup(
     extras_require={
         # The export checks load our checkpoints in PyTorch; pin the CPU build so an
         # unpinned torch does not pull a multi-GB CUDA build.
-        "test": ["pytest>=8.0", "torch==2.13.0"],
+        "test": [
+            "pytest>=8.0", "torch==2.13.0",
+            # Parity tests build the reference PyTorch networks with random weights:
+            # diffusers' AutoencoderKL and pytorch-fid's FID Inception (which imports
+            # torchvision; 0.28.0 is the release that pairs with torch 2.13.0).
+            "diffusers>=0.42.1", "pytorch-fid>=0.3.0", "torchvision==0.28.0",
+            "zarr>=3.1",
+        ],
         "torch": ["torch>=2.2"],
+        # The published PyTorch code's zarr latent store.
+        "zarr": ["zarr>=3.1"],
     },
 )
