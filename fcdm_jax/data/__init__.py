@@ -1,0 +1,28 @@
+"""Input pipelines: what the training loop trains on.
+
+    source = make_source(config, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    source.element_shape   # (H, W, C) of one training example
+    source.num_classes, source.num_examples
+    for batch in source.iterate(start_step):   # endless; {'x': f32 NHWC, 'y': i32}
+      ...
+
+The local batch is config.batch_size // process_count; the batch of global step s is a
+deterministic function of (seed, s, process_index), so the data position saved in a
+checkpoint is the step itself (pipeline.py explains the order, split and randomness).
+
+Sources, by `config.data.source`:
+  'latents'         our precomputed SD-VAE latent shards (format and writer: latents.py)
+  'tfds'            a TFDS image dataset by name and data_dir, pixel space (tfds_images.py)
+  'embedded'        MNIST-5k shipped in the package, 32x32x1 pixels (embedded.py)
+  'torch_features'  the published PyTorch code's per-image .npy latents (torch_latents.py)
+  'torch_zarr'      the published PyTorch code's zarr store of latents (torch_latents.py)
+"""
+
+from fcdm_jax.data.embedded import load_embedded
+from fcdm_jax.data.latents import LatentDataset, LatentShardWriter, read_manifest
+from fcdm_jax.data.pipeline import SOURCES, BatchIterator, Source, make_source
+from fcdm_jax.data.preprocess import center_crop_arr
+
+__all__ = ["SOURCES", "BatchIterator", "LatentDataset", "LatentShardWriter", "Source",
+           "center_crop_arr", "load_embedded", "make_source", "read_manifest"]

@@ -1,0 +1,97 @@
+"""Launch scripts (launch/): shellcheck-clean, and their dry runs issue the right commands.
+
+The dry runs need neither gcloud, GPUs nor SLURM: each script prints its commands
+instead of running them, after the same argument checks a real run does.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+REPO = LAUNCH.parent
+SCRIPTS = ["tpu_pod.sh", "gpu_single_node.sh", "slurm_multinode.sbatch"]
+
+
+def run(script, *args, env=None):
+  full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
+  full_env.update(env or {})
+  return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (apt-get install shellcheck)")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shellcheck(script):
+  result = subprocess.run(["shellcheck", "--shell=bash", str(LAUNCH / script)],
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_and_syntax(script):
+  assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
+  result = run(script, "--help")
+  assert result.returncode == 0 and "WORKDIR" in result.stdout.upper(), result.stderr
+
+
+def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
+  result = run("tpu_pod.sh", "--project=proj", "--zone=us-east5-a", "--accelerator=v5p-64",
+               "--name=pod1", "--config=configs/xl_512.py", "--workdir=gs://bucket/xl",
+               "--spot", "--", "--config.batch_size=512", env={"DRY_RUN": "1"})
+  assert result.returncode == 0, result.stderr
+  lines = [l for l in result.stdout.splitlines() if l.startswith("+ ")]
+  assert "tpu-vm create pod1 --project=proj --zone=us-east5-a --accelerator-type=v5p-64" \
+      in lines[0] and lines[0].endswith("--spot")
+  assert any(" scp " in l and "--worker=all" in l for l in lines)
+  train = [l for l in lines if "fcdm_jax.main" in l]
+  assert len(train) == 1 and "--worker=all" in train[0]
+  for flag in ("--config=configs/xl_512.py", "--workdir=gs://bucket/xl",
+               "--config.distributed=True", "--config.batch_size=512"):
+    assert flag in train[0]
+  assert "tpu-vm delete pod1" in lines[-1]  # always last, also after a failure
+  kept = run("tpu_pod.sh", "--project=p", "--workdir=gs://b/r", "--keep",
+             "--code=https://example.com/fcdm_jax.git", "--ref=v1", env={"DRY_RUN": "1"})
+  assert kept.returncode == 0 and " delete " not in kept.stdout
+  assert "git\\ clone\\ --depth=1\\ --branch=v1" in kept.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--project=p"], "--workdir is required"),
+    (["--project=p", "--workdir=/local/dir"], "must be on GCS"),
+    (["--project=p", "--workdir=gs://b/r", "--config=configs/none.py"], "not found"),
+    (["--bogus"], "unknown argument: --bogus"),
+])
+def test_tpu_pod_rejects_bad_arguments(args, message):
+  result = run("tpu_pod.sh", *args, env={"DRY_RUN": "1"})
+  assert result.returncode == 2 and message in result.stderr
+  assert "gcloud" not in result.stdout  # nothing was started
+
+
+def test_gpu_single_node_dry_run():
+  result = run("gpu_single_node.sh", "--dry-run", "--workdir=/tmp/run", "--gpus=0,1",
+               "--", "--config.seed=3")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == ("+ python3 -m fcdm_jax.main --config=configs/xl_256.py "
+                                   "--workdir=/tmp/run --config.seed=3")
+  assert run("gpu_single_node.sh", "--dry-run").returncode == 2
+
+
+def test_slurm_sets_jax_device_ids_per_layout():
+  env = {"SLURM_JOB_ID": "77", "SLURM_GPUS_ON_NODE": "4", "WORKDIR": "/shared/run",
+         "DRY_RUN": "1"}
+  per_node = run("slurm_multinode.sbatch", "--config.seed=1", env=env)
+  assert per_node.returncode == 0, per_node.stderr
+  assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3" in per_node.stdout
+  srun = [l for l in per_node.stdout.splitlines() if l.startswith("+ srun")]
+  assert len(srun) == 1 and "--config.distributed=True --config.seed=1" in srun[0]
+  per_gpu = run("slurm_multinode.sbatch", env={**env, "SLURM_NTASKS_PER_NODE": "4"})
+  assert per_gpu.returncode == 0 and "one process per GPU" in per_gpu.stdout
+  bad = run("slurm_multinode.sbatch", env={**env, "SLURM_NTASKS_PER_NODE": "3"})
+  assert bad.returncode == 2 and "use 1 (per node) or 4 (per GPU)" in bad.stderr
+  outside = run("slurm_multinode.sbatch", env={"WORKDIR": "/shared/run"})
+  assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
