@@ -1,0 +1,42 @@
+"""Multi-host start-up and barriers for the command-line tools, without the training imports.
+
+`maybe_initialize(requested)` calls `jax.distributed.initialize()` when asked or when the
+environment names a cluster (JAX_COORDINATOR_ADDRESS, or SLURM with several tasks); on TPU
+pods and SLURM JAX finds the coordinator itself, elsewhere set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def maybe_initialize(requested: bool = False) -> None:
+  env = os.environ
+  wanted = (requested or "JAX_COORDINATOR_ADDRESS" in env
+            or int(env.get("SLURM_NTASKS", "1")) > 1)
+  if not wanted or jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (a no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_host0(value):
+  """Host 0's numpy value on every host (e.g. a decision read from shared storage)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return multihost_utils.broadcast_one_to_all(value)

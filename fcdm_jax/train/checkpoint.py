@@ -1,0 +1,114 @@
+"""Asynchronous Orbax checkpoints of the whole train state, its data position and config.
+
+A checkpoint holds two items: 'state' (params, AdamW state, EMA, step, PRNG key data)
+and 'meta' (JSON: the data position, the config, versions). Orbax writes each step into
+a temporary folder and renames it when complete, so a run killed mid-save leaves the
+previous checkpoints intact and the partial one is ignored. Restoring takes an abstract
+state whose leaves carry the target shardings: a checkpoint written on 8 devices
+restores onto 1 or 4, or another mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Orbax needs absolute paths; gs:// and other URLs are kept as given."""
+  path = os.path.join(workdir, CHECKPOINT_DIR)
+  return path if "://" in path else os.path.abspath(path)
+
+
+class Checkpointer:
+  """The run's CheckpointManager: save every `checkpoint_every_steps`, keep the last N."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    """Starts an asynchronous save; `wait()` before relying on it or exiting."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))), force=True)
+
+  def restore_meta(self, step: int) -> dict:
+    """Only the JSON item (cheap): config and data position of a checkpoint."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """Restores onto the shardings attached to `abstract_state`'s leaves."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def saved_config(workdir: str, step: int | None = None):
+  """The config a run was trained with (from its checkpoint's meta), as a ConfigDict."""
+  import ml_collections
+  ckpt = Checkpointer(workdir, keep=1000, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  meta = ckpt.restore_meta(step)
+  config = ml_collections.ConfigDict(meta["config"])
+  config.model.depth = tuple(config.model.depth)
+  return config, step
+
+
+def load_params(workdir: str, config=None, step: int | None = None, which: str = "ema",
+                mesh=None):
+  """EMA (or raw) params of a run's checkpoint, replicated on `mesh` (default: all devices).
+
+  Returns (params, config, step). The config defaults to the one saved with the run.
+  """
+  from fcdm_jax.models import FCDM
+  from fcdm_jax.train import sharding
+  from fcdm_jax.train.state import make_optimizer, state_layout
+  if which not in ("ema", "params"):
+    raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
+  if config is None:
+    config, step = saved_config(workdir, step)
+  ckpt = Checkpointer(workdir, keep=1000, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  if mesh is None:
+    import numpy as np
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sharding.params = "replicated"
+  model = FCDM(**config.model)
+  size = config.latent_size
+  abstract, _ = state_layout(config, model, make_optimizer(config), mesh,
+                             (size, size, config.model.in_channels))
+  state, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  return (state.ema_params if which == "ema" else state.params), config, step

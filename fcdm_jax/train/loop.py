@@ -1,0 +1,262 @@
+"""The training loop: set up, resume, step, log, checkpoint, preview, stop cleanly.
+
+Where each step of training happens:
+  set-up checks ........ `check_run_setup` (before any work: workdir, batch, mesh)
+  devices and mesh ..... `fcdm_jax.train.sharding.create_mesh`
+  data ................. `fcdm_jax.data.make_source` (position = step)
+  state / resume ....... `fcdm_jax.train.state.create_train_state`, `checkpoint.Checkpointer`
+  one step ............. `fcdm_jax.train.step.make_train_step`
+  metrics .............. clu writers + `ReportProgress` (host 0 writes)
+  previews ............. `fcdm_jax.train.preview.PreviewWriter`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from fcdm_jax import data as data_lib
+from fcdm_jax import distributed
+from fcdm_jax.diffusion.objectives import make_objective
+from fcdm_jax.models import FCDM
+from fcdm_jax.train import checkpoint as ckpt_lib
+from fcdm_jax.train import sharding
+from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
+from fcdm_jax.train.step import jit_train_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient became NaN/inf: the run stops, checkpoints stay as they were."""
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; the loop saves after the step in flight and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      logging.warning("SIGTERM received: saving a checkpoint after this step and stopping")
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. under a test runner thread)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """All hosts must save the same step: any host's flag stops every host."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+def check_workdir(workdir: str) -> None:
+  """A clear error now rather than a failed checkpoint hours later."""
+  if "://" in workdir:
+    return  # remote storage: orbax reports access problems itself
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+def check_run_setup(config, mesh) -> None:
+  """Batch layout and config checks that need the mesh."""
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {config.batch_size}")
+  if config.batch_size % dp:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the data-parallel "
+                     f"size {dp} (mesh {dict(mesh.shape)}); use a multiple of {dp}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the number of "
+                     f"processes {jax.process_count()}")
+  if config.num_train_steps <= 0:
+    raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
+  for key in ("log_every_steps", "checkpoint_every_steps"):
+    if config[key] <= 0:
+      raise ValueError(f"{key} must be positive, got {config[key]}")
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _check_resumable(saved_config: dict, config) -> None:
+  """Resuming with a different network would load mismatched weights: refuse clearly."""
+  saved_model = saved_config.get("model", {})
+  current = _config_json(config)["model"]
+  arch = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes", "learn_sigma",
+          "class_dropout_prob")
+  diff = {k: (saved_model.get(k), current.get(k)) for k in arch
+          if saved_model.get(k) != current.get(k)}
+  if diff:
+    raise ValueError(f"the workdir's checkpoint was trained with other model fields "
+                     f"(saved, now): {diff}; use a new --workdir")
+  if saved_config.get("objective") != config.objective:
+    raise ValueError(f"the workdir's checkpoint used objective {saved_config.get('objective')!r},"
+                     f" the config says {config.objective!r}; use a new --workdir")
+
+
+@dataclasses.dataclass
+class MetricBuffer:
+  """Per-step metrics stay on device until a log or checkpoint boundary (no per-step sync)."""
+  pending: list = dataclasses.field(default_factory=list)
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self) -> tuple[dict[str, float], int | None]:
+    """Means over the buffered steps and the first step whose loss was not finite."""
+    if not self.pending:
+      return {}, None
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    bad = next((s for s, m in zip(steps, fetched) if not bool(m["finite"])), None)
+    keys = [k for k in fetched[0] if k != "finite"]
+    means = {k: float(np.mean([float(m[k]) for m in fetched])) for k in keys}
+    return means, bad
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary."""
+  distributed.maybe_initialize(config.distributed)
+  if jax.process_count() > 1:
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+  check_workdir(workdir)
+  model = FCDM(**config.model)
+  objective = make_objective(config)
+  tx = make_optimizer(config)
+  mesh = sharding.create_mesh(config)
+  check_run_setup(config, mesh)
+  source = data_lib.make_source(config, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  input_shape = tuple(source.element_shape)
+  is_host0 = jax.process_index() == 0
+  logging.info("mesh %s; %s", dict(mesh.shape), source)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  abstract, shardings = state_layout(config, model, tx, mesh, input_shape)
+  logging.info("%s", sharding.describe(shardings, abstract))
+  if latest is None:
+    state, _, _ = create_train_state(config, model, tx, mesh, input_shape)
+    logging.info("starting from scratch: %d parameters",
+                 sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)))
+  else:
+    _check_resumable(checkpointer.restore_meta(latest).get("config", {}), config)
+    state, _ = checkpointer.restore(latest, abstract)
+    logging.info("resumed from checkpoint at step %d", latest)
+  start_step = int(jax.device_get(state.step))
+
+  train_step = jit_train_step(make_train_step(config, model, objective, tx), mesh,
+                              shardings, config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_host0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           writer=writer, every_steps=config.log_every_steps)]
+  if config.profile_steps > 0 and is_host0:
+    hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                          logdir=workdir))
+  preview = None
+  if config.preview.every_steps > 0:
+    from fcdm_jax.train.preview import PreviewWriter
+    preview = PreviewWriter(config, model, objective, mesh, input_shape, workdir, writer)
+
+  buffer = MetricBuffer()
+  batches = source.iterate(start_step)
+  summary = {"start_step": start_step, "end_step": start_step, "stopped_by": "completed"}
+  first_step_seconds = None
+  previous_metrics = None
+  step = start_step
+  images_timer = (time.time(), step)
+  with PreemptionFlag() as preemption:
+    while step < config.num_train_steps:
+      t0 = time.time()
+      batch = sharding.global_batch(next(batches), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      buffer.add(step, metrics)
+      if first_step_seconds is None:
+        jax.block_until_ready(metrics)
+        first_step_seconds = time.time() - t0
+        logging.info("first step (with compilation) took %.1f s", first_step_seconds)
+        images_timer = (time.time(), step)
+      elif previous_metrics is not None:
+        # Keep one step in flight: the host never runs far ahead of the devices, so
+        # the progress figures are real and queued batches do not pile up.
+        jax.block_until_ready(previous_metrics)
+      previous_metrics = metrics
+      stop = preemption.agreed()
+      last = step == config.num_train_steps
+      save = stop or last or step % config.checkpoint_every_steps == 0
+      if save or step % config.log_every_steps == 0:
+        means, bad_step = buffer.flush()
+        if bad_step is not None:
+          checkpointer.wait()
+          raise NonFiniteLossError(
+              f"loss or gradient became non-finite at step {bad_step}: stopping. That step's "
+              f"update was not applied and nothing after it was saved; the last checkpoint "
+              f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. "
+              "Lower the learning rate, enable grad_clip_norm, or check the data.")
+        if means and step % config.log_every_steps == 0:
+          t_then, step_then = images_timer
+          elapsed = max(time.time() - t_then, 1e-9)
+          means["images_per_sec"] = (step - step_then) * config.batch_size / elapsed
+          images_timer = (time.time(), step)
+          writer.write_scalars(step, means)
+      for hook in hooks:
+        hook(step)
+      if save:
+        checkpointer.save(step, state, {"data_position": step, "config": _config_json(config),
+                                        "jax_version": jax.__version__})
+      if preview is not None and (step % config.preview.every_steps == 0 or last):
+        preview.write(step, state.ema_params)
+      if stop:
+        summary["stopped_by"] = "SIGTERM"
+        break
+  checkpointer.wait()
+  writer.flush()
+  summary.update(end_step=step, first_step_seconds=first_step_seconds)
+  if preview is not None:
+    summary["last_preview"] = preview.last_path
+  checkpointer.close()
+  return dict(summary, state=state)
+
+
+def _flat_config(config, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+  return out

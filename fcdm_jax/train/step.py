@@ -1,0 +1,92 @@
+"""One training step: objective loss, AdamW update, EMA, guarded against non-finite losses."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from fcdm_jax.models import FCDM
+from fcdm_jax.train import sharding
+from fcdm_jax.train.state import TrainState, learning_rate_fn
+
+
+def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pure step function. `batch` = {'x': NHWC float32, 'y': int32 labels}.
+
+  A step whose loss or gradient is not finite leaves params, optimizer state and EMA
+  as they were (so no checkpoint ever holds them) and reports `finite=False`; the
+  training loop stops on it.
+  """
+  decay = float(config.ema_decay)
+  lr_fn = learning_rate_fn(config)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    loss_rng, dropout_rng = jax.random.split(step_rng)
+
+    def loss_fn(params):
+      def model_fn(x_t, t):
+        return model.apply({"params": params}, x_t, t, batch["y"], train=True,
+                           rngs={"label_dropout": dropout_rng})
+      terms = objective.loss(model_fn, batch["x"], loss_rng)
+      terms = {k: jnp.mean(v) for k, v in terms.items()}
+      return terms["loss"], terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        ema_params=keep_if_finite(ema, state.ema_params))
+    metrics = dict(terms, grad_norm=grad_norm, learning_rate=lr_fn(state.step), finite=finite)
+    return new_state, metrics
+
+  return train_step
+
+
+def sharding_context(mesh: Mesh, config):
+  """Mesh + logical axis rules, under which steps are traced (activation constraints)."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(sharding.axis_rules(config)))
+  return stack
+
+
+class CompiledTrainStep:
+  """`train_step` jitted with explicit in/out shardings and the state donated.
+
+  Calls (and `lower`) run under the mesh and logical axis rules, so the model's
+  activation constraints apply.
+  """
+
+  def __init__(self, train_step, mesh: Mesh, state_shardings, config):
+    self.mesh, self.config = mesh, config
+    self.jitted = jax.jit(train_step,
+                          in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                          out_shardings=(state_shardings, sharding.replicated(mesh)),
+                          donate_argnums=0)
+
+  def __call__(self, state, batch):
+    with sharding_context(self.mesh, self.config):
+      return self.jitted(state, batch)
+
+  def lower(self, state, batch):
+    with sharding_context(self.mesh, self.config):
+      return self.jitted.lower(state, batch)
+
+
+def jit_train_step(train_step, mesh: Mesh, state_shardings, config) -> CompiledTrainStep:
+  return CompiledTrainStep(train_step, mesh, state_shardings, config)

@@ -1,0 +1,41 @@
+"""Shared pieces of the training-system tests: a tiny latent dataset and config loading."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+
+from fcdm_jax.data import LatentShardWriter
+
+TESTS = pathlib.Path(__file__).resolve().parent
+TINY_CONFIG = TESTS / "configs" / "tiny.py"
+
+
+def load_config(path=TINY_CONFIG, arg=None, **overrides):
+  spec = importlib.util.spec_from_file_location("test_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def make_latent_dataset(directory, count=64, shape=(8, 8, 4), num_classes=4, seed=0,
+                        shard_size=32):
+  """Random posterior means/stds in our latent format."""
+  rng = np.random.default_rng(seed)
+  writer = LatentShardWriter(directory, shape=shape, num_classes=num_classes, dtype="float32")
+  shards = (count + shard_size - 1) // shard_size
+  for i in range(shards):
+    n = min(shard_size, count - i * shard_size)
+    mean = rng.standard_normal((n, 2) + tuple(shape)).astype(np.float32) * 5
+    std = np.full((n, 2) + tuple(shape), 0.1, np.float32)
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    writer.write_shard(i, mean, std, labels)
+  writer.finalize(shards)
+  return str(directory)
