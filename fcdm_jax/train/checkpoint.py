@@ -29,10 +29,11 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """The run's CheckpointManager: save every `checkpoint_every_steps`, keep the last N."""
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int, async_save: bool = True, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        create=not read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only, read_only=read_only)
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
@@ -72,7 +73,7 @@ class Checkpointer:
 def saved_config(workdir: str, step: int | None = None):
   """The config a run was trained with (from its checkpoint's meta), as a ConfigDict."""
   import ml_collections
-  ckpt = Checkpointer(workdir, keep=1000, async_save=False)
+  ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
@@ -95,7 +96,7 @@ def load_params(workdir: str, config=None, step: int | None = None, which: str =
     raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
   if config is None:
     config, step = saved_config(workdir, step)
-  ckpt = Checkpointer(workdir, keep=1000, async_save=False)
+  ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")

@@ -109,6 +109,6 @@ def _load_decoder(vae_dir: str, config):
   if not vae_dir:
     return None
   from fcdm_jax.models import vae as vae_lib
-  vae = vae_lib.load_pretrained(vae_dir)
+  vae, params = vae_lib.load_vae(vae_dir)
   scale = config.data.vae_scale
-  return jax.jit(lambda z: vae.decode(z / scale))
+  return jax.jit(lambda z: vae.apply(params, z / scale, method=vae.decode))

@@ -1,0 +1,440 @@
+"""Encode an image dataset once into SD-VAE latents: the `latents` training source.
+
+    python -m fcdm_jax.extract_latents --source=folder:/data/imagenet/train \
+        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/in256
+    python -m fcdm_jax.extract_latents --source=tfds:imagenet2012 --data_dir=/data/tfds \
+        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/in256
+
+Then train with `--config.data.source=latents --config.data.path=/data/latents/in256`.
+
+What is stored. Each image gets ADM's centre crop to --resolution (box halving, bicubic,
+centre crop: `fcdm_jax.data.center_crop_arr`); it and its horizontal mirror are encoded,
+and the posterior mean and std of both are kept, unscaled, in the format of
+`fcdm_jax/data/latents.py`. Training draws a fresh latent from them each epoch and flips
+by taking the mirror's posterior (a mirrored latent is not the latent of the mirror).
+
+Sources. `folder:PATH` is the ImageFolder layout (PATH/CLASS/**/IMAGE): labels by sorted
+class-folder name, files in ImageFolder's order; the class names go into the manifest.
+`tfds:NAME` is a prepared TFDS dataset in --data_dir (nothing is downloaded); its
+ClassLabel names go into the manifest.
+
+Odd images. CMYK, grayscale (8 and 16 bit) and other modes are converted to RGB as ADM's
+loader does (PIL `convert("RGB")`); files PIL cannot decode are skipped. Each shard counts
+them (`converted_cmyk`, `converted_grayscale`, `converted_other`, `skipped_corrupt`), the
+manifest's `stats` sums the counts and its metadata lists the skipped files.
+
+Resuming. Shards are written atomically one at a time; rerunning the same command keeps
+every complete shard and computes only the missing ones, then (re)writes the manifest.
+The settings that decide the contents (source listing, split, resolution, VAE config and
+weights hash, shard size, storage dtype) are recorded in `extract_settings.json` at the
+start: a rerun with other settings into the same --out is refused rather than mixed.
+
+Devices and hosts. Batches are split over all local devices. With several hosts (run the
+same command on each, --out on storage all can see), host p encodes shards p, p+P, ...;
+host 0 writes the manifest after all have finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import sys
+from concurrent import futures
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fcdm_jax import distributed, images
+from fcdm_jax.data import latents as latents_lib
+from fcdm_jax.data.preprocess import center_crop_arr
+from fcdm_jax.models import vae as vae_lib
+
+SETTINGS = "extract_settings.json"
+STORAGE_DTYPES = latents_lib.STORAGE_DTYPES
+PRECISIONS = ("default", "high", "highest")
+MAX_LISTED_SKIPS = 1000   # skipped file names kept in the manifest metadata
+COUNTERS = ("images", "encoded", "skipped_corrupt", "converted_cmyk", "converted_grayscale",
+            "converted_other")
+_KIND_COUNTER = {images.CMYK: "converted_cmyk", images.GRAYSCALE: "converted_grayscale",
+                 images.OTHER: "converted_other"}
+
+
+# ------------------------------------------------------------------------------- sources
+
+
+class RawExample(NamedTuple):
+  data: str | bytes   # a file path or the encoded image bytes
+  label: int
+  name: str           # how a skipped example is reported
+
+
+class FolderImages:
+  """The ImageFolder layout: ROOT/CLASS/**/IMAGE, labels by sorted class-folder name."""
+
+  def __init__(self, root: str):
+    self.root = os.path.abspath(root)
+    listing = images.list_image_folder(self.root)
+    if not listing.files:
+      raise ValueError(f"no image files ({', '.join(images.IMAGE_EXTENSIONS)}) under the "
+                       f"class folders of {self.root}")
+    self.class_names = listing.class_names
+    self.files, self.labels = listing.files, listing.labels
+    self.num_examples = len(self.files)
+    digest = hashlib.sha256()
+    for f, label in zip(self.files, self.labels):
+      digest.update(f"{f}\t{label}\n".encode())
+    self.identity = {"source": f"folder:{self.root}", "num_examples": self.num_examples,
+                     "listing_sha256": digest.hexdigest()}
+    self.metadata = {"ignored_files": listing.ignored}
+
+  def examples(self, start: int, end: int) -> list[RawExample]:
+    return [RawExample(os.path.join(self.root, self.files[i]), self.labels[i], self.files[i])
+            for i in range(start, end)]
+
+
+class TfdsImages:
+  """A prepared TFDS image dataset, read by split slices with the images left encoded."""
+
+  def __init__(self, name: str, data_dir: str, split: str, image_key: str, label_key: str):
+    from fcdm_jax.data.tfds_images import _load_builder
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory
+    self.builder, where = _load_builder(name, data_dir)
+    features = self.builder.info.features
+    for key, what in ((image_key, "--image_key"), (label_key, "--label_key")):
+      if key not in features:
+        raise ValueError(f"{where} has no feature {key!r} ({what}); it has "
+                         f"{sorted(features.keys())}")
+    names = getattr(features[label_key], "names", None)
+    if names is None:
+      raise ValueError(f"{where}: feature {label_key!r} is not a ClassLabel")
+    splits = self.builder.info.splits
+    if split not in splits:
+      raise ValueError(f"{where} has no split {split!r}; it has {sorted(splits.keys())}")
+    self.name, self.split = name, split
+    self.image_key, self.label_key = image_key, label_key
+    self.class_names = list(names)
+    self.num_examples = int(splits[split].num_examples)
+    self.identity = {"source": f"tfds:{name}", "version": str(self.builder.info.version),
+                     "split": split, "num_examples": self.num_examples}
+    self.metadata = {"data_dir": data_dir}
+
+  def examples(self, start: int, end: int) -> list[RawExample]:
+    import tensorflow_datasets as tfds
+    ds = self.builder.as_dataset(
+        split=f"{self.split}[{start}:{end}]", shuffle_files=False,
+        decoders={self.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    out = [RawExample(bytes(ex[self.image_key]), int(ex[self.label_key]),
+                      f"{self.name}/{self.split}[{start + j}]")
+           for j, ex in enumerate(tfds.as_numpy(ds))]
+    if len(out) != end - start:
+      raise RuntimeError(f"TFDS {self.name} {self.split}[{start}:{end}] gave {len(out)} "
+                         f"examples, expected {end - start}")
+    return out
+
+
+def open_source(spec: str, data_dir: str = "", split: str = "train", image_key: str = "image",
+                label_key: str = "label"):
+  kind, _, arg = spec.partition(":")
+  if kind == "folder" and arg:
+    return FolderImages(arg)
+  if kind == "tfds" and arg:
+    return TfdsImages(arg, data_dir, split, image_key, label_key)
+  raise ValueError(f"unknown --source {spec!r}: expected folder:PATH (ImageFolder layout) "
+                   "or tfds:NAME (a prepared TFDS dataset in --data_dir)")
+
+
+# ------------------------------------------------------------------------- loading images
+
+
+@dataclasses.dataclass
+class ShardImages:
+  pixels: np.ndarray            # uint8 (n, R, R, 3), the images that decoded
+  labels: np.ndarray            # int64 (n,)
+  stats: dict[str, Any]
+
+
+def _prepare(example: RawExample, resolution: int):
+  try:
+    decoded = images.decode_rgb(example.data)
+  except images.CorruptImageError as e:
+    return None, "corrupt", str(e)
+  return center_crop_arr(decoded.pixels, resolution), decoded.kind, None
+
+
+def load_shard(source, start: int, end: int, resolution: int,
+               pool: futures.Executor) -> ShardImages:
+  """Decode and centre-crop examples [start, end) on the pool; corrupt ones are left out."""
+  examples = source.examples(start, end)
+  prepared = list(pool.map(lambda e: _prepare(e, resolution), examples))
+  stats: dict[str, Any] = {k: 0 for k in COUNTERS}
+  stats["images"] = len(examples)
+  stats["skipped_files"] = []
+  pixels, labels = [], []
+  for example, (crop, kind, error) in zip(examples, prepared):
+    if crop is None:
+      logging.warning("skipping %s", error)
+      stats["skipped_corrupt"] += 1
+      stats["skipped_files"].append(example.name)
+      continue
+    if kind in _KIND_COUNTER:
+      stats[_KIND_COUNTER[kind]] += 1
+    pixels.append(crop)
+    labels.append(example.label)
+  stats["encoded"] = len(pixels)
+  shape = (0, resolution, resolution, 3)
+  return ShardImages(np.stack(pixels) if pixels else np.zeros(shape, np.uint8),
+                     np.asarray(labels, np.int64), stats)
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+class PosteriorEncoder:
+  """uint8 images -> posterior (mean, std) of each image and of its mirror, on local devices."""
+
+  def __init__(self, model: vae_lib.AutoencoderKL, params, batch_size: int,
+               precision: str = "default"):
+    devices = jax.local_devices()
+    self.batch_size = -(-batch_size // len(devices)) * len(devices)
+    self.precision = precision
+    mesh = Mesh(np.asarray(devices), ("data",))
+    self.data = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    self.params = jax.device_put(params, replicated)
+
+    def encode(p, pixels):
+      x = pixels.astype(jnp.float32) / 127.5 - 1.0
+      n = x.shape[0]
+      # [image, mirror] of each example side by side, so nothing moves between devices.
+      both = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape((2 * n,) + x.shape[1:])
+      post = model.apply(p, both, method=model.encode)
+      unpair = lambda a: a.reshape((n, 2) + a.shape[1:])
+      return unpair(post.mean), unpair(post.std)
+
+    self._fn = jax.jit(encode, in_shardings=(replicated, self.data),
+                       out_shardings=(self.data, self.data))
+
+  def __call__(self, pixels: np.ndarray, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, R, R, 3) uint8 -> mean, std float32 (n, 2, h, w, c); axis 1 = [image, mirror]."""
+    pending = []
+    with jax.default_matmul_precision(self.precision):
+      for start in range(0, len(pixels), self.batch_size):
+        batch = pixels[start:start + self.batch_size]
+        n = len(batch)
+        if n < self.batch_size:
+          pad = np.zeros((self.batch_size - n,) + batch.shape[1:], batch.dtype)
+          batch = np.concatenate([batch, pad])
+        # Dispatch everything first: the devices work while earlier results come back.
+        pending.append((n, self._fn(self.params, jax.device_put(batch, self.data))))
+    means, stds = [], []
+    for n, (mean, std) in pending:
+      means.append(np.asarray(mean)[:n])
+      stds.append(np.asarray(std)[:n])
+      if progress is not None:
+        progress(n)
+    if not means:
+      return (np.zeros((0, 2, 1, 1, 1), np.float32),) * 2
+    return np.concatenate(means), np.concatenate(stds)
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def _sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def check_settings(out: str, settings: dict) -> None:
+  """Refuse an --out whose shards were written with other settings; record ours if new."""
+  path = os.path.join(out, SETTINGS)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    if saved != settings:
+      keys = sorted(set(saved) | set(settings))
+      diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
+      raise ValueError(f"{out} holds latents extracted with other settings (saved, now): "
+                       f"{diff}; use another --out, or delete {out} to start over")
+    return
+  if os.path.exists(os.path.join(out, latents_lib.MANIFEST)) or any(
+      n.startswith("shard-") for n in os.listdir(out)):
+    raise ValueError(f"{out} already holds latent shards but no {SETTINGS}: they were not "
+                     "written by this tool's current version; use another --out")
+  if jax.process_index() == 0:
+    latents_lib._write_atomic(
+        pathlib.Path(path),
+        lambda f: f.write(json.dumps(settings, indent=1, sort_keys=True).encode()))
+
+
+def _collect_skipped(writer: latents_lib.LatentShardWriter, num_shards: int) -> list[str]:
+  names = []
+  for i in range(num_shards):
+    with open(writer.shard_path(i).with_suffix(".json"), encoding="utf-8") as f:
+      names += json.load(f)["stats"].get("skipped_files", [])
+    if len(names) >= MAX_LISTED_SKIPS:
+      return names[:MAX_LISTED_SKIPS]
+  return names
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int = 64,
+            shard_size: int = 1000, num_workers: int = 8, dtype: str = "float16",
+            precision: str = "default", data_dir: str = "", split: str = "train",
+            image_key: str = "image", label_key: str = "label", progress: bool = True) -> dict:
+  """Writes (or completes) the latent dataset `out`; returns a summary with the manifest."""
+  for name, value in (("resolution", resolution), ("batch_size", batch_size),
+                      ("shard_size", shard_size), ("num_workers", num_workers)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+  if precision not in PRECISIONS:
+    raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+  if not out:
+    raise ValueError("--out is empty: name the directory to write the latents to")
+
+  _, weights_path = vae_lib.find_vae_files(vae)
+  model, params = vae_lib.load_vae(vae)
+  cfg = model.config
+  if cfg.shift_factor:
+    raise ValueError(f"the VAE in {vae} has shift_factor={cfg.shift_factor}; the latent format "
+                     "stores (mean, std) for latent = (mean + std * eps) * scale only")
+  if resolution % cfg.downsample_factor:
+    raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling "
+                     f"factor {cfg.downsample_factor}")
+  if cfg.in_channels != 3:
+    raise ValueError(f"the VAE in {vae} takes {cfg.in_channels}-channel images, not RGB")
+  size = resolution // cfg.downsample_factor
+  shape = (size, size, cfg.latent_channels)
+
+  src = open_source(source, data_dir, split, image_key, label_key)
+  num_shards = math.ceil(src.num_examples / shard_size)
+  settings = dict(src.identity, resolution=resolution, crop="adm_center_crop",
+                  shard_size=shard_size, dtype=dtype,
+                  vae={"config": dataclasses.asdict(cfg),
+                       "weights_sha256": _sha256_file(weights_path)})
+  settings = json.loads(json.dumps(settings))   # as it reads back from JSON
+  os.makedirs(out, exist_ok=True)
+  check_settings(out, settings)
+  distributed.barrier("extract_latents_settings")
+
+  writer = latents_lib.LatentShardWriter(out, shape=shape, num_classes=len(src.class_names),
+                                         vae_scale=cfg.scaling_factor, dtype=dtype)
+  pid, nproc = jax.process_index(), jax.process_count()
+  mine = list(range(pid, num_shards, nproc))
+  todo = [i for i in mine if not writer.is_complete(i)]
+  logging.info("%s: %d examples in %d shards; this host (%d of %d) has %d to encode, %d "
+               "already complete", settings["source"], src.num_examples, num_shards, pid,
+               nproc, len(todo), len(mine) - len(todo))
+  encoder = PosteriorEncoder(model, params, batch_size, precision)
+  bounds = lambda i: (i * shard_size, min((i + 1) * shard_size, src.num_examples))
+
+  from tqdm import tqdm
+  total = sum(bounds(i)[1] - bounds(i)[0] for i in todo)
+  written = []
+  with tqdm(total=total, desc="encoding", unit="img", file=sys.stderr,
+            disable=not progress or pid != 0) as bar, \
+       futures.ThreadPoolExecutor(num_workers) as pool, \
+       futures.ThreadPoolExecutor(1) as reader:
+    # Shard k+1 is read and decoded while shard k is on the devices.
+    load = lambda i: reader.submit(load_shard, src, *bounds(i), resolution, pool)
+    next_load = load(todo[0]) if todo else None
+    for j, index in enumerate(todo):
+      shard = next_load.result()
+      next_load = load(todo[j + 1]) if j + 1 < len(todo) else None
+      skipped = shard.stats["images"] - shard.stats["encoded"]
+      mean, std = encoder(shard.pixels, progress=bar.update)
+      if skipped:
+        bar.update(skipped)
+      mean = mean.reshape((len(shard.labels), 2) + shape)
+      std = std.reshape((len(shard.labels), 2) + shape)
+      writer.write_shard(index, mean, std, shard.labels, stats=shard.stats, overwrite=True)
+      written.append(index)
+
+  distributed.barrier("extract_latents_shards")
+  manifest = None
+  if pid == 0:
+    metadata = dict(settings, tool="fcdm_jax.extract_latents", vae_path=os.path.abspath(vae),
+                    class_names=src.class_names,
+                    skipped_files=_collect_skipped(writer, num_shards), **src.metadata)
+    manifest = writer.finalize(num_shards, metadata=metadata)
+    logging.info("wrote %s: %d latents of %s, stats %s", out, manifest["count"], shape,
+                 manifest["stats"])
+  distributed.barrier("extract_latents_manifest")
+  return {"out": out, "num_shards": num_shards, "written": written,
+          "kept": [i for i in mine if i not in written], "manifest": manifest}
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("source", None, "What to encode: folder:PATH (ImageFolder layout, "
+                      "PATH/CLASS/IMAGE; labels by sorted class folder) or tfds:NAME (a "
+                      "prepared TFDS dataset in --data_dir, e.g. tfds:imagenet2012).",
+                      required=True)
+  flags.DEFINE_string("data_dir", "", "TFDS data_dir for tfds: sources (nothing is downloaded).")
+  flags.DEFINE_string("split", "train", "TFDS split for tfds: sources.")
+  flags.DEFINE_string("image_key", "image", "TFDS image feature name.")
+  flags.DEFINE_string("label_key", "label", "TFDS ClassLabel feature name.")
+  flags.DEFINE_integer("resolution", 256, "Image size after ADM's centre crop (256 -> 32x32x4 "
+                       "latents with the SD-VAE).")
+  flags.DEFINE_string("vae", None, "Local diffusers AutoencoderKL directory (config.json + "
+                      "diffusion_pytorch_model.safetensors or .bin), e.g. sd-vae-ft-ema.",
+                      required=True)
+  flags.DEFINE_string("out", None, "Output directory of the latent dataset; an unfinished one "
+                      "with the same settings is resumed.", required=True)
+  flags.DEFINE_integer("batch_size", 64, "Images per encoder step on this host, split over its "
+                       "local devices (rounded up to a multiple of their count); each is "
+                       "encoded with its mirror, so the VAE sees twice as many.")
+  flags.DEFINE_integer("shard_size", 1000, "Examples per shard file: the unit of resuming and "
+                       "of splitting the work between hosts.")
+  flags.DEFINE_integer("num_workers", 8, "Threads decoding and cropping images.")
+  flags.DEFINE_enum("dtype", "float16", list(STORAGE_DTYPES), "Storage dtype of the posterior "
+                    "mean and std.")
+  flags.DEFINE_enum("precision", "default", list(PRECISIONS), "Matmul/conv precision of the "
+                    "encoder ('default': TF32/bf16 passes on GPU/TPU, like PyTorch's cuDNN "
+                    "default; 'highest': full float32).")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
+                    "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  distributed.maybe_initialize(f.distributed)
+  try:
+    summary = extract(f.source, f.resolution, f.vae, f.out, batch_size=f.batch_size,
+                      shard_size=f.shard_size, num_workers=f.num_workers, dtype=f.dtype,
+                      precision=f.precision, data_dir=f.data_dir, split=f.split,
+                      image_key=f.image_key, label_key=f.label_key)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if summary["manifest"] is not None:
+    m = summary["manifest"]
+    print(f"{summary['out']}: {m['count']} examples of {tuple(m['shape'])} in "
+          f"{summary['num_shards']} shards ({len(summary['written'])} written now); "
+          f"stats {m['stats']}")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

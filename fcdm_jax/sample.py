@@ -1,0 +1,612 @@
+"""Sample a trained FCDM into an ADM-format batch (`.npz`) and optionally PNG files.
+
+    python -m fcdm_jax.sample --workdir=runs/xl_256 --vae=/models/sd-vae-ft-ema \
+        --num_samples=50000 --sampler=ddpm --steps=250 --cfg_scale=1.5 --out=samples/xl_256
+    python -m fcdm_jax.sample --torch_checkpoint=FCDM-XL-256.pt --config=configs/xl_256.py \
+        --vae=/models/sd-vae-ft-ema --num_samples=50000 --out=samples/xl_256_published
+    python -m fcdm_jax.evaluate --samples=samples/xl_256/samples_50000x256x256x3.npz ...
+
+Weights. `--workdir` takes the EMA params of the run's latest checkpoint (or `--step`) and
+the config saved with it (`--config` overrides it, e.g. for another compute dtype);
+`--torch_checkpoint` takes the 'ema' weights of a published-layout `.pt` (read with
+`weights_only=True`) or `.safetensors` file, with the run config given by `--config`.
+
+Sampling. The sampler is the objective's (`fcdm_jax.diffusion.objectives`) with
+`config.sample`'s settings; `--sampler`, `--steps`, `--cfg_scale`, ... override them.
+Labels are uniform over the classes, drawn from the seed (`--labels=random`), or
+`balanced` (sample i gets class i mod K), or given (a comma list, cycled, or a `.npy` /
+`.txt` file with one label per sample).
+
+Determinism. Sample i's starting noise and its sampler noise come from
+`fold_in(PRNGKey(seed), i)`, and its random label likewise, so the same seed gives the same
+images whatever the batch size, device count or how often the run was resumed (up to
+floating-point differences between batch shapes).
+
+Images. Latent models (config.data.source latents / torch_features / torch_zarr) are
+decoded with the SD-VAE given by `--vae` after dividing by config.data.vae_scale;
+pixel-space models (e.g. configs/demo.py) are their own images. Values in [-1, 1] become
+uint8 as DiT's sampler does (`clip(127.5 x + 128, 0, 255)`, truncated). One-channel models
+are written to PNG as grayscale and replicated to three channels in the `.npz`, because
+ADM's evaluator (and `fcdm_jax.evaluate`) take RGB batches.
+
+Output, in --out: `samples_{N}x{H}x{W}x3.npz` (`arr_0` uint8 NHWC, `arr_1` int64 labels;
+written atomically at the end), `png/{i:06d}.png` with --png, and `sample_settings.json`.
+While running, each finished batch is a file in `parts/`; a rerun of the same command
+resumes from them (and a finished one does nothing). An --out holding samples made with
+other settings is refused, never overwritten. The parts are deleted once the `.npz` is
+written unless --keep_parts.
+
+Devices and hosts. Each batch is split over all devices (all hosts run the same command;
+host 0 writes the files to --out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fcdm_jax import distributed
+
+LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
+SETTINGS = "sample_settings.json"
+PARTS = "parts"
+PNG_DIR = "png"
+# config.sample fields the command line may override (None = keep the config's).
+SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
+                    "clip_denoised")
+_PART_RE = re.compile(r"^part-(\d{8})-(\d{8})\.npz$")
+
+
+def npz_name(num_samples: int, height: int, width: int) -> str:
+  """ADM's naming of a sample batch."""
+  return f"samples_{num_samples}x{height}x{width}x3.npz"
+
+
+def to_uint8(images):
+  """[-1, 1] -> uint8 as DiT's sample_ddp.py converts (clip(127.5 x + 128), truncated)."""
+  return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
+
+
+def _sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _json(value) -> Any:
+  """A ConfigDict / tuple-holding value as it reads back from JSON."""
+  if hasattr(value, "to_json_best_effort"):
+    return json.loads(value.to_json_best_effort())
+  return json.loads(json.dumps(value))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
+                  step: int | None):
+  """(config, identity dict naming the weights), checked before any weights are read."""
+  if bool(workdir) == bool(torch_checkpoint):
+    raise ValueError("pass exactly one of --workdir (a training run) and --torch_checkpoint "
+                     "(a published-layout .pt/.safetensors file, with --config)")
+  if workdir:
+    from fcdm_jax.train import checkpoint as ckpt_lib
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f"workdir {workdir} does not exist")
+    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+      raise FileNotFoundError(f"no checkpoint in {workdir}: expected {ckpt_dir}/STEP written "
+                              "by `python -m fcdm_jax.main`")
+    saved, step = ckpt_lib.saved_config(workdir, step)
+    return (saved if config is None else config), {"workdir": os.path.abspath(workdir),
+                                                   "step": int(step)}
+  if config is None:
+    raise ValueError("--torch_checkpoint needs --config (the run config the weights were "
+                     "trained with, e.g. configs/xl_256.py)")
+  if not os.path.isfile(torch_checkpoint):
+    raise FileNotFoundError(f"checkpoint file not found: {torch_checkpoint}")
+  return config, {"torch_checkpoint": os.path.abspath(torch_checkpoint),
+                  "sha256": _sha256_file(torch_checkpoint)}
+
+
+def load_model(config, identity: dict, mesh: Mesh):
+  """The EMA params named by `identity` (from `resolve_model`), replicated on `mesh`."""
+  if "workdir" in identity:
+    from fcdm_jax.train import checkpoint as ckpt_lib
+    params, _, _ = ckpt_lib.load_params(identity["workdir"], config=config,
+                                        step=identity["step"], which="ema", mesh=mesh)
+    return params
+  from fcdm_jax import convert
+  from fcdm_jax.models import FCDM
+  path = identity["torch_checkpoint"]
+  state_dict = convert.load_torch_state_dict(path, which="ema")
+  try:
+    params = convert.params_from_torch(state_dict, model=FCDM(**config.model))
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+  return jax.device_put(params, NamedSharding(mesh, P()))
+
+
+def sample_settings(config, overrides: dict) -> Any:
+  """config.sample with the command line's overrides applied (None = keep)."""
+  cfg = config.sample.copy_and_resolve_references()
+  with cfg.unlocked():
+    for key, value in overrides.items():
+      if value is not None:
+        cfg[key] = value
+  return cfg
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+  """int32 labels of samples 0..N-1 from --labels (see the module docstring)."""
+  spec = (spec or "random").strip()
+  if spec == "random":
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    draw = jax.jit(jax.vmap(lambda i: jax.random.randint(
+        jax.random.fold_in(base, i), (), 0, num_classes)))
+    labels = np.asarray(draw(jnp.arange(num_samples, dtype=jnp.uint32)))
+  elif spec == "balanced":
+    labels = np.arange(num_samples) % num_classes
+  elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*", spec):
+    given = np.asarray([int(v) for v in spec.split(",")])
+    labels = np.resize(given, num_samples)
+  elif os.path.isfile(spec):
+    if spec.endswith(".npy"):
+      labels = np.load(spec, allow_pickle=False)
+    else:
+      labels = np.loadtxt(spec, dtype=np.int64, ndmin=1)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"--labels file {spec} must hold a 1-D array of integers, got "
+                       f"{labels.dtype} {labels.shape}")
+    if len(labels) != num_samples:
+      raise ValueError(f"--labels file {spec} holds {len(labels)} labels, but "
+                       f"--num_samples is {num_samples}")
+  else:
+    raise ValueError(f"--labels {spec!r}: expected 'random', 'balanced', a comma-separated "
+                     "list of class indices, or an existing .npy/.txt file")
+  labels = np.asarray(labels, np.int64)
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"labels {sorted(set(bad.tolist()))[:8]} are outside [0, {num_classes}) "
+                     f"(the model's num_classes)")
+  return labels.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+# Compiled samplers of this process, by everything they are traced with (not weights or
+# seed, which are arguments): sampling several checkpoints of a run compiles once.
+_COMPILED: dict[str, Any] = {}
+
+
+class Generator:
+  """(sample indices, labels) -> uint8 images, the batch split over all devices."""
+
+  def __init__(self, config, params, sample_cfg, mesh: Mesh, seed: int, vae=None,
+               vae_params=None):
+    size, channels = int(config.latent_size), int(config.model.in_channels)
+    self.shape = (size, size, channels)
+    self.batch = NamedSharding(mesh, P(("data", "fsdp")))
+    self.params, self.vae_params = params, vae_params
+    self.base = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    vae_key = None if vae is None else [dataclasses.asdict(vae[0].config), str(vae[0].dtype),
+                                        vae[1]]
+    key = json.dumps([_json(config.model), config.objective, _json(config.diffusion),
+                      _json(config.flow), _json(sample_cfg), vae_key, self.shape,
+                      [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
+                     sort_keys=True, default=str)
+    if key not in _COMPILED:
+      _COMPILED[key] = self._build(config, sample_cfg, mesh, vae)
+    self._images = _COMPILED[key]
+
+  def _build(self, config, sample_cfg, mesh: Mesh, vae):
+    from fcdm_jax.diffusion.objectives import make_objective
+    from fcdm_jax.models import FCDM
+    model = FCDM(**config.model)
+    null_label = model.num_classes if model.has_null_class else None
+    sample_fn = make_objective(config).make_sampler(sample_cfg, null_label)
+    shape = self.shape
+
+    def one(p, base, index, label):
+      """Sample `index` alone: its noise depends on nothing but (seed, index)."""
+      key = jax.random.fold_in(base, index)
+      x_T = jax.random.normal(jax.random.fold_in(key, 0), (1,) + shape, jnp.float32)
+      model_fn = lambda x, t, y: model.apply({"params": p}, x, t, y)
+      return sample_fn(model_fn, x_T, label[None], jax.random.fold_in(key, 1))[0]
+
+    def images(p, vae_params, base, indices, labels):
+      """uint8 images, and what the model sampled (latents, or pixels in [-1, 1])."""
+      x = jax.vmap(one, in_axes=(None, None, 0, 0))(p, base, indices, labels)
+      out = x
+      if vae is not None:
+        vae_model, scale = vae
+        out = vae_model.apply(vae_params, x / scale, method=vae_model.decode)
+      return to_uint8(out), x
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(images, in_shardings=(replicated, replicated, replicated, self.batch,
+                                         self.batch), out_shardings=self.batch)
+
+  def generate(self, indices: np.ndarray, labels: np.ndarray):
+    """(uint8 images, the model's samples before decoding) as numpy, synchronously."""
+    images, raw = self(indices, labels)
+    return self.fetch(images), self.fetch(raw)
+
+  def global_array(self, values: np.ndarray):
+    """A batch-sharded array from a value every host holds in full."""
+    return jax.make_array_from_callback(values.shape, self.batch, lambda idx: values[idx])
+
+  def __call__(self, indices: np.ndarray, labels: np.ndarray):
+    """Starts the computation (asynchronously): (images, samples before decoding)."""
+    return self._images(self.params, self.vae_params, self.base, self.global_array(indices),
+                        self.global_array(labels))
+
+  @staticmethod
+  def fetch(result) -> np.ndarray:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(result, tiled=True))
+    return np.asarray(result)
+
+
+def load_decoder(vae_dir: str, config, mesh: Mesh):
+  """((model, scale), replicated params) of the SD-VAE, checked against the model's latents."""
+  from fcdm_jax.models import vae as vae_lib
+  _, weights = vae_lib.find_vae_files(vae_dir)
+  model, params = vae_lib.load_vae(vae_dir)
+  channels = int(config.model.in_channels)
+  if model.config.latent_channels != channels:
+    raise ValueError(f"the VAE in {vae_dir} has {model.config.latent_channels} latent "
+                     f"channels, the model samples {channels}")
+  if model.config.out_channels != 3:
+    raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
+                     "images, not RGB")
+  identity = {"config": _json(dataclasses.asdict(model.config)),
+              "weights_sha256": _sha256_file(weights)}
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  return (model, float(config.data.vae_scale)), params, identity
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def _write_atomic(path: str, write) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
+  with open(path, "wb") as f:   # a file object: np.savez would append .npz to a name
+    np.savez(f, images=images, labels=labels)
+
+
+def _save_png(path: str, image: np.ndarray) -> None:
+  from PIL import Image
+  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
+  """PNGs of a finished batch that has none yet (--png added on a rerun)."""
+  from fcdm_jax.evaluate import NpzImages
+  os.makedirs(folder, exist_ok=True)
+  index = 0
+  for batch in NpzImages(npz).batches(256):
+    for image in batch:
+      path = os.path.join(folder, f"{index:06d}.png")
+      if not os.path.exists(path):
+        _save_png(path, image[..., :channels])
+      index += 1
+
+
+def part_path(out: str, start: int, end: int) -> str:
+  return os.path.join(out, PARTS, f"part-{start:08d}-{end:08d}.npz")
+
+
+def check_out(out: str, settings: dict, final: str) -> bool:
+  """True when `out` already holds the finished batch of these settings; refuses others."""
+  if not os.path.isdir(out):
+    if os.path.exists(out):
+      raise ValueError(f"--out {out} exists and is not a directory")
+    return False
+  path = os.path.join(out, SETTINGS)
+  saved = None
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  finished = [n for n in os.listdir(out) if n.startswith("samples_") and n.endswith(".npz")]
+  if saved is None:
+    if finished or os.path.isdir(os.path.join(out, PARTS)):
+      raise ValueError(f"{out} already holds samples ({', '.join(finished) or PARTS + '/'}) "
+                       f"without {SETTINGS}: refusing to overwrite them; use another --out")
+    return False
+  if saved != settings:
+    keys = sorted(set(saved) | set(settings))
+    diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
+    what = (f"a finished sample batch ({', '.join(finished)})" if finished
+            else "unfinished sample parts")
+    raise ValueError(f"{out} holds {what} made with different settings (saved, now): {diff}; "
+                     "refusing to overwrite; use another --out")
+  return os.path.exists(os.path.join(out, final))
+
+
+def assemble(out: str, final: str, ranges, labels: np.ndarray, shape) -> str:
+  """Streams the parts into `final` (ADM layout, RGB) without holding all images at once."""
+  n = len(labels)
+  height, width, channels = shape
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+            "shape": (n, height, width, 3)}
+
+  def write(tmp):
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+      with z.open("arr_0.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for start, end in ranges:
+          with np.load(part_path(out, start, end), allow_pickle=False) as part:
+            images, part_labels = part["images"], part["labels"]
+          if images.shape != (end - start, height, width, channels) or \
+             not np.array_equal(part_labels, labels[start:end]):
+            raise ValueError(f"{part_path(out, start, end)} does not hold samples {start}.."
+                             f"{end - 1} of these settings; delete it and rerun")
+          if channels == 1:
+            images = np.repeat(images, 3, axis=-1)
+          f.write(np.ascontiguousarray(images).tobytes())
+      with z.open("arr_1.npy", "w") as f:
+        np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
+
+  _write_atomic(os.path.join(out, final), write)
+  return os.path.join(out, final)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def sample(out: str, num_samples: int, *, workdir: str | None = None,
+           torch_checkpoint: str | None = None, config=None, step: int | None = None,
+           vae: str | None = None, labels: str = "random", seed: int = 0,
+           batch_size: int = 64, png: bool = False, keep_parts: bool = False,
+           progress: bool = True, **overrides) -> dict:
+  """Writes (or finishes) the sample batch in `out`; returns a summary.
+
+  `overrides`: config.sample fields from SAMPLE_OVERRIDES (None = the config's).
+  """
+  unknown = set(overrides) - set(SAMPLE_OVERRIDES)
+  if unknown:
+    raise TypeError(f"unknown sample overrides {sorted(unknown)}; expected {SAMPLE_OVERRIDES}")
+  for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+      raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+  if not out:
+    raise ValueError("--out is empty: name the directory to write the samples to")
+
+  devices = jax.devices()
+  mesh = Mesh(np.asarray(devices).reshape(-1, 1), ("data", "fsdp"))
+  # Everything is checked before the weights are read: a mistake fails in seconds.
+  config, weights = resolve_model(workdir, torch_checkpoint, config, step)
+  sample_cfg = sample_settings(config, overrides)
+  from fcdm_jax.diffusion.objectives import make_objective
+  from fcdm_jax.models import FCDM
+  model = FCDM(**config.model)
+  make_objective(config).make_sampler(   # bad sampler settings fail here
+      sample_cfg, model.num_classes if model.has_null_class else None)
+  latent = config.data.source in LATENT_SOURCES
+  channels = int(config.model.in_channels)
+  decoder = vae_params = vae_identity = None
+  if latent:
+    if not vae:
+      raise ValueError(f"the model samples SD-VAE latents (config.data.source="
+                       f"{config.data.source!r}): pass --vae=DIR to decode them")
+    decoder, vae_params, vae_identity = load_decoder(vae, config, mesh)
+  else:
+    if vae:
+      raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
+                       "--vae is for latent models only")
+    if channels not in (1, 3):
+      raise ValueError(f"a pixel-space model with {channels} channels cannot be saved as "
+                       "images (1 or 3 expected)")
+  label_values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
+
+  size = int(config.latent_size)
+  factor = decoder[0].config.downsample_factor if decoder else 1
+  image_shape = (size * factor, size * factor, 3 if latent else channels)
+  final = npz_name(num_samples, image_shape[0], image_shape[1])
+  settings = _json({
+      "weights": weights, "objective": config.objective, "model": _json(config.model),
+      "diffusion": _json(config.diffusion), "flow": _json(config.flow),
+      "sample": _json(sample_cfg), "seed": seed, "num_samples": num_samples,
+      "labels": {"spec": labels if labels in ("random", "balanced") else "given",
+                 "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
+      "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if latent else None,
+      "image_shape": image_shape})
+
+  per_step = len(devices)
+  batch = -(-batch_size // per_step) * per_step
+  ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
+  is_host0 = jax.process_index() == 0
+  done_already = False
+  if is_host0:
+    done_already = check_out(out, settings, final)
+  done_already = bool(distributed.broadcast_from_host0(np.int32(done_already)))
+  summary = {"npz": os.path.join(out, final), "num_samples": num_samples,
+             "image_shape": image_shape, "batch_size": batch, "generated": [], "kept": []}
+  if done_already:
+    logging.info("%s is already complete", summary["npz"])
+    if png and is_host0:
+      _pngs_from_batch(summary["npz"], os.path.join(out, PNG_DIR), channels=image_shape[2])
+    return summary
+
+  params = load_model(config, weights, mesh)
+  generator = Generator(config, params, sample_cfg, mesh, seed, decoder, vae_params)
+  if is_host0:   # only now: weights that fail to load leave --out as it was
+    os.makedirs(out, exist_ok=True)
+    _write_atomic(os.path.join(out, SETTINGS), lambda tmp: _write_text(
+        tmp, json.dumps(settings, indent=1, sort_keys=True)))
+    os.makedirs(os.path.join(out, PARTS), exist_ok=True)
+    if png:
+      os.makedirs(os.path.join(out, PNG_DIR), exist_ok=True)
+  distributed.barrier("sample_settings")
+
+  exists = np.asarray([is_host0 and os.path.exists(part_path(out, s, e)) for s, e in ranges],
+                      np.int32)
+  exists = distributed.broadcast_from_host0(exists).astype(bool)
+  todo = [b for b in range(len(ranges)) if not exists[b]]
+  summary["kept"] = [b for b in range(len(ranges)) if exists[b]]
+  logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
+               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), per_step)
+
+  def write_pngs(start, images):
+    if png:
+      for j, image in enumerate(images):
+        path = os.path.join(out, PNG_DIR, f"{start + j:06d}.png")
+        if not os.path.exists(path):
+          _save_png(path, image)
+
+  if is_host0 and png:   # resumed parts whose PNGs were not asked for then
+    for b in summary["kept"]:
+      start, end = ranges[b]
+      if not all(os.path.exists(os.path.join(out, PNG_DIR, f"{i:06d}.png"))
+                 for i in range(start, end)):
+        with np.load(part_path(out, start, end), allow_pickle=False) as part:
+          write_pngs(start, part["images"])
+
+  def finish(b, result):
+    start, end = ranges[b]
+    images = Generator.fetch(result[0])[: end - start]
+    if is_host0:
+      write_pngs(start, images)
+      _write_atomic(part_path(out, start, end), lambda tmp: _save_part(
+          tmp, images, label_values[start:end]))
+    summary["generated"].append(b)
+    bar.update(end - start)
+
+  from tqdm import tqdm
+  resumed = sum(ranges[b][1] - ranges[b][0] for b in summary["kept"])
+  with tqdm(total=num_samples, initial=resumed, desc="sampling", unit="img", file=sys.stderr,
+            disable=not progress or not is_host0) as bar:
+    pending = None
+    for b in todo:
+      start, end = ranges[b]
+      indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
+      batch_labels = np.zeros(batch, np.int32)
+      batch_labels[: end - start] = label_values[start:end]
+      result = generator(indices, batch_labels)   # runs while the previous batch is written
+      if pending is not None:
+        finish(*pending)
+      pending = (b, result)
+    if pending is not None:
+      finish(*pending)
+
+  distributed.barrier("sample_parts")
+  if is_host0:
+    assemble(out, final, ranges, label_values.astype(np.int64), image_shape)
+    if not keep_parts:
+      shutil.rmtree(os.path.join(out, PARTS))
+    logging.info("wrote %s", summary["npz"])
+  distributed.barrier("sample_done")
+  return summary
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, "Training run directory: its latest checkpoint's EMA "
+                      "params (or --step's) and its saved config.")
+  flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: latest).")
+  flags.DEFINE_string("torch_checkpoint", None, "A published-layout FCDM checkpoint (.pt with "
+                      "'ema'/'model', or .safetensors) instead of --workdir; needs --config.")
+  config_flags.DEFINE_config_file(
+      "config", None, "Run config file (configs/*.py): required with --torch_checkpoint; with "
+      "--workdir it replaces the saved config. Fields: --config.FIELD=VALUE.")
+  flags.DEFINE_integer("num_samples", None, "How many images to sample (ADM's FID: 50000).",
+                       required=True)
+  flags.DEFINE_string("out", None, "Output directory: the .npz, png/ and the resumable parts.",
+                      required=True)
+  flags.DEFINE_string("vae", None, "Local diffusers SD-VAE directory; required for latent "
+                      "models, whose samples it decodes.")
+  flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "sde", "ode"], "Sampler (DDPM objective: "
+                    "ddpm|ddim; flow: sde|ode). Default: the config's sample.sampler.")
+  flags.DEFINE_integer("steps", None, "Sampling steps (DDPM: respaced steps; flow: time-grid "
+                       "points). Default: the config's sample.steps (250).")
+  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none. Default: "
+                     "the config's sample.cfg_scale (1.5).")
+  flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
+  flags.DEFINE_enum("method", None, ["euler", "heun", "dopri5"], "Flow samplers: the SDE/ODE "
+                    "integration method (dopri5: ODE only).")
+  flags.DEFINE_bool("guide_all_eps", None, "Guide all eps channels instead of the published "
+                    "first three.")
+  flags.DEFINE_bool("clip_denoised", None, "DDPM/DDIM: clip the predicted x0 to [-1, 1] (useful "
+                    "for pixel-space models).")
+  flags.DEFINE_string("labels", "random", "Class labels: 'random' (uniform, from --seed), "
+                      "'balanced' (i mod num_classes), a comma-separated list (cycled), or a "
+                      ".npy/.txt file with one label per sample.")
+  flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels; sample i depends "
+                       "only on (seed, i).")
+  flags.DEFINE_integer("batch_size", 64, "Samples per step over all devices (rounded up to a "
+                       "multiple of the device count); the unit of resuming.")
+  flags.DEFINE_bool("png", False, "Also write png/{index:06d}.png.")
+  flags.DEFINE_bool("keep_parts", False, "Keep parts/ after the .npz is written.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
+                    "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  distributed.maybe_initialize(f.distributed)
+  config = f.config
+  if config is not None:
+    config = config.copy_and_resolve_references()
+    config.model.depth = tuple(config.model.depth)
+  overrides = {k: f[k].value for k in SAMPLE_OVERRIDES}
+  try:
+    summary = sample(f.out, f.num_samples, workdir=f.workdir,
+                     torch_checkpoint=f.torch_checkpoint, config=config, step=f.step,
+                     vae=f.vae, labels=f.labels, seed=f.seed, batch_size=f.batch_size,
+                     png=f.png, keep_parts=f.keep_parts, **overrides)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if jax.process_index() == 0:
+    height, width, channels = summary["image_shape"]
+    kind = "RGB" if channels == 3 else "grayscale, stored as RGB"
+    print(f"{summary['npz']}: {summary['num_samples']} images of {height}x{width} ({kind}); "
+          f"{len(summary['generated'])} batches sampled now, {len(summary['kept'])} resumed")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

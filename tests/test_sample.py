@@ -1,0 +1,282 @@
+"""`fcdm_jax.sample` on tiny untrained models (a workdir checkpoint and a published-layout
+file): ADM batches that `fcdm_jax.evaluate` reads, determinism, resuming, the VAE decode of
+latent models, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax
+
+from fcdm_jax import config_base, convert, evaluate, sample
+from fcdm_jax.models import FCDM, inception
+from fcdm_jax.models import vae as vae_lib
+from fcdm_jax.train import checkpoint as ckpt_lib
+from fcdm_jax.train import sharding
+from fcdm_jax.train.state import TrainState, make_optimizer, state_layout
+
+from test_extract_latents import TINY_VAE, write_vae_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 7
+
+
+def tiny_config(latent=False, objective="ddpm"):
+  """A pixel-space (8x8x1, like configs/demo.py) or latent (4x4x4) FCDM of a few blocks."""
+  c = config_base.get_config("S", 256, objective)
+  c.image_size = 8
+  c.latent_size = 4 if latent else 8
+  c.model.update(in_channels=4 if latent else 1, hidden_size=8, depth=(1, 1, 1, 1, 1),
+                 num_classes=3, dwconv_impl="xla")   # one op: the fastest to compile
+  c.data.update(source="latents" if latent else "embedded", vae_scale=0.5)
+  c.sample.steps = 3
+  c.batch_size = 8
+  return c
+
+
+def make_workdir(path, config, seed=0):
+  """A training checkpoint of an untrained model, as the training loop lays it out.
+
+  The state is built on `state_layout` (the layout `create_train_state` initialises into)
+  with random numpy values rather than by compiling the initialiser (about 25 s on two CPU
+  cores), and with non-zero output layers, so that samples depend on weights and labels.
+  """
+  model = FCDM(**config.model)
+  # One device: saving replicated arrays from 8 fake devices costs orbax a slice per copy.
+  mesh = sharding.create_mesh(config, jax.devices()[:1])
+  size = config.latent_size
+  abstract, _ = state_layout(config, model, make_optimizer(config), mesh,
+                             (size, size, config.model.in_channels))
+  rng = np.random.default_rng(seed)
+
+  def weights(a):
+    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 10
+    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(a.dtype)
+
+  put = lambda values, ref: jax.tree.map(lambda v, r: jax.device_put(v, r.sharding), values, ref)
+  zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
+  params = jax.tree.map(weights, abstract.params)
+  ema = jax.tree.map(weights, abstract.ema_params)
+  state = TrainState(step=put(np.int32(STEP), abstract.step), params=put(params, abstract.params),
+                     opt_state=put(zeros(abstract.opt_state), abstract.opt_state),
+                     ema_params=put(ema, abstract.ema_params),
+                     rng=put(np.arange(2, dtype=np.uint32), abstract.rng))
+  ckpt = ckpt_lib.Checkpointer(str(path), keep=2)
+  ckpt.save(STEP, state, {"data_position": STEP,
+                          "config": json.loads(config.to_json_best_effort())})
+  ckpt.close()
+  return str(path), ema
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sample")
+  workdir, ema = make_workdir(d / "run", tiny_config())
+  return dict(base=d, workdir=workdir, ema=ema)
+
+
+def write_inception(path, seed=0):
+  """Random FID-Inception weights in pytorch-fid's key layout, as .safetensors."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(seed)
+  state_dict = {}
+  for key, (_, shape) in inception.torch_layout().items():
+    if key.endswith(("running_var", "bn.weight")):
+      a = rng.uniform(0.5, 1.5, shape)
+    elif key.endswith(("running_mean", ".bias")):
+      a = rng.uniform(-0.2, 0.2, shape)
+    else:
+      a = rng.uniform(-1, 1, shape) * np.sqrt(3.0 / int(np.prod(shape[1:])))
+    state_dict[key] = a.astype(np.float32)
+  save_file(state_dict, str(path))
+  return str(path)
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fcdm_jax.sample", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_sample_then_evaluate(pixel_run):
+  d = pixel_run["base"]
+  out = d / "cli_out"
+  proc = _cli(f"--workdir={pixel_run['workdir']}", "--num_samples=10", f"--out={out}",
+              "--sampler=ddpm", "--steps=3", "--cfg_scale=2.0", "--batch_size=8", "--png",
+              "--seed=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  npz = out / "samples_10x8x8x3.npz"
+  assert str(npz) in proc.stdout
+  with np.load(npz, allow_pickle=False) as z:
+    assert sorted(z.files) == ["arr_0", "arr_1"]
+    images, labels = z["arr_0"], z["arr_1"]
+  assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
+  assert labels.shape == (10,) and set(labels.tolist()) <= {0, 1, 2}
+  # One-channel samples: grey PNGs, replicated to RGB in the batch.
+  assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0],
+                                                                           images[..., 2])
+  assert images.std() > 10   # not a constant image
+  pngs = sorted(os.listdir(out / "png"))
+  assert pngs == [f"{i:06d}.png" for i in range(10)]
+  png = np.asarray(Image.open(out / "png" / "000004.png"))
+  np.testing.assert_array_equal(png, images[4, ..., 0])
+  assert not (out / "parts").exists()   # removed once the batch is written
+  settings = json.loads((out / "sample_settings.json").read_text())
+  assert settings["sample"]["cfg_scale"] == 2.0 and settings["weights"]["step"] == STEP
+
+  # ... and the batch goes straight into the evaluator.
+  ref = d / "ref.npz"
+  rng = np.random.default_rng(0)
+  np.savez(ref, arr_0=rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8))
+  results = evaluate.evaluate(str(npz), str(ref), write_inception(d / "inception.safetensors"),
+                              batch_size=8, which=("is", "pr"), split_size=5)
+  assert results["num_samples"] == 10 and results["num_reference"] == 9
+  assert results["inception_score"] >= 0.99
+  assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1
+
+
+def test_same_seed_same_images_whatever_the_batch(pixel_run):
+  d = pixel_run["base"]
+  run = lambda out, **kw: sample.sample(str(d / out), 10, workdir=pixel_run["workdir"],
+                                        progress=False, **kw)
+  a = run("a", batch_size=8, seed=1, labels="balanced")
+  b = run("b", batch_size=16, seed=1, labels="balanced")
+  c = run("c", batch_size=8, seed=2, labels="balanced")
+  load = lambda s: np.load(s["npz"])["arr_0"]
+  assert a["generated"] == [0, 1] and b["generated"] == [0]
+  diff = np.abs(load(a).astype(int) - load(b).astype(int))
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.99   # float rounding of other batch shapes
+  assert np.abs(load(a).astype(int) - load(c).astype(int)).mean() > 5
+  np.testing.assert_array_equal(np.load(a["npz"])["arr_1"], np.arange(10) % 3)
+
+
+def test_resume_recomputes_only_missing_parts(pixel_run):
+  d = pixel_run["base"]
+  out = d / "resume"
+  run = lambda **kw: sample.sample(str(out), 20, workdir=pixel_run["workdir"], batch_size=8,
+                                   keep_parts=True, progress=False, seed=5, **kw)
+  first = run()
+  assert first["generated"] == [0, 1, 2]
+  parts = sorted((out / "parts").iterdir())
+  assert [p.name for p in parts] == ["part-00000000-00000008.npz", "part-00000008-00000016.npz",
+                                     "part-00000016-00000020.npz"]
+  before = np.load(first["npz"])["arr_0"]
+  os.remove(first["npz"])
+  os.remove(parts[1])
+  for p in (parts[0], parts[2]):
+    os.utime(p, ns=(1, 1))
+  second = run()
+  assert second["generated"] == [1] and second["kept"] == [0, 2]
+  assert os.stat(parts[0]).st_mtime_ns == 1 and os.stat(parts[2]).st_mtime_ns == 1
+  np.testing.assert_array_equal(np.load(second["npz"])["arr_0"], before)
+  third = run(png=True)   # finished: nothing to sample, PNGs from the batch
+  assert third["generated"] == [] and os.path.exists(third["npz"])
+  assert len(os.listdir(out / "png")) == 20
+  np.testing.assert_array_equal(np.asarray(Image.open(out / "png" / "000013.png")),
+                                before[13, ..., 0])
+
+
+def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
+  """A latent model's weights from its workdir and from a published-layout .safetensors file
+  are the same, and its images are the VAE decode of its latents divided by vae_scale."""
+  config = tiny_config(latent=True)
+  workdir, ema = make_workdir(tmp_path / "run", config, seed=4)
+  vae_dir = write_vae_dir(tmp_path / "vae", TINY_VAE)
+  weights = str(tmp_path / "fcdm.safetensors")
+  convert.save_torch_checkpoint(weights, ema, ema)
+  # The same weights, whether from the run or from the published-layout file.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
+  from_file = sample.load_model(*sample.resolve_model(None, weights, config, None), mesh)
+  from_run = sample.load_model(*sample.resolve_model(workdir, None, None, None), mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_file),
+               jax.device_get(from_run))
+
+  result = sample.sample(str(tmp_path / "a"), 5, torch_checkpoint=weights, config=config,
+                         vae=vae_dir, batch_size=8, progress=False, seed=3, sampler="ddim",
+                         steps=2)
+  with np.load(result["npz"]) as z:
+    images, labels = z["arr_0"], z["arr_1"]
+  assert images.shape == (5, 8, 8, 3)   # 4x4 latents, VAE factor 2
+  decoder, vae_params, _ = sample.load_decoder(vae_dir, config, mesh)
+  gen = sample.Generator(config, from_file, sample.sample_settings(
+      config, dict(sampler="ddim", steps=2)), mesh, 3, decoder, vae_params)
+  again, lat = gen.generate(np.arange(8, dtype=np.uint32), np.resize(labels, 8).astype(np.int32))
+  np.testing.assert_array_equal(again[:5], images)
+  model, params = vae_lib.load_vae(vae_dir)
+  decoded = jax.jit(lambda p, z: model.apply(p, z / 0.5, method=model.decode))(params, lat[:5])
+  want = np.asarray(sample.to_uint8(decoded))
+  assert lat.shape == (8, 4, 4, 4)
+  assert np.abs(want.astype(int) - images.astype(int)).max() <= 1
+
+  with pytest.raises(ValueError, match="pass --vae=DIR"):
+    sample.sample(str(tmp_path / "c"), 2, workdir=workdir, progress=False)
+  with pytest.raises(FileNotFoundError, match="VAE directory not found"):
+    sample.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=str(tmp_path / "nope"),
+                  progress=False)
+  other = write_vae_dir(tmp_path / "vae8", dict(TINY_VAE, latent_channels=8))
+  with pytest.raises(ValueError, match="8 latent channels, the model samples 4"):
+    sample.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=other, progress=False)
+
+
+def test_bad_input(pixel_run, tmp_path):
+  workdir = pixel_run["workdir"]
+  run = lambda out=str(tmp_path / "o"), n=2, **kw: sample.sample(out, n, progress=False, **kw)
+  with pytest.raises(ValueError, match="--num_samples must be a positive integer, got 0"):
+    run(n=0, workdir=workdir)
+  with pytest.raises(ValueError, match="--num_samples must be a positive integer, got -3"):
+    run(n=-3, workdir=workdir)
+  with pytest.raises(FileNotFoundError, match="workdir .*missing does not exist"):
+    run(workdir=str(tmp_path / "missing"))
+  (tmp_path / "empty_run").mkdir()
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*empty_run"):
+    run(workdir=str(tmp_path / "empty_run"))
+  assert not (tmp_path / "empty_run" / "checkpoints").exists()
+  with pytest.raises(ValueError, match="exactly one of --workdir"):
+    run()
+  config = tiny_config()
+  with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+    run(torch_checkpoint=str(tmp_path / "fcdm.pt"), config=config)
+  with pytest.raises(ValueError, match="needs --config"):
+    run(torch_checkpoint=str(tmp_path / "fcdm.pt"))
+  from safetensors.numpy import save_file
+  vae_like = str(tmp_path / "vae.safetensors")   # the weights of another model
+  save_file({"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32)}, vae_like)
+  with pytest.raises(ValueError, match="vae.safetensors: not an FCDM state_dict|does not fit"):
+    run(torch_checkpoint=vae_like, config=config)
+  assert not (tmp_path / "o").exists()   # nothing written before the weights loaded
+  with pytest.raises(ValueError, match=r"labels \[5\] are outside \[0, 3\)"):
+    run(workdir=workdir, labels="1,5")
+  with pytest.raises(ValueError, match="unknown sampler 'sde' for the 'ddpm' objective"):
+    run(workdir=workdir, sampler="sde")
+  with pytest.raises(ValueError, match="--vae is for latent models only"):
+    run(workdir=workdir, vae=str(tmp_path))
+
+  # A finished batch of other settings is refused and left as it was.
+  out = str(tmp_path / "done")
+  done = run(out=out, n=3, workdir=workdir, seed=0, batch_size=8)
+  stamp = os.stat(done["npz"]).st_mtime_ns
+  with pytest.raises(ValueError, match=r"holds a finished sample batch .* different settings "
+                                       r".*'seed': \(0, 1\)"):
+    run(out=out, n=3, workdir=workdir, seed=1, batch_size=8)
+  with pytest.raises(ValueError, match="different settings .*num_samples"):
+    run(out=out, n=4, workdir=workdir, seed=0, batch_size=8)
+  assert os.stat(done["npz"]).st_mtime_ns == stamp
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  np.savez(foreign / "samples_3x8x8x3.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+  with pytest.raises(ValueError, match="without sample_settings.json: refusing to overwrite"):
+    run(out=str(foreign), n=3, workdir=workdir)
+
+
+def test_cli_help_and_errors(tmp_path):
+  proc = _cli("--help")
+  for flag in ("--workdir", "--torch_checkpoint", "--config", "--num_samples", "--sampler",
+               "--steps", "--cfg_scale", "--out", "--vae", "--labels", "--png", "--seed"):
+    assert flag in proc.stdout
+  proc = _cli(f"--workdir={tmp_path}", "--num_samples=0", f"--out={tmp_path / 'o'}")
+  assert proc.returncode != 0 and "error: --num_samples must be a positive integer" in proc.stderr
