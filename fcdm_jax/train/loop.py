@@ -156,6 +156,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx = make_optimizer(config)
   mesh = sharding.create_mesh(config)
   check_run_setup(config, mesh)
+  if config.eval.enabled:
+    from fcdm_jax.evaluation import demo_eval
+    demo_eval.check_demo_eval(config, model, objective, workdir)
   source = data_lib.make_source(config, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   input_shape = tuple(source.element_shape)
@@ -244,6 +247,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         summary["stopped_by"] = "SIGTERM"
         break
   checkpointer.wait()
+  if config.eval.enabled and summary["stopped_by"] == "completed":
+    summary["eval"] = demo_eval.run_demo_eval(config, model, objective, state.ema_params,
+                                              mesh, workdir, writer, step)
   writer.flush()
   summary.update(end_step=step, first_step_seconds=first_step_seconds)
   if preview is not None:
