@@ -28,7 +28,8 @@ def get_config(objective: str = "ddpm"):
   config.checkpoint_every_steps = 250
   config.keep_checkpoints = 2
   config.preview.update(every_steps=750, num_classes_shown=10, per_class=8, steps=25)
-  # The end-of-run judgement: guided DDIM-25 samples, 50 per class.
-  config.eval.update(enabled=True, num_samples=500, sampler="ddim", steps=25, cfg_scale=4.0,
+  # The end-of-run judgement: guided 25-step samples (DDIM; ODE for flow), 50 per class.
+  config.eval.update(enabled=True, num_samples=500, sampler=config.preview.sampler, steps=25,
+                     cfg_scale=4.0,
                      batch_size=100, unguided=False)
   return config

@@ -12,6 +12,7 @@ Where each step of training happens:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -37,7 +38,7 @@ from fcdm_jax.train.step import jit_train_step, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or gradient became NaN/inf: the run stops, checkpoints stay as they were."""
+  """The loss or gradient became NaN/inf: the run stops before saving anything after it."""
 
 
 class PreemptionFlag:
@@ -195,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     preview = PreviewWriter(config, model, objective, mesh, input_shape, workdir, writer)
 
   buffer = MetricBuffer()
-  batches = source.iterate(start_step)
+  batches = device_batches(source.iterate(start_step), mesh)
   summary = {"start_step": start_step, "end_step": start_step, "stopped_by": "completed"}
   first_step_seconds = None
   previous_metrics = None
@@ -204,7 +205,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   with PreemptionFlag() as preemption:
     while step < config.num_train_steps:
       t0 = time.time()
-      batch = sharding.global_batch(next(batches), mesh)
+      batch = next(batches)
       state, metrics = train_step(state, batch)
       step += 1
       buffer.add(step, metrics)
@@ -226,8 +227,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if bad_step is not None:
           checkpointer.wait()
           raise NonFiniteLossError(
-              f"loss or gradient became non-finite at step {bad_step}: stopping. That step's "
-              f"update was not applied and nothing after it was saved; the last checkpoint "
+              f"loss or gradient became non-finite at step {bad_step}: stopping. Nothing "
+              f"from that step on was saved; the last checkpoint "
               f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. "
               "Lower the learning rate, enable grad_clip_norm, or check the data.")
         if means and step % config.log_every_steps == 0:
@@ -256,6 +257,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     summary["last_preview"] = preview.last_path
   checkpointer.close()
   return dict(summary, state=state)
+
+
+def device_batches(host_batches, mesh, ahead: int = 2):
+  """Global device arrays built `ahead` batches early, so the transfer to the devices
+  overlaps the step in flight."""
+  queue = collections.deque()
+  for local in host_batches:
+    queue.append(sharding.global_batch(local, mesh))
+    if len(queue) > ahead:
+      yield queue.popleft()
 
 
 def _flat_config(config, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""One training step: objective loss, AdamW update, EMA, guarded against non-finite losses."""
+"""One training step: objective loss, AdamW update, EMA, and a finiteness flag for the loop."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransforma
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure step function. `batch` = {'x': NHWC float32, 'y': int32 labels}.
 
-  A step whose loss or gradient is not finite leaves params, optimizer state and EMA
-  as they were (so no checkpoint ever holds them) and reports `finite=False`; the
-  training loop stops on it.
+  `metrics['finite']` says whether loss and gradient were finite: the training loop
+  checks it for every step before each checkpoint save and stops at the first bad step,
+  so no checkpoint ever holds a state that saw one. (Selecting the old state on device
+  instead would hold two copies of params, AdamW state and EMA: too much for XL.)
   """
   decay = float(config.ema_decay)
   lr_fn = learning_rate_fn(config)
@@ -45,12 +46,8 @@ def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransforma
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
-        ema_params=keep_if_finite(ema, state.ema_params))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
     metrics = dict(terms, grad_norm=grad_norm, learning_rate=lr_fn(state.step), finite=finite)
     return new_state, metrics
 
