@@ -26,7 +26,7 @@ xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 normal_002 = nn.initializers.normal(stddev=0.02)
 
-DWCONV_IMPLS = ("xla", "shift", "auto")
+DWCONV_IMPLS = ("xla", "shift", "shift_vjp", "auto")
 
 
 def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
@@ -98,30 +98,124 @@ def depthwise_conv_xla(x, kernel):
       feature_group_count=x.shape[-1])
 
 
+def _shifted_sum(xp, kernel, h: int, w: int):
+  """sum_ij xp[:, i:i+h, j:j+w] * kernel[i, j, 0], accumulated in float32 (or wider)."""
+  kh, kw = kernel.shape[:2]
+  acc = jnp.promote_types(xp.dtype, jnp.float32)
+  k = kernel.astype(acc)
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + h, j:j + w, :].astype(acc) * k[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
 def depthwise_conv_shift(x, kernel):
   """Depthwise conv as kh*kw shifted multiply-adds of a padded input.
 
   Same numbers as the grouped conv (up to summation order); on CPUs (and for the
   backward pass on GPUs) XLA runs it much faster than `feature_group_count=C`.
+  Low-precision inputs accumulate in float32, as a convolution would.
   """
   kh, kw = kernel.shape[:2]
   h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
+  return _shifted_sum(xp, kernel, h, w).astype(x.dtype)
+
+
+def depthwise_conv_shift_blocked(x, kernel, blocks: int = 2):
+  """`depthwise_conv_shift` computed in `blocks` bands of rows by a loop.
+
+  Why the loop: XLA's CPU fusion otherwise merges the kh*kw multiply-adds into every
+  consumer (LayerNorm's two statistics and its normalisation) and recomputes them there
+  in slow code; a loop boundary makes the result materialise once (3x faster per block
+  measured, docs/performance.md). Bands of rows keep the batch axis whole, so data
+  parallel sharding is untouched.
+  """
+  kh, kw = kernel.shape[:2]
+  n, h, w, c = x.shape
+  if blocks < 2 or h % blocks:
+    return depthwise_conv_shift(x, kernel)
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  rows = h // blocks
+
+  def band(b, out):
+    part = jax.lax.dynamic_slice_in_dim(xp, b * rows, rows + kh - 1, axis=1)
+    value = _shifted_sum(part, kernel, rows, w).astype(x.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, value, b * rows, axis=1)
+
+  return jax.lax.fori_loop(0, blocks, band, jnp.zeros_like(x))
+
+
+def depthwise_kernel_grad(x, g, kh: int, kw: int):
+  """Kernel gradient of a SAME depthwise conv: dk[i, j, c] = sum_nhw xp[n, h+i, w+j, c] g[n, h, w, c].
+
+  Autodiff of the shifted form makes kh*kw separate full-size reductions, which XLA's
+  CPU backend runs slowly. Here each kernel row i is one matmul batched over channels
+  that contracts batch and rows: r[c, w, v] = sum_nh g[n, h, w, c] xp[n, h+i, v, c];
+  its diagonals v = w + j, summed over w, are dk[i, j, c]. (It does (W+kw-1)/kw times
+  the multiply-adds, but as matmuls.) Accumulates in float32.
+  """
+  n, h, w, c = x.shape
+  ph, pw = kh // 2, kw // 2
+  wp = w + 2 * pw
+  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))).transpose(3, 0, 1, 2)  # C,N,H+,W+
+  gt = g.transpose(3, 0, 1, 2)                                                     # C,N,H,W
+  r = jnp.stack([jnp.einsum("cnhw,cnhv->cwv", gt, xp[:, :, i:i + h],
+                            preferred_element_type=jnp.float32) for i in range(kh)])
+  # r[i, c, w, v] sits at w*wp + v of its (w, v) block, so the diagonal v = w + j is at
+  # w*(wp+1) + j: padding the block to w*(wp+1) elements and viewing it as (w, wp+1)
+  # puts diagonal j in column j.
+  r = r.reshape(kh, c, w * wp)
+  r = jnp.pad(r, ((0, 0), (0, 0), (0, w))).reshape(kh, c, w, wp + 1)[..., :kw]
+  return r.sum(2).transpose(0, 2, 1)[:, :, None, :]                            # kh,kw,1,C
+
+
+@jax.custom_vjp
+def depthwise_conv_shift_vjp(x, kernel):
+  """Shifted multiply-adds in row bands (`depthwise_conv_shift_blocked`) with a
+  hand-written backward pass: the fastest formulation measured on CPUs.
+
+  Input gradient: the same banded shifted form on the cotangent with the flipped kernel.
+  Kernel gradient: `depthwise_kernel_grad` (matmuls instead of kh*kw reductions).
+  """
+  return depthwise_conv_shift_blocked(x, kernel)
+
+
+def _dw_shift_vjp_fwd(x, kernel):
+  return depthwise_conv_shift_blocked(x, kernel), (x, kernel)
+
+
+def _dw_shift_vjp_bwd(res, g):
+  x, kernel = res
+  kh, kw = kernel.shape[:2]
+  dx = depthwise_conv_shift_blocked(g.astype(x.dtype), kernel[::-1, ::-1])
+  dk = depthwise_kernel_grad(x, g.astype(x.dtype), kh, kw)
+  return dx, dk.astype(kernel.dtype)
+
+
+depthwise_conv_shift_vjp.defvjp(_dw_shift_vjp_fwd, _dw_shift_vjp_bwd)
+
+DWCONV_FNS = {"xla": depthwise_conv_xla, "shift": depthwise_conv_shift,
+              "shift_vjp": depthwise_conv_shift_vjp}
 
 
 def resolve_dwconv_impl(impl: str) -> str:
-  """'auto' picks the faster formulation for the default backend (docs/performance.md)."""
+  """'auto' picks the fastest measured formulation for the default backend.
+
+  CPU: shifted multiply-adds with the hand-written backward (docs/performance.md).
+  GPU: shifted multiply-adds (XLA's grouped-conv backward has slow paths there; not yet
+  re-measured against 'shift_vjp'). TPU: XLA's grouped convolution.
+  """
   if impl not in DWCONV_IMPLS:
     raise ValueError(f"unknown dwconv_impl {impl!r}; expected one of {DWCONV_IMPLS}")
   if impl != "auto":
     return impl
-  return "shift" if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm") else "xla"
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "shift_vjp"
+  return "shift" if backend in ("gpu", "cuda", "rocm") else "xla"
 
 
 class DepthwiseConv(nn.Module):
@@ -138,8 +232,7 @@ class DepthwiseConv(nn.Module):
                         (k, k, 1, self.features))
     bias = self.param("bias", logical(zeros, ("embed",)), (self.features,))
     kernel = kernel.astype(self.dtype)
-    impl = resolve_dwconv_impl(self.impl)
-    fn = depthwise_conv_shift if impl == "shift" else depthwise_conv_xla
+    fn = DWCONV_FNS[resolve_dwconv_impl(self.impl)]
     return fn(x.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
 

@@ -1,0 +1,125 @@
+"""The benchmark tool on a tiny config: the report has every figure, and they are consistent.
+
+Speed is never asserted (the machine is shared); the fields and their relations are.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fcdm_jax import bench, config_base
+
+# The grouped-conv formulation compiles fastest; the formulations are tested in test_dwconv.
+TINY_MODEL = dict(hidden_size=16, depth=(2, 2, 2, 2, 2), num_classes=10, dwconv_impl="xla")
+
+
+def tiny_config():
+  config = config_base.get_config("S", 256, "ddpm")
+  config.model.update(TINY_MODEL)
+  config.latent_size = 8
+  return config
+
+
+@pytest.fixture(scope="module")
+def report():
+  pytest.importorskip("torch")
+  return bench.run(tiny_config(), batch=2, repeats=2, warmup=1, vs_torch=True, num_devices=1,
+                   log=lambda s: None)
+
+
+def test_report_fields(report):
+  assert report["batch"] == 2 and report["latent_shape"] == [8, 8, 4]
+  assert report["dtype"] == "float32" and report["remat"] == "none"
+  assert report["dwconv_impl_resolved"] == "xla"
+  assert report["peak_tflops"] > 0 and report["peak_source"]
+  macs = report["forward_gmacs_per_image"] * 1e9
+  assert macs > 0
+  for mode, factor in (("sample", 2), ("train", 6)):
+    r = report["results"][mode]
+    assert r["compile_s"] > 0 and r["lower_s"] <= r["compile_s"]
+    st, ips = r["step_s"], r["img_per_s"]
+    assert 0 < st["min"] <= st["median"] <= st["max"]
+    assert ips["median"] == pytest.approx(2 / st["median"])
+    assert r["repeats"] == 2
+    assert r["model_flops_per_step"] == pytest.approx(factor * macs * 2)
+    assert r["achieved_tflops"] == pytest.approx(r["model_flops_per_step"] / st["median"] / 1e12)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] / report["peak_tflops"])
+    assert r["memory"]["peak_bytes"] > 0 and r["memory"]["source"]
+    assert r["memory"]["xla_planned_bytes"] > 0
+    t = r["torch"]
+    assert 0 < t["step_s"]["min"] <= t["step_s"]["median"] <= t["step_s"]["max"]
+    assert r["speedup_vs_torch"] == pytest.approx(t["step_s"]["median"] / st["median"])
+    assert r["speedup_vs_torch_best"] == pytest.approx(t["step_s"]["min"] / st["min"])
+    for side in (r, t):  # per-step load of other processes, and the quiet steps among them
+      assert len(side["other_load"]) == 2 and all(0 <= o <= 1 for o in side["other_load"])
+      assert side["quiet_steps"] == sum(o < bench.QUIET for o in side["other_load"])
+  assert report["torch"]["checkpoint_blocks"] is False
+  text = bench.format_report(report)
+  assert "train" in text and "sample" in text and "JAX/PyTorch" in text
+
+
+def test_xla_flops_count_every_scanned_block(report):
+  """XLA counts a scan body once; the bench counts the step lowered unrolled. The forward's
+  XLA count covers the model's multiply-adds (plus elementwise work), which a body-once
+  count of these 2-block stages (about half the blocks missing) would not."""
+  sample = report["results"]["sample"]
+  assert 0.95 <= sample["xla_flops_per_step"] / sample["model_flops_per_step"] < 1.6
+  train = report["results"]["train"]
+  assert train["xla_flops_per_step"] > 0.95 * train["model_flops_per_step"]
+
+
+def test_peak_table_and_cpu_peak():
+  assert bench.chip_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+  assert bench.chip_peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+  assert bench.chip_peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 19.5
+  assert bench.chip_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+  assert bench.chip_peak_tflops("TPU v5p", "float32") == 459.0  # TPUs: the bf16 MXU rate
+  assert bench.chip_peak_tflops("TPU v6 lite", "bfloat16") == 918.0
+  assert bench.chip_peak_tflops("Some future chip", "bfloat16") is None
+  cpu = bench.cpu_peak(cores=2)
+  if cpu["clock_ghz"]:
+    per_cycle = 2 * cpu["fma_units"] * cpu["vector_bits"] // 32
+    assert cpu["peak_tflops"] == pytest.approx(2 * cpu["clock_ghz"] * 1e9 * per_cycle / 1e12)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="unknown mode"):
+    bench.run(tiny_config(), modes=("infer",), log=lambda s: None)
+  with pytest.raises(ValueError, match="unknown dtype"):
+    bench.run(tiny_config(), dtype="fp8", log=lambda s: None)
+
+
+def test_command_line_writes_json(tmp_path):
+  """The CLI (absl flags, --config file with overrides, --json) on a compile-only run."""
+  cfg = tmp_path / "tiny.py"
+  cfg.write_text(
+      "from fcdm_jax import config_base\n"
+      "def get_config():\n"
+      "  c = config_base.get_config('S', 256, 'flow')\n"
+      f"  c.model.update({TINY_MODEL!r})\n"
+      "  c.latent_size = 8\n"
+      "  return c\n")
+  out = tmp_path / "report.json"
+  cmd = [sys.executable, "-m", "fcdm_jax.bench", f"--config={cfg}", "--config.model.mlp_ratio=2",
+         "--batch=2", "--mode=sample", "--compile_only", "--remat=block", f"--json={out}"]
+  env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                        cwd=str(bench.__file__).rsplit("/fcdm_jax/", 1)[0])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["compile_only"] is True and report["remat"] == "block"
+  assert report["model"]["mlp_ratio"] == 2 and report["model"]["learn_sigma"] is False
+  r = report["results"]["sample"]
+  assert r["compile_s"] > 0 and "step_s" not in r and r["xla_flops_per_step"] > 0
+  assert report["command"].startswith("python -m fcdm_jax.bench --config=")
+
+
+def test_dwconv_study_fields():
+  study = bench.dwconv_study(tiny_config(), batch=2, repeats=1, log=lambda s: None)
+  assert [row["shape"] for row in study["levels"]] == [[2, 8, 8, 16], [2, 4, 4, 32], [2, 2, 2, 64]]
+  for row in study["levels"]:
+    for impl in bench.STUDY_IMPLS:
+      for what in ("fwd", "bwd", "chain"):
+        assert 0 < row[impl][what]["min_ms"] <= row[impl][what]["median_ms"]
