@@ -12,11 +12,11 @@ import argparse
 import collections
 import os
 import re
-import tempfile
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from fcdm_jax import fileio
 from fcdm_jax.models.fcdm import FCDM, LEVEL_NAMES
 
 BLOCK_PARAMS = (
@@ -279,21 +279,6 @@ def load_torch_state_dict(path: str, which: str = "ema") -> dict[str, np.ndarray
   return {k: _as_numpy(v) for k, v in ckpt.items()}
 
 
-def _atomic_write(path: str, write) -> None:
-  """Writes through a temporary file in the same folder, so an existing file is never
-  left half-written."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def save_torch_checkpoint(path: str, params, ema_params=None) -> None:
   """Writes `.pt` as the published `{"model": sd, "ema": sd}` or `.safetensors` (the EMA
   weights when given, else the params)."""
@@ -302,12 +287,12 @@ def save_torch_checkpoint(path: str, params, ema_params=None) -> None:
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
     contiguous = {k: np.ascontiguousarray(v, np.float32) for k, v in ema_sd.items()}
-    _atomic_write(path, lambda p: save_file(contiguous, p))
+    fileio.atomic_write(path, lambda p: save_file(contiguous, p))
     return
   if not path.endswith(".pt"):
     raise ValueError(f"unknown checkpoint extension for {path}: use .pt or .safetensors")
   torch = _import_torch()
   as_torch = lambda sd: collections.OrderedDict(
       (k, torch.from_numpy(np.array(v, np.float32))) for k, v in sd.items())
-  _atomic_write(path, lambda p: torch.save({"model": as_torch(model_sd),
+  fileio.atomic_write(path, lambda p: torch.save({"model": as_torch(model_sd),
                                             "ema": as_torch(ema_sd)}, p))

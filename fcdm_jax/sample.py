@@ -49,7 +49,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from typing import Any
 
@@ -59,7 +58,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fcdm_jax import distributed
+from fcdm_jax import distributed, fileio
 
 LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
 SETTINGS = "sample_settings.json"
@@ -290,18 +289,6 @@ def load_decoder(vae_dir: str, config, mesh: Mesh):
 # --------------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: str, write) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _write_text(path: str, text: str) -> None:
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
@@ -315,7 +302,7 @@ def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
 def _save_png(path: str, image: np.ndarray) -> None:
   from PIL import Image
   img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+  fileio.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
@@ -386,7 +373,7 @@ def assemble(out: str, final: str, ranges, labels: np.ndarray, shape) -> str:
       with z.open("arr_1.npy", "w") as f:
         np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
 
-  _write_atomic(os.path.join(out, final), write)
+  fileio.atomic_write(os.path.join(out, final), write)
   return os.path.join(out, final)
 
 
@@ -471,7 +458,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   generator = Generator(config, params, sample_cfg, mesh, seed, decoder, vae_params)
   if is_host0:   # only now: weights that fail to load leave --out as it was
     os.makedirs(out, exist_ok=True)
-    _write_atomic(os.path.join(out, SETTINGS), lambda tmp: _write_text(
+    fileio.atomic_write(os.path.join(out, SETTINGS), lambda tmp: _write_text(
         tmp, json.dumps(settings, indent=1, sort_keys=True)))
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     if png:
@@ -506,7 +493,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
     images = Generator.fetch(result[0])[: end - start]
     if is_host0:
       write_pngs(start, images)
-      _write_atomic(part_path(out, start, end), lambda tmp: _save_part(
+      fileio.atomic_write(part_path(out, start, end), lambda tmp: _save_part(
           tmp, images, label_values[start:end]))
     summary["generated"].append(b)
     bar.update(end - start)

@@ -53,11 +53,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fcdm_jax import fileio
 from fcdm_jax.data import pipeline
 
 FORMAT = "fcdm_jax.latents"
@@ -79,18 +79,11 @@ def shard_name(index: int) -> str:
 
 
 def _write_atomic(path: pathlib.Path, write) -> None:
-  """Write via a temporary file in the same directory and rename: readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
+  """`write(file_object)` through `fileio.atomic_write`: readers never see half a file."""
+  def to_path(tmp):
+    with open(tmp, "wb") as f:
       write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  fileio.atomic_write(path, to_path)
 
 
 def _read_npy_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype, int]:

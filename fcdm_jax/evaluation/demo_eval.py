@@ -43,7 +43,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from fcdm_jax import metrics
+from fcdm_jax import fileio, metrics
 from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_model_range
 from fcdm_jax.train import preview, sharding
 
@@ -254,13 +254,6 @@ def _jsonable(recipe: dict) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 class Judge:
   """A trained classifier and the held-out reference it scores samples against."""
 
@@ -372,8 +365,8 @@ def load_or_train_classifier(workdir: str, recipe: dict | None = None) -> Judge:
     os.makedirs(directory, exist_ok=True)
     blob = flax.serialization.to_bytes(jax.device_get(params))
     info = dict(info, data_sha256=fingerprint, params_sha256=hashlib.sha256(blob).hexdigest())
-    _atomic_write(os.path.join(directory, PARAMS_FILE), blob)
-    _atomic_write(os.path.join(directory, META_FILE), json.dumps(info, indent=2).encode())
+    fileio.atomic_write_bytes(os.path.join(directory, PARAMS_FILE), blob)
+    fileio.atomic_write_bytes(os.path.join(directory, META_FILE), json.dumps(info, indent=2).encode())
   return Judge(params, info, recipe, trained=True, directory=directory)
 
 
@@ -546,5 +539,5 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
     scalars["eval/unguided_frechet_distance"] = results["unguided"]["frechet_distance"]
   writer.write_scalars(step, scalars)
   if jax.process_index() == 0:
-    _atomic_write(os.path.join(workdir, EVAL_FILE), json.dumps(summary, indent=2).encode())
+    fileio.atomic_write_bytes(os.path.join(workdir, EVAL_FILE), json.dumps(summary, indent=2).encode())
   return summary

@@ -1,0 +1,35 @@
+"""Writing files so that a crash or error never leaves one half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+  """`write(tmp_path)` into a temporary file beside `path`, flush it to disk, then rename.
+
+  Readers see the old file or the new one, never a partial one; on error the old file
+  stays and the temporary file is removed.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      f.write(data)
+  atomic_write(path, write)
