@@ -559,7 +559,7 @@ def run(config, *, batch: int = 8, modes=MODES, dtype: str | None = None,
   return report
 
 
-def dwconv_study(config, batch: int = 8, repeats: int = 5,
+def dwconv_study(config, batch: int = 8, repeats: int = 5, impls=STUDY_IMPLS,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """The depthwise 7x7 conv formulations at the shapes of the config's three levels.
 
@@ -590,7 +590,7 @@ def dwconv_study(config, batch: int = 8, repeats: int = 5,
     w1 = 0.05 * jax.random.normal(keys[3], (c, int(c * ratio)))
     s = jax.random.normal(keys[4], (batch, c))
     cases = {}
-    for impl in STUDY_IMPLS:
+    for impl in impls:
       fn = layers.DWCONV_FNS[impl]
       cases[(impl, "fwd")] = (jax.jit(fn).lower(x, k).compile(), (x, k))
       bwd = jax.jit(lambda x, k, g, fn=fn: jax.vjp(fn, x, k)[1](g))
@@ -609,7 +609,7 @@ def dwconv_study(config, batch: int = 8, repeats: int = 5,
     out["levels"].append(row)
     log(f"dwconv {row['shape']}: " + "; ".join(
         f"{impl} fwd {row[impl]['fwd']['median_ms']:.1f} bwd {row[impl]['bwd']['median_ms']:.1f}"
-        f" chain {row[impl]['chain']['median_ms']:.1f} ms" for impl in STUDY_IMPLS))
+        f" chain {row[impl]['chain']['median_ms']:.1f} ms" for impl in impls))
   out["load_average_end"] = load_average()
   return out
 
