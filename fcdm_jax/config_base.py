@@ -43,7 +43,7 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       learn_sigma=objective == "ddpm",
       # How it runs: compute dtype ('float32' or 'bfloat16'; params stay float32),
       # per-block rematerialisation ('none', 'block', 'dots', 'dots_no_batch'),
-      # depthwise conv formulation ('auto', 'xla', 'shift'), unrolled block scan.
+      # depthwise conv formulation ('auto', 'xla', 'shift', 'shift_vjp'), unrolled block scan.
       dtype="float32",
       remat="none",
       dwconv_impl="auto",
