@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from fcdm_jax.models import torch_weights
+
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7
@@ -321,17 +323,7 @@ def variables_from_torch(state_dict: Mapping[str, Any], model: InceptionV3 | Non
       parts.append(f"{len(wrong)} keys of the wrong shape: {_describe(wrong)}")
     raise ValueError(f"{source} does not hold pytorch-fid's FID InceptionV3 weights "
                      f"(pt_inception-2015-12-05-*.pth): " + "; ".join(parts))
-  variables: dict = {}
-  for key, (names, _) in layout.items():
-    a = np.asarray(given[key], np.float32)
-    if a.ndim == 4:
-      a = a.transpose(2, 3, 1, 0)
-    elif a.ndim == 2:
-      a = a.T
-    node = variables
-    for n in names[:-1]:
-      node = node.setdefault(n, {})
-    node[names[-1]] = jnp.asarray(a)
+  variables = torch_weights.nest_from_torch(layout, given)
   return variables
 
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from fcdm_jax.models import torch_weights
+
 Dtype = Any
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -379,17 +381,7 @@ def params_from_torch(state_dict: Mapping[str, Any], model: AutoencoderKL,
       parts.append(f"{len(wrong)} keys of the wrong shape: {_describe(wrong)}")
     raise ValueError(f"{source} does not hold AutoencoderKL weights for this config: "
                      + "; ".join(parts))
-  params: dict = {}
-  for key, (names, _) in layout.items():
-    a = np.asarray(given[key], np.float32)
-    if a.ndim == 4:
-      a = a.transpose(2, 3, 1, 0)
-    elif a.ndim == 2:
-      a = a.T
-    node = params
-    for n in names[:-1]:
-      node = node.setdefault(n, {})
-    node[names[-1]] = jnp.asarray(a)
+  params = torch_weights.nest_from_torch(layout, given)
   return {"params": params}
 
 
