@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fcdm_jax import distributed, images
+from fcdm_jax import distributed, fileio, images
 from fcdm_jax.data import latents as latents_lib
 from fcdm_jax.data.preprocess import center_crop_arr
 from fcdm_jax.models import vae as vae_lib
@@ -250,14 +250,6 @@ class PosteriorEncoder:
 # ------------------------------------------------------------------------------ settings
 
 
-def _sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def check_settings(out: str, settings: dict) -> None:
   """Refuse an --out whose shards were written with other settings; record ours if new."""
   path = os.path.join(out, SETTINGS)
@@ -328,7 +320,7 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
   settings = dict(src.identity, resolution=resolution, crop="adm_center_crop",
                   shard_size=shard_size, dtype=dtype,
                   vae={"config": dataclasses.asdict(cfg),
-                       "weights_sha256": _sha256_file(weights_path)})
+                       "weights_sha256": fileio.sha256_file(weights_path)})
   settings = json.loads(json.dumps(settings))   # as it reads back from JSON
   os.makedirs(out, exist_ok=True)
   check_settings(out, settings)

@@ -33,3 +33,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with open(tmp, "wb") as f:
       f.write(data)
   atomic_write(path, write)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """Hex sha256 of a file, read in 16 MiB chunks (weights files are large)."""
+  import hashlib
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()

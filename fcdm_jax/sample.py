@@ -80,14 +80,6 @@ def to_uint8(images):
   return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
 
 
-def _sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _json(value) -> Any:
   """A ConfigDict / tuple-holding value as it reads back from JSON."""
   if hasattr(value, "to_json_best_effort"):
@@ -121,7 +113,7 @@ def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
   if not os.path.isfile(torch_checkpoint):
     raise FileNotFoundError(f"checkpoint file not found: {torch_checkpoint}")
   return config, {"torch_checkpoint": os.path.abspath(torch_checkpoint),
-                  "sha256": _sha256_file(torch_checkpoint)}
+                  "sha256": fileio.sha256_file(torch_checkpoint)}
 
 
 def load_model(config, identity: dict, mesh: Mesh):
@@ -281,7 +273,7 @@ def load_decoder(vae_dir: str, config, mesh: Mesh):
     raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
                      "images, not RGB")
   identity = {"config": _json(dataclasses.asdict(model.config)),
-              "weights_sha256": _sha256_file(weights)}
+              "weights_sha256": fileio.sha256_file(weights)}
   params = jax.device_put(params, NamedSharding(mesh, P()))
   return (model, float(config.data.vae_scale)), params, identity
 
