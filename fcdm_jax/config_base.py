@@ -87,7 +87,10 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   c.num_train_steps = 2_000_000
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-      warmup_steps=0, grad_clip_norm=0.0))
+      warmup_steps=0, grad_clip_norm=0.0,
+      # 'constant' (published) or 'cosine': decay after warmup to
+      # learning_rate * final_lr_fraction at num_train_steps.
+      schedule="constant", final_lr_fraction=0.0))
   c.ema_decay = 0.9999
 
   # --- sampling (FID setting and training previews) ------------------------------

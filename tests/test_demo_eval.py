@@ -151,7 +151,7 @@ def test_bad_inputs_are_refused(judge):
 
 
 def test_sample_config_is_the_preview_with_eval_overrides():
-  config = load_config(DEMO_CONFIG)
+  config = load_config(DEMO_CONFIG, "ddpm")
   config.preview.update(eta=0.5, steps=7, cfg_scale=2.0)
   config.eval.update(steps=3, cfg_scale=5.0, sampler="ddpm", batch_size=8)
   cfg = demo_eval.sample_config(config)

@@ -25,11 +25,29 @@ class TrainState:
 
 
 def learning_rate_fn(config) -> Callable[[jax.Array], jax.Array]:
-  """Published: constant 1e-4. Optional linear warmup from 0 over `warmup_steps`."""
+  """Published: constant 1e-4. Optional linear warmup from 0 over `warmup_steps`, and
+  `schedule='cosine'`: after warmup, cosine decay to `learning_rate * final_lr_fraction`
+  at `num_train_steps` (short runs such as the demo end sharper with it)."""
   opt = config.optimizer
-  if opt.warmup_steps > 0:
-    return optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
-  return optax.constant_schedule(opt.learning_rate)
+  schedule = opt.get("schedule", "constant")
+  warmup = int(opt.warmup_steps)
+  if warmup < 0:
+    raise ValueError(f"optimizer.warmup_steps must be >= 0, got {warmup}")
+  if schedule == "constant":
+    if warmup > 0:
+      return optax.linear_schedule(0.0, opt.learning_rate, warmup)
+    return optax.constant_schedule(opt.learning_rate)
+  if schedule == "cosine":
+    fraction = float(opt.get("final_lr_fraction", 0.0))
+    if not 0.0 <= fraction <= 1.0:
+      raise ValueError(f"optimizer.final_lr_fraction must be in [0, 1], got {fraction}")
+    if config.num_train_steps <= warmup:
+      raise ValueError(f"optimizer.schedule='cosine' needs num_train_steps "
+                       f"({config.num_train_steps}) > warmup_steps ({warmup})")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=warmup,
+        decay_steps=config.num_train_steps, end_value=opt.learning_rate * fraction)
+  raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
