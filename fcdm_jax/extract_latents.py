@@ -104,18 +104,12 @@ class TfdsImages:
   """A prepared TFDS image dataset, read by split slices with the images left encoded."""
 
   def __init__(self, name: str, data_dir: str, split: str, image_key: str, label_key: str):
-    from fcdm_jax.data.tfds_images import _load_builder
+    from fcdm_jax.data.tfds_images import load_image_builder
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory
-    self.builder, where = _load_builder(name, data_dir)
-    features = self.builder.info.features
-    for key, what in ((image_key, "--image_key"), (label_key, "--label_key")):
-      if key not in features:
-        raise ValueError(f"{where} has no feature {key!r} ({what}); it has "
-                         f"{sorted(features.keys())}")
-    names = getattr(features[label_key], "names", None)
-    if names is None:
-      raise ValueError(f"{where}: feature {label_key!r} is not a ClassLabel")
+    self.builder, where, labels = load_image_builder(name, data_dir, image_key, label_key,
+                                                     ("--image_key", "--label_key"))
+    names = labels.names
     splits = self.builder.info.splits
     if split not in splits:
       raise ValueError(f"{where} has no split {split!r}; it has {sorted(splits.keys())}")

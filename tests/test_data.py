@@ -335,8 +335,10 @@ def test_tfds_errors(tfds_dirs, tmp_path):
     make_source(tfds_config(str(tmp_path)))
   with pytest.raises(ValueError, match="tfds_name is empty"):
     make_source(tfds_config(tfds_dirs["array_record"], tfds_name=""))
-  with pytest.raises(ValueError, match="no feature 'img'"):
+  with pytest.raises(ValueError, match=r"no feature 'img' \(config.data.image_key\)"):
     make_source(tfds_config(tfds_dirs["array_record"], image_key="img"))
+  with pytest.raises(ValueError, match="feature 'image' is not a ClassLabel"):
+    make_source(tfds_config(tfds_dirs["array_record"], label_key="image"))
   c = tfds_config(tfds_dirs["array_record"])
   c.model.in_channels = 4
   with pytest.raises(ValueError, match=r"\(16, 16, 3\) .* \(16, 16, 4\)"):

@@ -294,3 +294,6 @@ def test_tfds_source(dirs, tmp_path):
   with pytest.raises(ValueError, match="has no split 'validation'"):
     extract_latents.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
                             data_dir=data_dir, split="validation", progress=False)
+  with pytest.raises(ValueError, match=r"no feature 'digit' \(--label_key\)"):
+    extract_latents.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
+                            data_dir=data_dir, label_key="digit", progress=False)

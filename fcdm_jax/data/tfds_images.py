@@ -43,22 +43,35 @@ def _load_builder(name: str, data_dir: str):
   return builder, where
 
 
+def load_image_builder(name: str, data_dir: str, image_key: str, label_key: str,
+                       key_flags: tuple[str, str]):
+  """(builder, description, ClassLabel feature) of a prepared TFDS image dataset.
+
+  Clear errors for a missing dataset, a missing image or label feature, or a label that
+  is not a ClassLabel; `key_flags` names the settings that chose the keys, for the messages.
+  """
+  builder, where = _load_builder(name, data_dir)
+  features = builder.info.features
+  for key, flag in zip((image_key, label_key), key_flags):
+    if key not in features:
+      raise ValueError(f"{where} has no feature {key!r} ({flag}); it has "
+                       f"{sorted(features.keys())}")
+  labels = features[label_key]
+  if getattr(labels, "num_classes", None) is None:
+    raise ValueError(f"{where}: feature {label_key!r} is not a ClassLabel")
+  return builder, where, labels
+
+
 class TfdsSource(pipeline.Source):
   """Training batches of a prepared TFDS image dataset, centre-cropped, in [-1, 1]."""
 
   def __init__(self, name: str, *, data_dir: str, split: str, image_key: str,
                label_key: str, num_workers: int, max_in_memory_gb: float,
                expected_shape, num_classes: int, **kwargs):
-    builder, where = _load_builder(name, data_dir)
-    features = builder.info.features
-    for key, what in ((image_key, "image_key"), (label_key, "label_key")):
-      if key not in features:
-        raise ValueError(f"{where} has no feature {key!r} (config.data.{what}); it has "
-                         f"{sorted(features.keys())}")
-    ds_classes = getattr(features[label_key], "num_classes", None)
-    if ds_classes is None:
-      raise ValueError(f"{where}: feature {label_key!r} is not a ClassLabel")
-    channels = features[image_key].shape[-1]
+    builder, where, labels = load_image_builder(
+        name, data_dir, image_key, label_key, ("config.data.image_key", "config.data.label_key"))
+    ds_classes = labels.num_classes
+    channels = builder.info.features[image_key].shape[-1]
     size = expected_shape[0]
     where = f"{where}, split {split!r}"
     pipeline.check_element_shape(
