@@ -13,25 +13,15 @@ import numpy as np
 import pytest
 
 from fcdm_jax.diffusion import flow, objectives, ode, samplers
+from reference_helpers import assert_close, load_npz, nhwc
 
 RTOL = 1e-5
 LOOP_RTOL = 1e-4
 
 
-def nhwc(a):
-  return np.moveaxis(np.asarray(a), -3, -1)
-
-
-def assert_close(actual, expected, rtol):
-  expected = np.asarray(expected, np.float64)
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
-                             atol=rtol * np.max(np.abs(expected)))
-
-
 @pytest.fixture(scope="module")
 def ref(reference_dir):
-  with np.load(reference_dir / "flow_matching.npz") as data:
-    return {k: data[k] for k in data.files}
+  return load_npz(reference_dir, "flow_matching.npz")
 
 
 def randn(seed, shape):

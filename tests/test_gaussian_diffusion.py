@@ -14,26 +14,16 @@ import numpy as np
 import pytest
 
 from fcdm_jax.diffusion import gaussian, likelihood, objectives, respace, samplers
+from reference_helpers import assert_close, load_npz, nhwc
 
 RTOL = 1e-5       # single-step quantities
 LOOP_RTOL = 1e-4  # 10-step loops, whose values grow large
 SPECS = ("250", "ddim50", "10", "25,10,5")
 
 
-def nhwc(a):
-  return np.moveaxis(np.asarray(a), -3, -1)
-
-
-def assert_close(actual, expected, rtol):
-  expected = np.asarray(expected, np.float64)
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
-                             atol=rtol * np.max(np.abs(expected)))
-
-
 @pytest.fixture(scope="module")
 def ref(reference_dir):
-  with np.load(reference_dir / "gaussian_diffusion.npz") as data:
-    return {k: data[k] for k in data.files}
+  return load_npz(reference_dir, "gaussian_diffusion.npz")
 
 
 @pytest.fixture(scope="module")
