@@ -64,6 +64,7 @@ LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
 SETTINGS = "sample_settings.json"
 PARTS = "parts"
 PNG_DIR = "png"
+OUT_READY, OUT_COMPLETE, OUT_REFUSED = 0, 1, -1  # host 0's verdict on --out, broadcast
 # config.sample fields the command line may override (None = keep the config's).
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
                     "clip_denoised")
@@ -434,10 +435,18 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   batch = -(-batch_size // per_step) * per_step
   ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
   is_host0 = jax.process_index() == 0
-  done_already = False
+  # Host 0 judges --out; every host learns the verdict, so that a refusal stops them all
+  # instead of leaving the others waiting at the next collective.
+  verdict, refusal = OUT_READY, None
   if is_host0:
-    done_already = check_out(out, settings, final)
-  done_already = bool(distributed.broadcast_from_host0(np.int32(done_already)))
+    try:
+      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
+    except ValueError as e:
+      verdict, refusal = OUT_REFUSED, e
+  verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))
+  if verdict == OUT_REFUSED:
+    raise refusal or ValueError(f"host 0 refused --out {out} (its log says why)")
+  done_already = verdict == OUT_COMPLETE
   summary = {"npz": os.path.join(out, final), "num_samples": num_samples,
              "image_shape": image_shape, "batch_size": batch, "generated": [], "kept": []}
   if done_already:

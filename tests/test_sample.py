@@ -280,3 +280,31 @@ def test_cli_help_and_errors(tmp_path):
     assert flag in proc.stdout
   proc = _cli(f"--workdir={tmp_path}", "--num_samples=0", f"--out={tmp_path / 'o'}")
   assert proc.returncode != 0 and "error: --num_samples must be a positive integer" in proc.stderr
+
+
+def test_out_refused_on_host0_stops_every_host(pixel_run, tmp_path, monkeypatch):
+  """Host 0 alone reads --out; its refusal is broadcast, so the other hosts raise too
+  rather than wait for host 0 at the next collective."""
+  workdir = pixel_run["workdir"]
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  np.savez(foreign / "samples_3x8x8x3.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+  shared = []
+
+  def broadcast(value):  # host 0's side: record what it tells the others
+    shared.append(int(value))
+    return value
+
+  monkeypatch.setattr(sample.distributed, "broadcast_from_host0", broadcast)
+  with pytest.raises(ValueError, match="refusing to overwrite"):
+    sample.sample(str(foreign), 3, workdir=workdir, progress=False)
+  assert shared == [sample.OUT_REFUSED]
+
+  # Another host: it never reads --out and gets host 0's verdict.
+  monkeypatch.setattr(sample.distributed, "broadcast_from_host0",
+                      lambda value: np.int32(sample.OUT_REFUSED))
+  monkeypatch.setattr(sample.jax, "process_index", lambda: 1)
+  out = tmp_path / "other_host"
+  with pytest.raises(ValueError, match="host 0 refused --out .*other_host"):
+    sample.sample(str(out), 3, workdir=workdir, progress=False)
+  assert not out.exists()
