@@ -14,8 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_demo_command_reduced(tmp_path):
   workdir = tmp_path / "demo"
   cmd = [sys.executable, "-m", "fcdm_jax.main", "--config=configs/demo.py",
-         f"--workdir={workdir}", "--config.num_train_steps=60", "--config.optimizer.warmup_steps=10",
-         "--config.log_every_steps=10",
+         f"--workdir={workdir}", "--config.num_train_steps=60",
+         "--config.optimizer.warmup_steps=10", "--config.log_every_steps=10",
          "--config.checkpoint_every_steps=30", "--config.preview.every_steps=30",
          "--config.preview.per_class=2", "--config.preview.steps=4",
          "--config.eval.num_samples=40", "--config.eval.steps=4", "--config.eval.batch_size=20"]
