@@ -69,6 +69,8 @@ PEAK_TFLOPS = (
 
 
 def _cpuinfo() -> dict[str, str]:
+  """The first processor's /proc/cpuinfo fields; {} off Linux (the CPU peak is then
+  unknown unless --peak_tflops gives it)."""
   info: dict[str, str] = {}
   try:
     with open("/proc/cpuinfo") as f:
@@ -77,7 +79,7 @@ def _cpuinfo() -> dict[str, str]:
           k, v = line.split(":", 1)
           info.setdefault(k.strip(), v.strip())
   except OSError:
-    pass
+    return {}
   return info
 
 
@@ -177,12 +179,14 @@ def jax_memory(device, compiled) -> dict[str, Any]:
     out.update(peak_bytes=peak_rss_bytes(), source="process peak RSS")
   try:
     ma = compiled.memory_analysis()
-    if ma is not None:
-      out["xla_planned_bytes"] = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                     + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
-      out["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
-  except Exception:  # noqa: BLE001
-    pass
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    ma = None
+  if ma is not None:
+    out["xla_planned_bytes"] = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                                   + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    out["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
+  else:
+    out.update(xla_planned_bytes=None, xla_temp_bytes=None)  # the backend has no analysis
   return out
 
 

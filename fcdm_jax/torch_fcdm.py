@@ -110,28 +110,29 @@ class ConvNeXtBlock(nn.Module):
     return x + gate[:, :, None, None] * self.pwconv2(h)
 
 
-class Downsample(nn.Module):
-  """3x3 conv a -> b/4 (no bias), pixel-unshuffle x2 (`conv.0`, `conv.1`)."""
+class _ConvShuffle(nn.Module):
+  """3x3 conv (no bias) then a pixel (un)shuffle, as `conv.0`, `conv.1` (published keys)."""
 
-  def __init__(self, dim_in: int, dim_out: int):
+  def __init__(self, dim_in: int, conv_out: int, shuffle: nn.Module):
     super().__init__()
-    self.conv = nn.Sequential(nn.Conv2d(dim_in, dim_out // 4, 3, padding=1, bias=False),
-                              nn.PixelUnshuffle(2))
+    self.conv = nn.Sequential(nn.Conv2d(dim_in, conv_out, 3, padding=1, bias=False), shuffle)
 
   def forward(self, x):
     return self.conv(x)
 
 
-class Upsample(nn.Module):
-  """3x3 conv a -> 4b (no bias), pixel-shuffle x2."""
+class Downsample(_ConvShuffle):
+  """3x3 conv a -> b/4, pixel-unshuffle x2."""
 
   def __init__(self, dim_in: int, dim_out: int):
-    super().__init__()
-    self.conv = nn.Sequential(nn.Conv2d(dim_in, dim_out * 4, 3, padding=1, bias=False),
-                              nn.PixelShuffle(2))
+    super().__init__(dim_in, dim_out // 4, nn.PixelUnshuffle(2))
 
-  def forward(self, x):
-    return self.conv(x)
+
+class Upsample(_ConvShuffle):
+  """3x3 conv a -> 4b, pixel-shuffle x2."""
+
+  def __init__(self, dim_in: int, dim_out: int):
+    super().__init__(dim_in, dim_out * 4, nn.PixelShuffle(2))
 
 
 class FinalLayer(nn.Module):
