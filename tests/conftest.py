@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before JAX starts) and the shared reference fixtures."""
+"""Test setup: 8 fake CPU devices (set before JAX starts), the reference fixtures in
+`tests/reference/`, and the `slow` marker."""
 
 import os
 import pathlib
@@ -17,11 +18,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = REPO / "tests" / "reference"
+REFERENCE_FILES = ("fcdm_tiny.npz", "fcdm_state_dict_manifest.json", "gaussian_diffusion.npz",
+                   "flow_matching.npz", "adm_metrics.npz")
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> pathlib.Path:
-  if not REFERENCE.is_dir():
-    raise FileNotFoundError(f"reference fixtures not found at {REFERENCE} (../shared/reference)")
+  """The fixtures computed by the published code (tests/reference/README.md). A missing
+  file is an error of every test that needs it, never a skip."""
+  missing = [name for name in REFERENCE_FILES if not (REFERENCE / name).is_file()]
+  if missing:
+    raise FileNotFoundError(f"reference fixtures missing from {REFERENCE}: {missing}; they are "
+                            "part of the repository (git checkout -- tests/reference)")
   return REFERENCE
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: starts subprocesses or trains for many steps (the demo command, "
+      "signals, two-process jax.distributed, command lines); `pytest -m \"not slow\"` is the "
+      "quick loop")
