@@ -33,8 +33,10 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        # The export checks load our checkpoints in PyTorch; pin the CPU build so an
-        # unpinned torch does not pull a multi-GB CUDA build.
+        # The export and interchange tests load our checkpoints in PyTorch. torch 2.13.0 is
+        # the version they were run with; on the project's CI machines pip takes a local CPU
+        # wheel, elsewhere PyPI's torch for Linux x86_64 is the multi-GB CUDA build (install
+        # torch from PyTorch's CPU wheel index first to avoid it).
         "test": [
             "pytest>=8.0", "torch==2.13.0",
             # Parity tests build the reference PyTorch networks with random weights:

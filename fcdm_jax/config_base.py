@@ -128,6 +128,10 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
           ("layers", None),
       ),
   ))
+  # Start a new run from a PyTorch checkpoint (.pt / .safetensors, published layout): its
+  # weights, and its EMA, AdamW moments and step when the file has "ema" and "opt".
+  # Ignored when the workdir already has checkpoints (resuming wins).
+  c.init_from = ""
   c.distributed = False  # jax.distributed.initialize() (also on when env says so)
 
   c.log_every_steps = 100

@@ -252,39 +252,85 @@ def _import_torch():
   return torch
 
 
-def load_torch_state_dict(path: str, which: str = "ema") -> dict[str, np.ndarray]:
-  """Reads a published-style checkpoint: `.pt` ({"model", "ema", ...} or a bare
-  state_dict) with `weights_only=True`, or `.safetensors`. `which` picks "ema" or "model".
+def _tree_to_numpy(v):
+  """Tensors anywhere in a loaded checkpoint (state_dicts, optimizer state) as numpy."""
+  if hasattr(v, "detach"):
+    return _as_numpy(v)
+  if isinstance(v, Mapping):
+    return {k: _tree_to_numpy(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return type(v)(_tree_to_numpy(x) for x in v)
+  return v
+
+
+def read_torch_file(path: str) -> dict:
+  """The whole content of a `.pt` (read with `weights_only=True`: no pickled code runs) or
+  `.safetensors` file, tensors as numpy. A `.safetensors` file is one flat state_dict.
+
+  A damaged file, a pickle holding arbitrary Python objects and a file of another kind
+  each get their own error naming the file.
   """
-  if which not in ("ema", "model"):
-    raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
-    return dict(load_file(path))
+    try:
+      return dict(load_file(path))
+    except Exception as e:  # safetensors raises its own SafetensorError
+      raise ValueError(f"{path} is damaged (truncated?) or not a safetensors file: {e}") from e
   torch = _import_torch()
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
       ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-      raise ValueError(f"{path} is not a loadable weights-only PyTorch checkpoint: {e}") from e
+      if "Weights only load failed" in str(e):
+        raise ValueError(
+            f"refusing to load {path}: it is a pickle holding Python objects other than "
+            "tensors and plain containers, which torch.load(weights_only=True) does not "
+            "execute. Re-save it as a plain state_dict, or as .safetensors. (torch said: "
+            f"{str(e).splitlines()[0]})") from e
+      raise ValueError(f"{path} is damaged (truncated?) or not a PyTorch checkpoint: {e}") from e
   if not isinstance(ckpt, Mapping):
     raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or "
-                     "{'model', 'ema'} checkpoint")
+                     "{'model', 'ema', ...} checkpoint")
+  return _tree_to_numpy(dict(ckpt))
+
+
+def load_torch_state_dict(path: str, which: str = "ema") -> dict[str, np.ndarray]:
+  """One state_dict of a published-style checkpoint: `.pt` ({"model", "ema", ...} or a bare
+  state_dict) or `.safetensors`. `which` picks "ema" or "model" (falling back to "model"
+  when the file has no "ema").
+  """
+  if which not in ("ema", "model"):
+    raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+  ckpt = read_torch_file(path)
   if which in ckpt and isinstance(ckpt[which], Mapping):
     ckpt = ckpt[which]
   elif "model" in ckpt and isinstance(ckpt["model"], Mapping):
     ckpt = ckpt["model"]
-  return {k: _as_numpy(v) for k, v in ckpt.items()}
+  return dict(ckpt)
 
 
-def save_torch_checkpoint(path: str, params, ema_params=None) -> None:
-  """Writes `.pt` as the published `{"model": sd, "ema": sd}` or `.safetensors` (the EMA
-  weights when given, else the params)."""
+def _to_torch_tree(torch, v):
+  """numpy arrays anywhere in a checkpoint tree as (contiguous, owned) torch tensors."""
+  if isinstance(v, np.ndarray):
+    return torch.from_numpy(np.ascontiguousarray(v))
+  if isinstance(v, Mapping):
+    return type(v)((k, _to_torch_tree(torch, x)) for k, x in v.items())
+  if isinstance(v, (list, tuple)):
+    return type(v)(_to_torch_tree(torch, x) for x in v)
+  return v
+
+
+def save_torch_checkpoint(path: str, params, ema_params=None, opt=None, args=None) -> None:
+  """Writes `.pt` in the published layout, `{"model": sd, "ema": sd}` plus `"opt"` (a torch
+  optimizer state_dict, arrays as numpy) and `"args"` when given; or `.safetensors` with the
+  EMA weights when given, else the params. Atomic: a reader never sees a partial file."""
   model_sd = params_to_torch(params)
   ema_sd = params_to_torch(ema_params) if ema_params is not None else model_sd
   if path.endswith(".safetensors"):
+    if opt is not None or args is not None:
+      raise ValueError(".safetensors holds one set of weights: write optimizer state to .pt")
     from safetensors.numpy import save_file
     contiguous = {k: np.ascontiguousarray(v, np.float32) for k, v in ema_sd.items()}
     fileio.atomic_write(path, lambda p: save_file(contiguous, p))
@@ -292,7 +338,11 @@ def save_torch_checkpoint(path: str, params, ema_params=None) -> None:
   if not path.endswith(".pt"):
     raise ValueError(f"unknown checkpoint extension for {path}: use .pt or .safetensors")
   torch = _import_torch()
-  as_torch = lambda sd: collections.OrderedDict(
-      (k, torch.from_numpy(np.array(v, np.float32))) for k, v in sd.items())
-  fileio.atomic_write(path, lambda p: torch.save({"model": as_torch(model_sd),
-                                            "ema": as_torch(ema_sd)}, p))
+  as_f32 = lambda sd: collections.OrderedDict((k, np.asarray(v, np.float32)) for k, v in sd.items())
+  content = {"model": as_f32(model_sd), "ema": as_f32(ema_sd)}
+  if opt is not None:
+    content["opt"] = opt
+  if args is not None:
+    content["args"] = args
+  content = _to_torch_tree(torch, content)
+  fileio.atomic_write(path, lambda p: torch.save(content, p))

@@ -74,10 +74,18 @@ def saved_config(workdir: str, step: int | None = None):
   """The config a run was trained with (from its checkpoint's meta), as a ConfigDict."""
   import ml_collections
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+  steps = ckpt.all_steps()
+  if not steps:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  meta = ckpt.restore_meta(step)
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; it has steps "
+                            f"{sorted(steps)}")
+  try:
+    meta = ckpt.restore_meta(step)
+  except Exception as e:
+    raise ValueError(f"checkpoint at step {step} in {ckpt.directory} cannot be read: its "
+                     f"settings (meta) are damaged: {e}") from e
   config = ml_collections.ConfigDict(meta["config"])
   config.model.depth = tuple(config.model.depth)
   return config, step
@@ -113,3 +121,30 @@ def load_params(workdir: str, config=None, step: int | None = None, which: str =
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return (state.ema_params if which == "ema" else state.params), config, step
+
+
+def restore_on_host(workdir: str, step: int | None = None):
+  """The whole train state of a run's checkpoint as numpy arrays in host memory (no device
+  memory used), with the run's config. Returns (state, config, step).
+
+  For tools that move a checkpoint elsewhere (`fcdm_jax.export_torch`); a damaged
+  checkpoint is reported with its step and folder.
+  """
+  import numpy as np
+  from fcdm_jax.models import FCDM
+  from fcdm_jax.train.state import make_optimizer, state_layout
+  config, step = saved_config(workdir, step)
+  ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  size = config.latent_size
+  abstract, _ = state_layout(config, FCDM(**config.model), make_optimizer(config), mesh,
+                             (size, size, config.model.in_channels))
+  target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  try:
+    state, _ = ckpt.restore(step, target)
+  except Exception as e:
+    raise ValueError(f"checkpoint at step {step} in {ckpt.directory} cannot be read "
+                     f"(damaged or written by an incompatible version): {e}") from e
+  finally:
+    ckpt.close()
+  return state, config, step

@@ -4,7 +4,8 @@ Where each step of training happens:
   set-up checks ........ `check_run_setup` (before any work: workdir, batch, mesh)
   devices and mesh ..... `fcdm_jax.train.sharding.create_mesh`
   data ................. `fcdm_jax.data.make_source` (position = step)
-  state / resume ....... `fcdm_jax.train.state.create_train_state`, `checkpoint.Checkpointer`
+  state / resume ....... `fcdm_jax.train.state.create_train_state`, `checkpoint.Checkpointer`,
+                         or a PyTorch checkpoint (`config.init_from`, `torch_state`)
   one step ............. `fcdm_jax.train.step.make_train_step`
   metrics .............. clu writers + `ReportProgress` (host 0 writes)
   previews ............. `fcdm_jax.train.preview.PreviewWriter`
@@ -32,7 +33,7 @@ from fcdm_jax import distributed
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import checkpoint as ckpt_lib
-from fcdm_jax.train import sharding
+from fcdm_jax.train import sharding, torch_state
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
@@ -170,11 +171,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   latest = checkpointer.latest_step()
   abstract, shardings = state_layout(config, model, tx, mesh, input_shape)
   logging.info("%s", sharding.describe(shardings, abstract))
-  if latest is None:
+  init_from = config.init_from
+  if latest is None and init_from:
+    state = torch_state.state_from_torch(init_from, config, abstract)
+    logging.info("starting from the PyTorch checkpoint %s at step %d", init_from,
+                 int(jax.device_get(state.step)))
+  elif latest is None:
     state, _, _ = create_train_state(config, model, tx, mesh, input_shape)
     logging.info("starting from scratch: %d parameters",
                  sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)))
   else:
+    if init_from:
+      logging.info("init_from=%s ignored: the workdir has checkpoints, resuming them", init_from)
     _check_resumable(checkpointer.restore_meta(latest).get("config", {}), config)
     state, _ = checkpointer.restore(latest, abstract)
     logging.info("resumed from checkpoint at step %d", latest)

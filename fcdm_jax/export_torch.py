@@ -1,0 +1,70 @@
+"""Export a training run's checkpoint for the published PyTorch code.
+
+    python -m fcdm_jax.export_torch --workdir=runs/xl_256 --out=FCDM-XL-256.pt
+    python -m fcdm_jax.export_torch --workdir=runs/xl_256 --step=400000 --out=ema.safetensors
+
+`.pt` holds what the published `train.py` saves, so `train.py --ckpt=FILE.pt` resumes
+from it: `"model"` (weights), `"ema"` (EMA weights), `"opt"` (torch AdamW state_dict: our
+first and second moments in torch's parameter layout and order, the step count, and one
+param group with lr, betas, eps, weight_decay) and `"args"` (the run's settings as a plain
+dict). The published sampling script reads `"ema"` (or `"model"`) as before.
+`.safetensors` holds the EMA weights only, for sampling.
+
+The checkpoint is read into host memory (not onto an accelerator); the file is written
+atomically, and an existing --out is refused unless --overwrite. Back the other way:
+`python -m fcdm_jax.main --config=... --workdir=NEW --config.init_from=FILE.pt`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+
+EXTENSIONS = (".pt", ".safetensors")
+
+
+def export(workdir: str, out: str, step: int | None = None, overwrite: bool = False) -> dict:
+  """Writes `out` from `workdir`'s checkpoint (latest, or `step`). Returns a summary."""
+  if not out.endswith(EXTENSIONS):
+    raise ValueError(f"--out must end in .pt (full training checkpoint) or .safetensors (EMA "
+                     f"weights), got {out!r}")
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+  from fcdm_jax import convert
+  from fcdm_jax.train import checkpoint, torch_state
+  state, config, step = checkpoint.restore_on_host(workdir, step)
+  if out.endswith(".safetensors"):
+    convert.save_torch_checkpoint(out, state.params, ema_params=state.ema_params)
+    content = "EMA weights"
+  else:
+    convert.save_torch_checkpoint(out, **torch_state.training_checkpoint(state, config))
+    content = "model, EMA, AdamW state, args"
+  return {"out": out, "step": step, "content": content, "bytes": os.path.getsize(out)}
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+_OUT = flags.DEFINE_string("out", None, "Output file: FILE.pt (model, ema, opt, args: resumable "
+                           "by the published train.py) or FILE.safetensors (EMA weights only).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    summary = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
+  except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    sys.exit(f"error: {e}")
+  logging.info("exported %s", summary)
+  print(f"{summary['out']}: step {summary['step']} ({summary['content']}), "
+        f"{summary['bytes'] / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
