@@ -284,11 +284,13 @@ def read_torch_file(path: str) -> dict:
       ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
       if "Weights only load failed" in str(e):
+        reason = next((line.strip() for line in str(e).splitlines()
+                       if "WeightsUnpickler error" in line), "")
         raise ValueError(
             f"refusing to load {path}: it is a pickle holding Python objects other than "
             "tensors and plain containers, which torch.load(weights_only=True) does not "
-            "execute. Re-save it as a plain state_dict, or as .safetensors. (torch said: "
-            f"{str(e).splitlines()[0]})") from e
+            f"execute ({reason or 'rejected by torch'}). Re-save it as a plain state_dict, or "
+            "as .safetensors.") from e
       raise ValueError(f"{path} is damaged (truncated?) or not a PyTorch checkpoint: {e}") from e
   if not isinstance(ckpt, Mapping):
     raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or "

@@ -29,6 +29,7 @@ def report():
                    log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_report_fields(report):
   assert report["batch"] == 2 and report["latent_shape"] == [8, 8, 4]
   assert report["dtype"] == "float32" and report["remat"] == "none"
@@ -60,6 +61,7 @@ def test_report_fields(report):
   assert "train" in text and "sample" in text and "JAX/PyTorch" in text
 
 
+@pytest.mark.slow
 def test_xla_flops_count_every_scanned_block(report):
   """XLA counts a scan body once; the bench counts the step lowered unrolled. The forward's
   XLA count covers the model's multiply-adds (plus elementwise work), which a body-once
@@ -91,6 +93,7 @@ def test_bad_arguments():
     bench.run(tiny_config(), dtype="fp8", log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_command_line_writes_json(tmp_path):
   """The CLI (absl flags, --config file with overrides, --json) on a compile-only run."""
   cfg = tmp_path / "tiny.py"
@@ -116,6 +119,7 @@ def test_command_line_writes_json(tmp_path):
   assert report["command"].startswith("python -m fcdm_jax.bench --config=")
 
 
+@pytest.mark.slow
 def test_dwconv_study_fields():
   impls = ("xla", "shift_vjp")
   study = bench.dwconv_study(tiny_config(), batch=2, repeats=1, impls=impls, log=lambda s: None)

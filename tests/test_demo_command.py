@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_command_reduced(tmp_path):
   workdir = tmp_path / "demo"
   cmd = [sys.executable, "-m", "fcdm_jax.main", "--config=configs/demo.py",

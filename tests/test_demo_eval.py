@@ -41,6 +41,7 @@ def _balanced_train_subset(n, seed=1):
   return images[idx], labels[idx]
 
 
+@pytest.mark.slow
 def test_classifier_is_trained_accurate_and_cached(judge, workdir):
   assert judge.trained
   assert judge.info["test_accuracy"] >= demo_eval.MIN_TEST_ACCURACY
@@ -52,6 +53,7 @@ def test_classifier_is_trained_accurate_and_cached(judge, workdir):
   assert os.path.getsize(os.path.join(folder, demo_eval.PARAMS_FILE)) > 10_000
 
 
+@pytest.mark.slow
 def test_real_held_out_digits_score_high_accuracy_and_low_distance(judge, workdir):
   images, labels = load_embedded("test")
   held_out = demo_eval.evaluate_samples(images, labels, workdir)
@@ -68,6 +70,7 @@ def test_real_held_out_digits_score_high_accuracy_and_low_distance(judge, workdi
   assert as_float["frechet_distance"] == pytest.approx(held_out["frechet_distance"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_wrong_labels_and_noise_score_badly(judge, workdir):
   images, labels = _balanced_train_subset(1000)
   real = judge.score(images, labels)
@@ -87,6 +90,7 @@ def test_wrong_labels_and_noise_score_badly(judge, workdir):
     assert scores["frechet_distance"] > 3 * moved["frechet_distance"]
 
 
+@pytest.mark.slow
 def test_cache_is_reused_on_rerun(judge, workdir):
   path = os.path.join(workdir, demo_eval.CLASSIFIER_DIR, demo_eval.PARAMS_FILE)
   before = os.stat(path).st_mtime_ns
@@ -119,6 +123,7 @@ def _stale_data(folder):
     json.dump(meta, f)
 
 
+@pytest.mark.slow
 def test_unusable_cache_is_retrained(tmp_path):
   workdir = str(tmp_path)
   folder = os.path.join(workdir, demo_eval.CLASSIFIER_DIR)
@@ -136,6 +141,7 @@ def test_unusable_cache_is_retrained(tmp_path):
   assert demo_eval.load_or_train_classifier(workdir, dict(QUICK_RECIPE, seed=1)).trained
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_refused(judge):
   images, labels = load_embedded("test")
   with pytest.raises(ValueError, match="NHWC"):
@@ -187,6 +193,7 @@ def _tiny_run(objective="ddpm"):
   return config, model, make_objective(config), mesh, params
 
 
+@pytest.mark.slow
 def test_run_demo_eval_writes_finite_numbers(judge, workdir, tmp_path):
   run_dir = str(tmp_path)
   shutil.copytree(os.path.join(workdir, demo_eval.CLASSIFIER_DIR),
@@ -217,6 +224,7 @@ def test_run_demo_eval_writes_finite_numbers(judge, workdir, tmp_path):
   assert scalars["eval/unguided_frechet_distance"] == saved["unguided"]["frechet_distance"]
 
 
+@pytest.mark.slow
 def test_run_demo_eval_with_flow_judges_guided_samples_only_by_default(workdir, tmp_path):
   run_dir = str(tmp_path)
   shutil.copytree(os.path.join(workdir, demo_eval.CLASSIFIER_DIR),

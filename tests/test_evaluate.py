@@ -92,6 +92,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_json(files):
   out = files["dir"] / "metrics.json"
   proc = _cli(f"--samples={files['samples']}", f"--ref={files['ref']}",
@@ -106,6 +107,7 @@ def test_cli_writes_metrics_json(files):
   assert f"Recall: {results['recall']}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_help_and_error_exit(files):
   proc = _cli("--help")   # absl prints the usage and exits with status 1
   assert "ADM-compatible evaluation" in proc.stdout

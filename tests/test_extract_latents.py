@@ -240,6 +240,7 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli(dirs, tmp_path):
   proc = _cli("--help")
   for flag in ("--source", "--data_dir", "--resolution", "--vae", "--out", "--batch_size",
@@ -252,6 +253,7 @@ def test_cli(dirs, tmp_path):
   assert "error: VAE directory not found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tfds_source(dirs, tmp_path):
   """A prepared TFDS dataset (built offline here) is encoded in split slices."""
   tfds = pytest.importorskip("tensorflow_datasets")

@@ -103,6 +103,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_sample_then_evaluate(pixel_run):
   d = pixel_run["base"]
   out = d / "cli_out"
@@ -140,6 +141,7 @@ def test_cli_sample_then_evaluate(pixel_run):
   assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_images_whatever_the_batch(pixel_run):
   d = pixel_run["base"]
   run = lambda out, **kw: sample.sample(str(d / out), 10, workdir=pixel_run["workdir"],
@@ -273,6 +275,7 @@ def test_bad_input(pixel_run, tmp_path):
     run(out=str(foreign), n=3, workdir=workdir)
 
 
+@pytest.mark.slow
 def test_cli_help_and_errors(tmp_path):
   proc = _cli("--help")
   for flag in ("--workdir", "--torch_checkpoint", "--config", "--num_samples", "--sampler",

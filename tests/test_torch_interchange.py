@@ -152,6 +152,7 @@ def trained_run(tmp_path_factory, dataset):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_exported_pt_resumes_in_the_published_training_step(trained_run, tmp_path):
   config, workdir = trained_run
   out = str(tmp_path / "run.pt")
@@ -178,6 +179,7 @@ def test_exported_pt_resumes_in_the_published_training_step(trained_run, tmp_pat
   assert_same_training_state(config, new_state, model, ema, opt)
 
 
+@pytest.mark.slow
 def test_exported_safetensors_holds_the_ema_weights(trained_run, tmp_path):
   config, workdir = trained_run
   out = str(tmp_path / "ema.safetensors")
@@ -223,6 +225,7 @@ def test_init_from_takes_over_weights_ema_and_adamw(published_checkpoint):
   assert_same_training_state(config, new_state, model, ema, opt)
 
 
+@pytest.mark.slow
 def test_init_from_in_the_loop_continues_at_the_torch_step(published_checkpoint, tmp_path):
   config, path, _ = published_checkpoint
   workdir = str(tmp_path / "continued")
@@ -290,6 +293,7 @@ def test_init_from_refuses_bad_files(published_checkpoint, tmp_path):
     load(tmp_path / "partial_opt.pt")
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_requests(trained_run, tmp_path):
   config, workdir = trained_run
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
@@ -307,6 +311,7 @@ def test_export_refuses_bad_requests(trained_run, tmp_path):
   assert set(torch.load(existing)) == {"model", "ema", "opt", "args"}
 
 
+@pytest.mark.slow
 def test_export_reports_a_damaged_checkpoint(trained_run, tmp_path):
   import shutil
   _, workdir = trained_run

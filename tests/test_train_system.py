@@ -57,6 +57,7 @@ def first_batch(config, dataset):
   return source.batch(0)
 
 
+@pytest.mark.slow
 def test_fsdp_step_equals_single_device_step(dataset):
   config = load_config(**{"sharding.params": "fsdp"})
   batch = first_batch(config, dataset)
@@ -83,6 +84,7 @@ def test_fsdp_step_equals_single_device_step(dataset):
   assert mu.sharding.spec == kernel.sharding.spec
 
 
+@pytest.mark.slow
 def test_replicated_mode_keeps_params_whole(dataset):
   config = load_config()
   state, _, _, _ = build(config, mesh_of(8, 8, 1))
@@ -90,6 +92,7 @@ def test_replicated_mode_keeps_params_whole(dataset):
   assert kernel.sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_other_device_counts(tmp_path, dataset):
   config = load_config(**{"sharding.params": "fsdp"})
   batch = first_batch(config, dataset)
@@ -156,6 +159,7 @@ def wait_for_checkpoint(workdir, step, proc, timeout=300):
   raise AssertionError(f"checkpoint {step} did not appear")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, dataset):
   steps = "--config.num_train_steps=8"
   code, out = run_main(tmp_path / "straight", dataset, steps)
@@ -178,6 +182,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, dataset):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_a_checkpoint_at_that_step(tmp_path, dataset):
   proc = run_main(tmp_path, dataset, "--config.num_train_steps=1000",
                   "--config.checkpoint_every_steps=1000", wait=False,
@@ -197,6 +202,7 @@ def test_sigterm_leaves_a_checkpoint_at_that_step(tmp_path, dataset):
   assert f"'end_step': {int(state.step)}" in out and "'stopped_by': 'SIGTERM'" in out
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, dataset, monkeypatch):
   config = load_config(**{"data.path": dataset, "num_train_steps": 10,
                           "checkpoint_every_steps": 2})
@@ -261,6 +267,7 @@ def test_unwritable_workdir(tmp_path, dataset):
     loop.train_and_evaluate(config, str(blocker / "run"))
 
 
+@pytest.mark.slow
 def test_unknown_variant_in_a_config_file(tmp_path):
   bad = tmp_path / "bad_config.py"
   bad.write_text("from fcdm_jax import config_base\n"
@@ -281,6 +288,7 @@ def test_resuming_with_another_model_is_refused(tmp_path, dataset):
     loop.train_and_evaluate(other, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path, dataset):
   """jax.distributed on localhost: 2 processes x 2 CPU devices train, save, then resume."""
   import socket
