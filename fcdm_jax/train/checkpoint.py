@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from fcdm_jax import distributed
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # beside CHECKPOINT_DIR: damaged steps, set aside
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -62,12 +68,80 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
 
+  def restore_newest_intact(self, abstract_state, check_meta: Callable[[dict], None]):
+    """(state, meta, step) of the newest checkpoint that can be read, or None if there are
+    no checkpoints.
+
+    A checkpoint whose settings or arrays cannot be read (truncated, half-copied) is
+    reported with its step and folder, moved aside to `<workdir>/checkpoints_damaged/`
+    (never deleted) and the next older one is tried. `check_meta(meta)` may refuse a
+    readable checkpoint (another model): that error stops the run, nothing is moved. A
+    readable checkpoint whose arrays do not fit `abstract_state` (changed optimizer
+    settings) is refused the same way. If every checkpoint is damaged, the error names them.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # orbax/json raise many kinds: all mean "cannot read"
+        damaged.append(self._set_aside(step, e))
+        continue
+      check_meta(meta)
+      try:
+        state, _ = self.restore(step, abstract_state)
+      except Exception as e:
+        if not self._stored_shapes_fit(step, abstract_state):
+          raise ValueError(f"checkpoint at step {step} in {self.directory} holds a train "
+                           "state of other shapes than this config's (changed optimizer or "
+                           "model settings?); use a new --workdir") from e
+        damaged.append(self._set_aside(step, e))
+        continue
+      return state, meta, step
+    if damaged:
+      raise RuntimeError(f"every checkpoint in {self.directory} is damaged; moved aside: "
+                         f"{damaged}. Start a new --workdir, or restore a copy of one of them.")
+    return None
+
+  def _stored_shapes_fit(self, step: int, abstract_state) -> bool:
+    """Whether the checkpoint's recorded arrays (tree paths and shapes) are those of
+    `abstract_state`: then a failed restore means damage. An unreadable record counts as
+    fitting (damage too)."""
+    try:
+      stored = _paths_and_shapes(self.manager.item_metadata(step)["state"])
+    except Exception:
+      return True
+    return stored == _paths_and_shapes(abstract_state)
+
+  def _set_aside(self, step: int, error: Exception) -> str:
+    """Moves a damaged step folder out of orbax's view (host 0; every host then re-reads)."""
+    source = epath.Path(self.directory) / str(step)
+    target = epath.Path(self.directory).parent / DAMAGED_DIR / f"{step}-{int(time.time())}"
+    logging.error("checkpoint at step %d (%s) cannot be read: %s: %s. Moving it aside to %s "
+                  "and trying the previous one.", step, source, type(error).__name__,
+                  str(error).splitlines()[0][:300] if str(error) else "", target)
+    if jax.process_index() == 0 and source.exists():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+    distributed.barrier(f"checkpoint_set_aside_{step}")
+    self.manager.reload()
+    return str(target)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _paths_and_shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
+  def name(entry):
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return sorted(("/".join(name(e) for e in path), tuple(leaf.shape))
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
 def saved_config(workdir: str, step: int | None = None):

@@ -168,24 +168,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   logging.info("mesh %s; %s", dict(mesh.shape), source)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
   abstract, shardings = state_layout(config, model, tx, mesh, input_shape)
   logging.info("%s", sharding.describe(shardings, abstract))
+  restored = checkpointer.restore_newest_intact(
+      abstract, lambda meta: _check_resumable(meta.get("config", {}), config))
   init_from = config.init_from
-  if latest is None and init_from:
+  if restored is not None:
+    state, _, resumed_step = restored
+    if init_from:
+      logging.info("init_from=%s ignored: the workdir has checkpoints, resuming them", init_from)
+    logging.info("resumed from checkpoint at step %d", resumed_step)
+  elif init_from:
     state = torch_state.state_from_torch(init_from, config, abstract)
     logging.info("starting from the PyTorch checkpoint %s at step %d", init_from,
                  int(jax.device_get(state.step)))
-  elif latest is None:
+  else:
     state, _, _ = create_train_state(config, model, tx, mesh, input_shape)
     logging.info("starting from scratch: %d parameters",
                  sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)))
-  else:
-    if init_from:
-      logging.info("init_from=%s ignored: the workdir has checkpoints, resuming them", init_from)
-    _check_resumable(checkpointer.restore_meta(latest).get("config", {}), config)
-    state, _ = checkpointer.restore(latest, abstract)
-    logging.info("resumed from checkpoint at step %d", latest)
   start_step = int(jax.device_get(state.step))
 
   train_step = jit_train_step(make_train_step(config, model, objective, tx), mesh,
