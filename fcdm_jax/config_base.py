@@ -132,6 +132,9 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   # weights, and its EMA, AdamW moments and step when the file has "ema" and "opt".
   # Ignored when the workdir already has checkpoints (resuming wins).
   c.init_from = ""
+  # JAX's persistent compilation cache (fcdm_jax/compilation_cache.py): 'auto' =
+  # JAX_COMPILATION_CACHE_DIR if set, else <workdir>/xla_cache; '' = off; or a directory.
+  c.compilation_cache_dir = "auto"
   c.distributed = False  # jax.distributed.initialize() (also on when env says so)
 
   c.log_every_steps = 100
