@@ -2,15 +2,19 @@
 
 The crash tests need a run that is still going when they signal it; the tiny test model
 trains too fast for that. Only the test process is slowed; the code under test is the same.
+It also counts the cross-host collectives issued by the loop's preemption checks and prints
+the count at exit.
 """
 
+import atexit
 import os
 import time
 
 from absl import app
+from jax.experimental import multihost_utils
 
 from fcdm_jax import main
-from fcdm_jax.train import sharding
+from fcdm_jax.train import loop, sharding
 
 _delay = float(os.environ.get("STEP_DELAY", "0.5"))
 _global_batch = sharding.global_batch
@@ -22,6 +26,36 @@ def _slow_global_batch(*args, **kwargs):
 
 
 sharding.global_batch = _slow_global_batch
+
+# Count the cross-host collectives issued while the loop decides whether to stop.
+_stop_checks = {"steps": 0, "collectives": 0, "inside": False}
+
+
+def _counting(collective):
+  def counted(*args, **kwargs):
+    if _stop_checks["inside"]:
+      _stop_checks["collectives"] += 1
+    return collective(*args, **kwargs)
+  return counted
+
+
+for _name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
+  setattr(multihost_utils, _name, _counting(getattr(multihost_utils, _name)))
+_should_stop = loop.PreemptionFlag.should_stop
+
+
+def _counted_should_stop(self, step):
+  _stop_checks["steps"] += 1
+  _stop_checks["inside"] = True
+  try:
+    return _should_stop(self, step)
+  finally:
+    _stop_checks["inside"] = False
+
+
+loop.PreemptionFlag.should_stop = _counted_should_stop
+atexit.register(lambda: print("preemption checks: {steps} steps, {collectives} cross-host "
+                              "collectives".format(**_stop_checks), flush=True))
 
 if __name__ == "__main__":
   app.run(main.main)

@@ -44,13 +44,30 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop saves after the step in flight and exits cleanly."""
+  """Whether to save and stop after this step (SIGTERM on any host), decided without a
+  cross-host collective in the steps between.
 
-  def __init__(self):
+  One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption
+  sync manager (started by `jax.distributed.initialize`) catches SIGTERM on any host, and
+  the coordination service picks a step that every host reaches; `should_stop(step)` asks
+  it locally each step (`multihost_utils.reached_preemption_sync_point`), so no step waits
+  for another host's Python. Without that service (disabled by config), the hosts agree on
+  their flags only every `fallback_every` steps, with one all-gather.
+  """
+
+  def __init__(self, fallback_every: int = 100):
     self.requested = False
+    self.fallback_every = max(int(fallback_every), 1)
     self._previous = None
+    self._sync_manager = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      from jax._src import distributed as jax_distributed
+      self._sync_manager = getattr(jax_distributed.global_state, "preemption_sync_manager", None)
+    if self._sync_manager is not None:
+      return self  # its own SIGTERM handler must stay installed: no Python one over it
+
     def handler(signum, frame):
       logging.warning("SIGTERM received: saving a checkpoint after this step and stopping")
       self.requested = True
@@ -64,10 +81,19 @@ class PreemptionFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self) -> bool:
-    """All hosts must save the same step: any host's flag stops every host."""
+  def should_stop(self, step: int) -> bool:
+    """All hosts return the same answer for the same step."""
     if jax.process_count() == 1:
       return self.requested
+    if self._sync_manager is not None:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning("preemption notice (SIGTERM on a host): every host saves step %d and "
+                        "stops", step)
+        return True
+      return False
+    if step % self.fallback_every:
+      return False
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
     return bool(np.any(flags))
@@ -214,7 +240,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   previous_metrics = None
   step = start_step
   images_timer = (time.time(), step)
-  with PreemptionFlag() as preemption:
+  with PreemptionFlag(fallback_every=config.log_every_steps) as preemption:
     while step < config.num_train_steps:
       t0 = time.time()
       batch = next(batches)
@@ -235,7 +261,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # the progress figures are real and queued batches do not pile up.
         jax.block_until_ready(previous_metrics)
       previous_metrics = metrics
-      stop = preemption.agreed()
+      stop = preemption.should_stop(step)
       last = step == config.num_train_steps
       save = stop or last or step % config.checkpoint_every_steps == 0
       if save or step % config.log_every_steps == 0:
