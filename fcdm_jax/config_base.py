@@ -108,6 +108,10 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
         sampler="ode", steps=50, cfg_scale=4.0, guide_all_eps=False,
         every_steps=50_000, num_classes_shown=8, per_class=4))
 
+  # Latent models' preview grids are decoded with this SD-VAE directory ('' = show the
+  # first three latent channels).
+  c.preview.vae_dir = ""
+
   # --- run layout ------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(
       # Named mesh axes and sizes; -1 takes the devices left over.

@@ -58,9 +58,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fcdm_jax import distributed, fileio
+from fcdm_jax import distributed, fileio, sampling
 
-LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
 SETTINGS = "sample_settings.json"
 PARTS = "parts"
 PNG_DIR = "png"
@@ -68,24 +67,11 @@ OUT_READY, OUT_COMPLETE, OUT_REFUSED = 0, 1, -1  # host 0's verdict on --out, br
 # config.sample fields the command line may override (None = keep the config's).
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
                     "clip_denoised")
-_PART_RE = re.compile(r"^part-(\d{8})-(\d{8})\.npz$")
 
 
 def npz_name(num_samples: int, height: int, width: int) -> str:
   """ADM's naming of a sample batch."""
   return f"samples_{num_samples}x{height}x{width}x3.npz"
-
-
-def to_uint8(images):
-  """[-1, 1] -> uint8 as DiT's sample_ddp.py converts (clip(127.5 x + 128), truncated)."""
-  return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
-
-
-def _json(value) -> Any:
-  """A ConfigDict / tuple-holding value as it reads back from JSON."""
-  if hasattr(value, "to_json_best_effort"):
-    return json.loads(value.to_json_best_effort())
-  return json.loads(json.dumps(value))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -152,7 +138,7 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   """int32 labels of samples 0..N-1 from --labels (see the module docstring)."""
   spec = (spec or "random").strip()
   if spec == "random":
-    base = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    base = sampling.stream_key(seed, sampling.STREAM_LABELS)
     draw = jax.jit(jax.vmap(lambda i: jax.random.randint(
         jax.random.fold_in(base, i), (), 0, num_classes)))
     labels = np.asarray(draw(jnp.arange(num_samples, dtype=jnp.uint32)))
@@ -175,94 +161,15 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   else:
     raise ValueError(f"--labels {spec!r}: expected 'random', 'balanced', a comma-separated "
                      "list of class indices, or an existing .npy/.txt file")
-  labels = np.asarray(labels, np.int64)
-  bad = labels[(labels < 0) | (labels >= num_classes)]
-  if bad.size:
-    raise ValueError(f"labels {sorted(set(bad.tolist()))[:8]} are outside [0, {num_classes}) "
-                     f"(the model's num_classes)")
-  return labels.astype(np.int32)
+  return sampling.ClassLabels(num_classes, None).check(np.asarray(labels, np.int64))
 
 
 # ---------------------------------------------------------------------------- generation
 
 
-# Compiled samplers of this process, by everything they are traced with (not weights or
-# seed, which are arguments): sampling several checkpoints of a run compiles once.
-_COMPILED: dict[str, Any] = {}
-
-
-class Generator:
-  """(sample indices, labels) -> uint8 images, the batch split over all devices."""
-
-  def __init__(self, config, params, sample_cfg, mesh: Mesh, seed: int, vae=None,
-               vae_params=None):
-    size, channels = int(config.latent_size), int(config.model.in_channels)
-    self.shape = (size, size, channels)
-    self.batch = NamedSharding(mesh, P(("data", "fsdp")))
-    self.params, self.vae_params = params, vae_params
-    self.base = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    vae_key = None if vae is None else [dataclasses.asdict(vae[0].config), str(vae[0].dtype),
-                                        vae[1]]
-    key = json.dumps([_json(config.model), config.objective, _json(config.diffusion),
-                      _json(config.flow), _json(sample_cfg), vae_key, self.shape,
-                      [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
-                     sort_keys=True, default=str)
-    if key not in _COMPILED:
-      _COMPILED[key] = self._build(config, sample_cfg, mesh, vae)
-    self._images = _COMPILED[key]
-
-  def _build(self, config, sample_cfg, mesh: Mesh, vae):
-    from fcdm_jax.diffusion.objectives import make_objective
-    from fcdm_jax.models import FCDM
-    model = FCDM(**config.model)
-    null_label = model.num_classes if model.has_null_class else None
-    sample_fn = make_objective(config).make_sampler(sample_cfg, null_label)
-    shape = self.shape
-
-    def one(p, base, index, label):
-      """Sample `index` alone: its noise depends on nothing but (seed, index)."""
-      key = jax.random.fold_in(base, index)
-      x_T = jax.random.normal(jax.random.fold_in(key, 0), (1,) + shape, jnp.float32)
-      model_fn = lambda x, t, y: model.apply({"params": p}, x, t, y)
-      return sample_fn(model_fn, x_T, label[None], jax.random.fold_in(key, 1))[0]
-
-    def images(p, vae_params, base, indices, labels):
-      """uint8 images, and what the model sampled (latents, or pixels in [-1, 1])."""
-      x = jax.vmap(one, in_axes=(None, None, 0, 0))(p, base, indices, labels)
-      out = x
-      if vae is not None:
-        vae_model, scale = vae
-        out = vae_model.apply(vae_params, x / scale, method=vae_model.decode)
-      return to_uint8(out), x
-
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(images, in_shardings=(replicated, replicated, replicated, self.batch,
-                                         self.batch), out_shardings=self.batch)
-
-  def generate(self, indices: np.ndarray, labels: np.ndarray):
-    """(uint8 images, the model's samples before decoding) as numpy, synchronously."""
-    images, raw = self(indices, labels)
-    return self.fetch(images), self.fetch(raw)
-
-  def global_array(self, values: np.ndarray):
-    """A batch-sharded array from a value every host holds in full."""
-    return jax.make_array_from_callback(values.shape, self.batch, lambda idx: values[idx])
-
-  def __call__(self, indices: np.ndarray, labels: np.ndarray):
-    """Starts the computation (asynchronously): (images, samples before decoding)."""
-    return self._images(self.params, self.vae_params, self.base, self.global_array(indices),
-                        self.global_array(labels))
-
-  @staticmethod
-  def fetch(result) -> np.ndarray:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      return np.asarray(multihost_utils.process_allgather(result, tiled=True))
-    return np.asarray(result)
-
-
 def load_decoder(vae_dir: str, config, mesh: Mesh):
-  """((model, scale), replicated params) of the SD-VAE, checked against the model's latents."""
+  """(the SD-VAE as a `sampling.Decoder` with replicated params, its identity), checked
+  against the model's latents."""
   from fcdm_jax.models import vae as vae_lib
   _, weights = vae_lib.find_vae_files(vae_dir)
   model, params = vae_lib.load_vae(vae_dir)
@@ -273,10 +180,10 @@ def load_decoder(vae_dir: str, config, mesh: Mesh):
   if model.config.out_channels != 3:
     raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
                      "images, not RGB")
-  identity = {"config": _json(dataclasses.asdict(model.config)),
+  identity = {"config": sampling.as_json(dataclasses.asdict(model.config)),
               "weights_sha256": fileio.sha256_file(weights)}
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  return (model, float(config.data.vae_scale)), params, identity
+  return sampling.Decoder(model, float(config.data.vae_scale), params), identity
 
 
 # --------------------------------------------------------------------------------- files
@@ -391,24 +298,18 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   if not out:
     raise ValueError("--out is empty: name the directory to write the samples to")
 
-  devices = jax.devices()
-  mesh = Mesh(np.asarray(devices).reshape(-1, 1), ("data", "fsdp"))
   # Everything is checked before the weights are read: a mistake fails in seconds.
   config, weights = resolve_model(workdir, torch_checkpoint, config, step)
+  mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
   sample_cfg = sample_settings(config, overrides)
-  from fcdm_jax.diffusion.objectives import make_objective
-  from fcdm_jax.models import FCDM
-  model = FCDM(**config.model)
-  make_objective(config).make_sampler(   # bad sampler settings fail here
-      sample_cfg, model.num_classes if model.has_null_class else None)
-  latent = config.data.source in LATENT_SOURCES
+  latent = sampling.is_latent(config)
   channels = int(config.model.in_channels)
-  decoder = vae_params = vae_identity = None
+  decoder = vae_identity = None
   if latent:
     if not vae:
       raise ValueError(f"the model samples SD-VAE latents (config.data.source="
                        f"{config.data.source!r}): pass --vae=DIR to decode them")
-    decoder, vae_params, vae_identity = load_decoder(vae, config, mesh)
+    decoder, vae_identity = load_decoder(vae, config, mesh)
   else:
     if vae:
       raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
@@ -416,23 +317,23 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
     if channels not in (1, 3):
       raise ValueError(f"a pixel-space model with {channels} channels cannot be saved as "
                        "images (1 or 3 expected)")
+  generator = sampling.Generator(config, sample_cfg, mesh, decoder)  # checks the sampler
   label_values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
 
   size = int(config.latent_size)
-  factor = decoder[0].config.downsample_factor if decoder else 1
+  factor = decoder.model.config.downsample_factor if decoder else 1
   image_shape = (size * factor, size * factor, 3 if latent else channels)
   final = npz_name(num_samples, image_shape[0], image_shape[1])
-  settings = _json({
-      "weights": weights, "objective": config.objective, "model": _json(config.model),
-      "diffusion": _json(config.diffusion), "flow": _json(config.flow),
-      "sample": _json(sample_cfg), "seed": seed, "num_samples": num_samples,
+  settings = sampling.as_json({
+      "weights": weights, "objective": config.objective, "model": sampling.as_json(config.model),
+      "diffusion": sampling.as_json(config.diffusion), "flow": sampling.as_json(config.flow),
+      "sample": sampling.as_json(sample_cfg), "seed": seed, "num_samples": num_samples,
       "labels": {"spec": labels if labels in ("random", "balanced") else "given",
                  "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
       "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if latent else None,
       "image_shape": image_shape})
 
-  per_step = len(devices)
-  batch = -(-batch_size // per_step) * per_step
+  batch = generator.padded_size(batch_size)
   ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
   is_host0 = jax.process_index() == 0
   # Host 0 judges --out; every host learns the verdict, so that a refusal stops them all
@@ -456,7 +357,6 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
     return summary
 
   params = load_model(config, weights, mesh)
-  generator = Generator(config, params, sample_cfg, mesh, seed, decoder, vae_params)
   if is_host0:   # only now: weights that fail to load leave --out as it was
     os.makedirs(out, exist_ok=True)
     fileio.atomic_write(os.path.join(out, SETTINGS), lambda tmp: _write_text(
@@ -472,7 +372,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   todo = [b for b in range(len(ranges)) if not exists[b]]
   summary["kept"] = [b for b in range(len(ranges)) if exists[b]]
   logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
-               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), per_step)
+               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), mesh.size)
 
   def write_pngs(start, images):
     if png:
@@ -491,7 +391,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
 
   def finish(b, result):
     start, end = ranges[b]
-    images = Generator.fetch(result[0])[: end - start]
+    images = sampling.fetch(result[0])[: end - start]
     if is_host0:
       write_pngs(start, images)
       fileio.atomic_write(part_path(out, start, end), lambda tmp: _save_part(
@@ -509,7 +409,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
       indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
       batch_labels = np.zeros(batch, np.int32)
       batch_labels[: end - start] = label_values[start:end]
-      result = generator(indices, batch_labels)   # runs while the previous batch is written
+      result = generator(params, seed, indices, batch_labels)   # runs while the previous batch is written
       if pending is not None:
         finish(*pending)
       pending = (b, result)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Any
@@ -41,11 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
-from fcdm_jax import fileio, metrics
+from fcdm_jax import fileio, metrics, sampling
 from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_model_range
-from fcdm_jax.train import preview, sharding
+from fcdm_jax.train import preview
 
 CLASSIFIER_DIR = "eval_classifier"
 PARAMS_FILE = "params.msgpack"
@@ -389,15 +387,10 @@ def evaluate_samples(images, labels, workdir: str) -> dict:
 
 def sample_config(config) -> dict:
   """The preview's sampler settings with `config.eval`'s overrides (sampler, steps, ...)."""
-  preview_only = {"every_steps", "num_classes_shown", "per_class", "vae_dir"}
   eval_only = {"enabled", "num_samples", "batch_size", "unguided"}
-  cfg = {k: v for k, v in _plain(config.preview).items() if k not in preview_only}
-  cfg.update({k: v for k, v in _plain(config.eval).items() if k not in eval_only})
+  cfg = preview.sample_settings(config)
+  cfg.update({k: v for k, v in config.eval.to_dict().items() if k not in eval_only})
   return cfg
-
-
-def _plain(d) -> dict:
-  return d.to_dict() if hasattr(d, "to_dict") else dict(d)
 
 
 def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, dict]]:
@@ -432,47 +425,22 @@ def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, d
   runs = [("guided" if cfg_scale != 1.0 else "conditional", guided)]
   if cfg_scale != 1.0 and config.eval.get("unguided", False):
     runs.append(("unguided", dict(guided, cfg_scale=1.0)))
-  null_label = model.num_classes if model.has_null_class else None
+  null = sampling.ClassLabels.of(model).null
   for _, cfg in runs:
-    objective.make_sampler(cfg, null_label)  # raises on bad sampler settings
+    objective.make_sampler(cfg, null)  # raises on bad sampler settings
   return runs
 
 
-class _Generator:
-  """Samples class-conditional digits in fixed-size batches spread over the data axes."""
-
-  def __init__(self, config, model, objective, mesh, sample_cfg: dict):
-    null_label = model.num_classes if model.has_null_class else None
-    sample_fn = objective.make_sampler(sample_cfg, null_label)  # validates the settings now
-
-    def run(params, noise, labels, rng):
-      model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      return sample_fn(model_fn, noise, labels, rng)
-
-    self._sample = jax.jit(run)
-    self.config, self.mesh = config, mesh
-
-  def __call__(self, params, labels: np.ndarray, batch: int, name: str) -> np.ndarray:
-    """float32 samples for `labels`, noise and sampler randomness fixed by config.seed."""
-    shape = IMAGE_SHAPE
-    num_batches = math.ceil(len(labels) / batch)
-    padded = np.zeros(num_batches * batch, np.int32)
-    padded[:len(labels)] = labels
-    where = sharding.batch_sharding(self.mesh)
-    noise_key = jax.random.PRNGKey(self.config.seed + 3)
-    rng_key = jax.random.PRNGKey(self.config.seed + 4)
-    out, start = [], time.time()
-    for b in range(num_batches):
-      noise = np.asarray(jax.random.normal(jax.random.fold_in(noise_key, b), (batch,) + shape))
-      y = padded[b * batch:(b + 1) * batch]
-      noise = jax.make_array_from_callback(noise.shape, where, lambda idx, a=noise: a[idx])
-      y = jax.make_array_from_callback(y.shape, where, lambda idx, a=y: a[idx])
-      with preview.step_context(self.mesh, self.config):
-        x = self._sample(params, noise, y, jax.random.fold_in(rng_key, b))
-      out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32))
-      logging.info("eval %s: %d/%d samples (%.1f s)", name, min((b + 1) * batch, len(labels)),
-                   len(labels), time.time() - start)
-    return np.concatenate(out)[:len(labels)]
+def sample_images(generator, config, params, labels, batch: int, name: str
+                  ) -> tuple[np.ndarray, int]:
+  """(uint8 digits for `labels` from config.seed, how many samples were not finite)."""
+  start = time.time()
+  log = lambda done, total: logging.info("eval %s: %d/%d samples (%.1f s)", name, done, total,
+                                         time.time() - start)
+  _, samples = generator.generate_all(params, config.seed, labels, batch, progress=log)
+  bad = int(np.sum(~np.isfinite(samples).all(axis=(1, 2, 3))))
+  samples = np.nan_to_num(samples, nan=-1.0, posinf=1.0, neginf=-1.0)
+  return sampling.to_uint8(samples), bad
 
 
 def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writer,
@@ -488,23 +456,19 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
   started = time.time()
   runs = check_demo_eval(config, model, objective, workdir)
   num_samples = int(config.eval.num_samples)
-  generators = [(name, _Generator(config, model, objective, mesh, cfg)) for name, cfg in runs]
-  dp = sharding.data_parallel_size(mesh)
-  batch = preview.math_ceil(min(int(config.eval.get("batch_size", config.batch_size)),
-                                num_samples), dp)
+  generators = [(name, sampling.Generator(config, cfg, mesh)) for name, cfg in runs]
+  batch = int(config.eval.get("batch_size", config.batch_size))
 
   judge = load_or_train_classifier(workdir)
   reference = judge.real_reference(num_samples)
   labels = balanced_labels(num_samples)
   results = {}
-  for name, generate in generators:
+  for name, generator in generators:
     t0 = time.time()
-    samples = generate(ema_params, labels, batch, name)
-    bad = int(np.sum(~np.isfinite(samples).all(axis=(1, 2, 3))))
+    images, bad = sample_images(generator, config, ema_params, labels, batch, name)
     if bad:
       logging.warning("eval %s: %d of %d samples are not finite (scored as black images)",
                       name, bad, num_samples)
-    images = preview.to_uint8(np.nan_to_num(samples, nan=-1.0, posinf=1.0, neginf=-1.0))
     scores = judge.score(images, labels)
     results[name] = dict(accuracy=scores["accuracy"],
                          frechet_distance=scores["frechet_distance"],

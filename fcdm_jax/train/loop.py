@@ -193,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   preview = None
   if config.preview.every_steps > 0:
     from fcdm_jax.train.preview import PreviewWriter
-    preview = PreviewWriter(config, model, objective, mesh, input_shape, workdir, writer)
+    preview = PreviewWriter(config, mesh, workdir, writer)
 
   buffer = MetricBuffer()
   batches = device_batches(source.iterate(start_step), mesh)
