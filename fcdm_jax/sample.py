@@ -59,6 +59,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcdm_jax import distributed, fileio, sampling
+from fcdm_jax.train import sharding
 
 SETTINGS = "sample_settings.json"
 PARTS = "parts"
@@ -104,11 +105,13 @@ def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
 
 
 def load_model(config, identity: dict, mesh: Mesh):
-  """The EMA params named by `identity` (from `resolve_model`), replicated on `mesh`."""
+  """The EMA params named by `identity` (from `resolve_model`), in the config's shardings
+  on `mesh` (replicated, or FSDP for L/XL)."""
+  from fcdm_jax.train import checkpoint as ckpt_lib
+  from fcdm_jax.train.state import params_layout
   if "workdir" in identity:
-    from fcdm_jax.train import checkpoint as ckpt_lib
-    params, _, _ = ckpt_lib.load_params(identity["workdir"], config=config,
-                                        step=identity["step"], which="ema", mesh=mesh)
+    params, _, _ = ckpt_lib.load_ema_params(identity["workdir"], config=config,
+                                            step=identity["step"], mesh=mesh)
     return params
   from fcdm_jax import convert
   from fcdm_jax.models import FCDM
@@ -118,7 +121,8 @@ def load_model(config, identity: dict, mesh: Mesh):
     params = convert.params_from_torch(state_dict, model=FCDM(**config.model))
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
-  return jax.device_put(params, NamedSharding(mesh, P()))
+  shardings = jax.tree.map(lambda a: a.sharding, params_layout(config, mesh))
+  return jax.device_put(params, shardings)
 
 
 def sample_settings(config, overrides: dict) -> Any:
@@ -300,7 +304,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
 
   # Everything is checked before the weights are read: a mistake fails in seconds.
   config, weights = resolve_model(workdir, torch_checkpoint, config, step)
-  mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
+  mesh = sharding.create_mesh(config)
   sample_cfg = sample_settings(config, overrides)
   latent = sampling.is_latent(config)
   channels = int(config.model.in_channels)

@@ -86,3 +86,74 @@ def test_a_sample_depends_on_seed_and_index_only():
   with pytest.raises(ValueError, match="3 sample indices but 2 conditions"):
     generator.generate(params, 5, np.arange(3), np.asarray([1, 2]))
 
+
+def _bytes_per_device(arrays) -> dict:
+  """Bytes each device holds of `arrays`, from their addressable shards."""
+  held = {}
+  for a in arrays:
+    for shard in a.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held
+
+
+def _bytes_per_device_of_layout(layout) -> dict:
+  """Bytes each device would hold of arrays laid out as `layout`'s abstract leaves say."""
+  held = {}
+  for a in jax.tree.leaves(layout):
+    for device, index in a.sharding.devices_indices_map(a.shape).items():
+      size = np.dtype(a.dtype).itemsize * int(np.prod(
+          [len(range(*i.indices(n))) for i, n in zip(index, a.shape)]))
+      held[device] = held.get(device, 0) + size
+  return held
+
+
+def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
+  """An FSDP run's EMA arrives sharded, nothing else of the state is read, and its images
+  are those of a replicated restore."""
+  import gc
+  from test_sample import tiny_config
+  from fcdm_jax.train import checkpoint as ckpt_lib
+  config = tiny_config()
+  config.model.hidden_size = 32   # wide enough that most bytes are in sharded kernels
+  config.sharding.params = "fsdp"
+  config.mesh.axes = (("data", 1), ("fsdp", -1))
+  workdir, ema = make_workdir(tmp_path / "run", config, seed=3)
+  ema_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(ema))
+
+  from fcdm_jax.train.state import params_layout
+  layout = params_layout(config, sharding.create_mesh(config))
+  wanted = max(_bytes_per_device_of_layout(layout).values())   # the EMA bytes per device
+
+  gc.collect()
+  before = _bytes_per_device(jax.live_arrays())
+  params, restored_config, step = ckpt_lib.load_ema_params(workdir)
+  gc.collect()
+  after = _bytes_per_device(jax.live_arrays())
+  held = _bytes_per_device(jax.tree.leaves(params))
+  grown = max(after.get(d, 0) - before.get(d, 0) for d in after)
+  assert len(held) == 8 and restored_config.sharding.params == "fsdp" and step == 7
+  print(f"\nEMA {ema_bytes} B in all, {wanted} B per device in the config's FSDP shardings; "
+        f"restored {max(held.values())} B on the fullest device "
+        f"({max(held.values()) / wanted:.3f} of that); device memory grew by {grown} B "
+        f"(the whole train state, replicated, would be {4 * ema_bytes} B per device)")
+  kernel = params["latent"]["pwconv1"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+  assert wanted < 0.3 * ema_bytes             # the policy really shards most bytes
+  assert max(held.values()) <= 1.1 * wanted
+  assert grown <= 1.1 * wanted                # and nothing else of the state stayed behind
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ema)
+
+  run = lambda out, cfg: sample.sample(str(tmp_path / out), 8, workdir=workdir, config=cfg,
+                                       batch_size=8, seed=1, progress=False)
+  replicated = restored_config.copy_and_resolve_references()
+  replicated.sharding.params = "replicated"
+  replicated.mesh.axes = (("data", -1), ("fsdp", 1))
+  fsdp_images = np.load(run("fsdp", None)["npz"])["arr_0"]
+  replicated_images = np.load(run("replicated", replicated)["npz"])["arr_0"]
+  assert fsdp_images.std() > 10
+  np.testing.assert_array_equal(fsdp_images, replicated_images)
+  other = restored_config.copy_and_resolve_references()
+  other.model.hidden_size = 16
+  with pytest.raises(ValueError, match=r"other model fields \(saved, now\): "
+                                       r"\{'hidden_size': \(32, 16\)\}"):
+    ckpt_lib.load_ema_params(workdir, config=other)

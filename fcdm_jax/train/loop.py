@@ -107,22 +107,6 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _check_resumable(saved_config: dict, config) -> None:
-  """Resuming with a different network would load mismatched weights: refuse clearly."""
-  saved_model = saved_config.get("model", {})
-  current = _config_json(config)["model"]
-  arch = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes", "learn_sigma",
-          "class_dropout_prob")
-  diff = {k: (saved_model.get(k), current.get(k)) for k in arch
-          if saved_model.get(k) != current.get(k)}
-  if diff:
-    raise ValueError(f"the workdir's checkpoint was trained with other model fields "
-                     f"(saved, now): {diff}; use a new --workdir")
-  if saved_config.get("objective") != config.objective:
-    raise ValueError(f"the workdir's checkpoint used objective {saved_config.get('objective')!r},"
-                     f" the config says {config.objective!r}; use a new --workdir")
-
-
 @dataclasses.dataclass
 class MetricBuffer:
   """Per-step metrics stay on device until a log or checkpoint boundary (no per-step sync)."""
@@ -175,7 +159,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     logging.info("starting from scratch: %d parameters",
                  sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)))
   else:
-    _check_resumable(checkpointer.restore_meta(latest).get("config", {}), config)
+    ckpt_lib.check_same_model(checkpointer.restore_meta(latest).get("config", {}), config,
+                              "use a new --workdir")
     state, _ = checkpointer.restore(latest, abstract)
     logging.info("resumed from checkpoint at step %d", latest)
   start_step = int(jax.device_get(state.step))
