@@ -22,6 +22,15 @@ def latent_size(resolution: int) -> int:
   return resolution // 8
 
 
+def large_model_layout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The L/XL policy: params, AdamW state and EMA sharded over an 'fsdp' axis of every
+  device, and each block recomputed in the backward pass, as the published code does."""
+  config.sharding.params = "fsdp"
+  config.mesh.axes = (("data", 1), ("fsdp", -1))
+  config.model.remat = "block"
+  return config
+
+
 def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm"
                ) -> ml_collections.ConfigDict:
   if objective not in OBJECTIVES:

@@ -21,10 +21,10 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcdm_jax import metrics
 from fcdm_jax.models import inception
+from fcdm_jax.train import sharding
 
 METRICS = ("fid", "sfid", "is", "pr")
 
@@ -89,9 +89,9 @@ class FeatureExtractor:
   def __init__(self, model: inception.InceptionV3, variables, batch_size: int):
     devices = jax.local_devices()
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
-    mesh = Mesh(np.array(devices), ("data",))
-    self.data = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+    mesh = sharding.create_mesh(devices=devices)   # this host's devices: local batches
+    self.data = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     self.variables = jax.device_put(variables, replicated)
 
     def features(v, images):

@@ -50,12 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcdm_jax import distributed, fileio, images
 from fcdm_jax.data import latents as latents_lib
 from fcdm_jax.data.preprocess import center_crop_arr
 from fcdm_jax.models import vae as vae_lib
+from fcdm_jax.train import sharding
 
 SETTINGS = "extract_settings.json"
 STORAGE_DTYPES = latents_lib.STORAGE_DTYPES
@@ -201,9 +201,9 @@ class PosteriorEncoder:
     devices = jax.local_devices()
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
     self.precision = precision
-    mesh = Mesh(np.asarray(devices), ("data",))
-    self.data = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+    mesh = sharding.create_mesh(devices=devices)   # this host's devices: local batches
+    self.data = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     self.params = jax.device_put(params, replicated)
 
     def encode(p, pixels):

@@ -31,7 +31,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+
+from fcdm_jax.train import sharding
 
 # fold_in tags of PRNGKey(seed): independent streams of one sampling seed.
 STREAM_NOISE = 0    # the samples' starting and sampler noise
@@ -120,8 +122,8 @@ class Generator:
     size = int(config.latent_size)
     self.shape = (size, size, int(self.model.in_channels))
     self.mesh, self.decoder = mesh, decoder
-    self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-    self.parallel = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.parallel = sharding.data_parallel_size(mesh)
     sample_fn = make_objective(config).make_sampler(sample_cfg, self.condition.null)
     key = json.dumps([as_json(config.model), config.objective, as_json(config.diffusion),
                       as_json(config.flow), as_json(sample_cfg), self.shape,
