@@ -8,6 +8,7 @@ call `get_config(variant, resolution, objective)` and change a few fields.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from fcdm_jax.models.variants import get_variant
 
@@ -146,6 +147,22 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   c.log_every_steps = 100
   c.checkpoint_every_steps = 10_000
   c.keep_checkpoints = 3
-  c.eval = ml_collections.ConfigDict(dict(enabled=False))
   c.profile_steps = 0  # >0: trace this many steps after warm-up
+
+  # --- in-training evaluation (fcdm_jax.evaluation; runs under `python -m fcdm_jax.main`) ---
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=False,
+      # 'fid': FID / sFID / Inception Score of num_samples samples against a reference
+      # batch (FID-k); 'demo': the embedded digits' classifier judge (configs/demo.py).
+      kind="fid",
+      every_steps=0,       # also every N steps; 0: once, when training completes
+      num_samples=5000,
+      batch_size=64,       # samples per sampling step over all devices
+      # Sampler overrides of config.preview's settings (unset: the preview's).
+      sampler=placeholder(str), steps=placeholder(int), cfg_scale=placeholder(float),
+      unguided=False,      # demo: also judge cfg_scale=1 samples from the same noise
+      inception="",        # fid: pytorch-fid's FID-Inception weights (.pth / .safetensors)
+      reference="",        # fid: reference batch .npz (arr_0 images and/or mu/sigma, mu_s/sigma_s)
+      # Latent models' samples are decoded with config.preview.vae_dir.
+  ))
   return c

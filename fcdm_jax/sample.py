@@ -44,21 +44,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import shutil
 import sys
-import zipfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from fcdm_jax import distributed, fileio, sampling
+from fcdm_jax import adm_npz, distributed, fileio, sampling
+from fcdm_jax import settings as settings_lib
 from fcdm_jax.train import sharding
 
 SETTINGS = "sample_settings.json"
@@ -68,11 +66,6 @@ OUT_READY, OUT_COMPLETE, OUT_REFUSED = 0, 1, -1  # host 0's verdict on --out, br
 # config.sample fields the command line may override (None = keep the config's).
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
                     "clip_denoised")
-
-
-def npz_name(num_samples: int, height: int, width: int) -> str:
-  """ADM's naming of a sample batch."""
-  return f"samples_{num_samples}x{height}x{width}x3.npz"
 
 
 # ----------------------------------------------------------------------------- the model
@@ -142,10 +135,7 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   """int32 labels of samples 0..N-1 from --labels (see the module docstring)."""
   spec = (spec or "random").strip()
   if spec == "random":
-    base = sampling.stream_key(seed, sampling.STREAM_LABELS)
-    draw = jax.jit(jax.vmap(lambda i: jax.random.randint(
-        jax.random.fold_in(base, i), (), 0, num_classes)))
-    labels = np.asarray(draw(jnp.arange(num_samples, dtype=jnp.uint32)))
+    labels = sampling.random_labels(seed, num_samples, num_classes)
   elif spec == "balanced":
     labels = np.arange(num_samples) % num_classes
   elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*", spec):
@@ -172,30 +162,16 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
 
 
 def load_decoder(vae_dir: str, config, mesh: Mesh):
-  """(the SD-VAE as a `sampling.Decoder` with replicated params, its identity), checked
-  against the model's latents."""
+  """(the SD-VAE as a `sampling.Decoder`, replicated; its identity for the settings)."""
   from fcdm_jax.models import vae as vae_lib
+  decoder = sampling.load_decoder(vae_dir, config, mesh)
   _, weights = vae_lib.find_vae_files(vae_dir)
-  model, params = vae_lib.load_vae(vae_dir)
-  channels = int(config.model.in_channels)
-  if model.config.latent_channels != channels:
-    raise ValueError(f"the VAE in {vae_dir} has {model.config.latent_channels} latent "
-                     f"channels, the model samples {channels}")
-  if model.config.out_channels != 3:
-    raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
-                     "images, not RGB")
-  identity = {"config": sampling.as_json(dataclasses.asdict(model.config)),
+  identity = {"config": settings_lib.as_json(dataclasses.asdict(decoder.model.config)),
               "weights_sha256": fileio.sha256_file(weights)}
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  return sampling.Decoder(model, float(config.data.vae_scale), params), identity
+  return decoder, identity
 
 
 # --------------------------------------------------------------------------------- files
-
-
-def _write_text(path: str, text: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
 
 
 def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -211,10 +187,9 @@ def _save_png(path: str, image: np.ndarray) -> None:
 
 def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
   """PNGs of a finished batch that has none yet (--png added on a rerun)."""
-  from fcdm_jax.evaluate import NpzImages
   os.makedirs(folder, exist_ok=True)
   index = 0
-  for batch in NpzImages(npz).batches(256):
+  for batch in adm_npz.NpzImages(npz).batches(256):
     for image in batch:
       path = os.path.join(folder, f"{index:06d}.png")
       if not os.path.exists(path):
@@ -232,53 +207,37 @@ def check_out(out: str, settings: dict, final: str) -> bool:
     if os.path.exists(out):
       raise ValueError(f"--out {out} exists and is not a directory")
     return False
-  path = os.path.join(out, SETTINGS)
-  saved = None
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  saved = settings_lib.read(os.path.join(out, SETTINGS))
   finished = [n for n in os.listdir(out) if n.startswith("samples_") and n.endswith(".npz")]
   if saved is None:
     if finished or os.path.isdir(os.path.join(out, PARTS)):
       raise ValueError(f"{out} already holds samples ({', '.join(finished) or PARTS + '/'}) "
                        f"without {SETTINGS}: refusing to overwrite them; use another --out")
     return False
-  if saved != settings:
-    keys = sorted(set(saved) | set(settings))
-    diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
-    what = (f"a finished sample batch ({', '.join(finished)})" if finished
-            else "unfinished sample parts")
-    raise ValueError(f"{out} holds {what} made with different settings (saved, now): {diff}; "
-                     "refusing to overwrite; use another --out")
+  what = (f"a finished sample batch ({', '.join(finished)})" if finished
+          else "unfinished sample parts")
+  settings_lib.refuse_changes(saved, settings, f"{out} holds {what} made with different "
+                              "settings", "refusing to overwrite; use another --out")
   return os.path.exists(os.path.join(out, final))
 
 
 def assemble(out: str, final: str, ranges, labels: np.ndarray, shape) -> str:
-  """Streams the parts into `final` (ADM layout, RGB) without holding all images at once."""
-  n = len(labels)
+  """Streams the checked parts into `final` (ADM layout, RGB), never all images at once."""
   height, width, channels = shape
-  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-            "shape": (n, height, width, 3)}
 
-  def write(tmp):
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-      with z.open("arr_0.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for start, end in ranges:
-          with np.load(part_path(out, start, end), allow_pickle=False) as part:
-            images, part_labels = part["images"], part["labels"]
-          if images.shape != (end - start, height, width, channels) or \
-             not np.array_equal(part_labels, labels[start:end]):
-            raise ValueError(f"{part_path(out, start, end)} does not hold samples {start}.."
-                             f"{end - 1} of these settings; delete it and rerun")
-          if channels == 1:
-            images = np.repeat(images, 3, axis=-1)
-          f.write(np.ascontiguousarray(images).tobytes())
-      with z.open("arr_1.npy", "w") as f:
-        np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
+  def images():
+    for start, end in ranges:
+      with np.load(part_path(out, start, end), allow_pickle=False) as part:
+        images, part_labels = part["images"], part["labels"]
+      if images.shape != (end - start, height, width, channels) or \
+         not np.array_equal(part_labels, labels[start:end]):
+        raise ValueError(f"{part_path(out, start, end)} does not hold samples {start}.."
+                         f"{end - 1} of these settings; delete it and rerun")
+      yield np.repeat(images, 3, axis=-1) if channels == 1 else images
 
-  fileio.atomic_write(os.path.join(out, final), write)
-  return os.path.join(out, final)
+  path = os.path.join(out, final)
+  adm_npz.write_batch(path, (len(labels), height, width), images(), labels)
+  return path
 
 
 # ---------------------------------------------------------------------------------- main
@@ -327,11 +286,11 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   size = int(config.latent_size)
   factor = decoder.model.config.downsample_factor if decoder else 1
   image_shape = (size * factor, size * factor, 3 if latent else channels)
-  final = npz_name(num_samples, image_shape[0], image_shape[1])
-  settings = sampling.as_json({
-      "weights": weights, "objective": config.objective, "model": sampling.as_json(config.model),
-      "diffusion": sampling.as_json(config.diffusion), "flow": sampling.as_json(config.flow),
-      "sample": sampling.as_json(sample_cfg), "seed": seed, "num_samples": num_samples,
+  final = adm_npz.npz_name(num_samples, image_shape[0], image_shape[1])
+  settings = settings_lib.as_json({
+      "weights": weights, "objective": config.objective, "model": settings_lib.as_json(config.model),
+      "diffusion": settings_lib.as_json(config.diffusion), "flow": settings_lib.as_json(config.flow),
+      "sample": settings_lib.as_json(sample_cfg), "seed": seed, "num_samples": num_samples,
       "labels": {"spec": labels if labels in ("random", "balanced") else "given",
                  "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
       "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if latent else None,
@@ -363,8 +322,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   params = load_model(config, weights, mesh)
   if is_host0:   # only now: weights that fail to load leave --out as it was
     os.makedirs(out, exist_ok=True)
-    fileio.atomic_write(os.path.join(out, SETTINGS), lambda tmp: _write_text(
-        tmp, json.dumps(settings, indent=1, sort_keys=True)))
+    settings_lib.record(os.path.join(out, SETTINGS), settings)
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     if png:
       os.makedirs(os.path.join(out, PNG_DIR), exist_ok=True)

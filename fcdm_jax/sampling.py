@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from fcdm_jax import settings
 from fcdm_jax.train import sharding
 
 # fold_in tags of PRNGKey(seed): independent streams of one sampling seed.
@@ -49,6 +50,14 @@ def to_uint8(images):
 
 def stream_key(seed: int, stream: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(int(seed)), stream)
+
+
+def random_labels(seed: int, num_samples: int, num_classes: int) -> np.ndarray:
+  """Uniform int32 class labels; label i depends on (seed, i) only."""
+  base = stream_key(seed, STREAM_LABELS)
+  draw = jax.jit(jax.vmap(lambda i: jax.random.randint(
+      jax.random.fold_in(base, i), (), 0, num_classes)))
+  return np.asarray(draw(jnp.arange(num_samples, dtype=jnp.uint32)), np.int32)
 
 
 def is_latent(config) -> bool:
@@ -95,11 +104,19 @@ class Decoder:
     return [dataclasses.asdict(self.model.config), str(self.model.dtype), self.scale]
 
 
-def as_json(value) -> Any:
-  """A ConfigDict / dict / tuple-holding value as it reads back from JSON."""
-  if hasattr(value, "to_json_best_effort"):
-    return json.loads(value.to_json_best_effort())
-  return json.loads(json.dumps(value, default=str))
+def load_decoder(vae_dir: str, config, mesh: Mesh) -> Decoder:
+  """The SD-VAE in `vae_dir`, replicated on `mesh`, checked against the model's latents."""
+  from fcdm_jax.models import vae as vae_lib
+  model, params = vae_lib.load_vae(vae_dir)
+  channels = int(config.model.in_channels)
+  if model.config.latent_channels != channels:
+    raise ValueError(f"the VAE in {vae_dir} has {model.config.latent_channels} latent "
+                     f"channels, the model samples {channels}")
+  if model.config.out_channels != 3:
+    raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
+                     "images, not RGB")
+  return Decoder(model, float(config.data.vae_scale),
+                 jax.device_put(params, sharding.replicated(mesh)))
 
 
 # Compiled samplers of this process by everything they are traced with (not weights or
@@ -125,8 +142,8 @@ class Generator:
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.parallel = sharding.data_parallel_size(mesh)
     sample_fn = make_objective(config).make_sampler(sample_cfg, self.condition.null)
-    key = json.dumps([as_json(config.model), config.objective, as_json(config.diffusion),
-                      as_json(config.flow), as_json(sample_cfg), self.shape,
+    key = json.dumps([settings.as_json(config.model), config.objective, settings.as_json(config.diffusion),
+                      settings.as_json(config.flow), settings.as_json(sample_cfg), self.shape,
                       None if decoder is None else decoder.key(),
                       [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
                      sort_keys=True, default=str)

@@ -41,9 +41,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from fcdm_jax import fileio, metrics, sampling
+from fcdm_jax import fileio, metrics, sampling, settings
 from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_model_range
-from fcdm_jax.train import preview
+from fcdm_jax.evaluation import hooks
 
 CLASSIFIER_DIR = "eval_classifier"
 PARAMS_FILE = "params.msgpack"
@@ -317,8 +317,8 @@ def _load_cache(directory: str, recipe: dict, fingerprint: str, module) -> tuple
       raise ValueError(f"{META_FILE} holds {type(meta).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise ValueError(f"{meta_path} is unreadable: {e}") from e
-  if meta.get("recipe") != _jsonable(recipe):
-    raise ValueError(f"recipe changed: cached {meta.get('recipe')}, now {_jsonable(recipe)}")
+  settings.refuse_changes(meta.get("recipe") or {}, _jsonable(recipe),
+                          "the classifier recipe changed", "retraining")
   if meta.get("data_sha256") != fingerprint:
     raise ValueError("the embedded data changed since the classifier was trained")
   with open(params_path, "rb") as f:
@@ -385,14 +385,6 @@ def evaluate_samples(images, labels, workdir: str) -> dict:
 # ------------------------------------------------------------------ the training hook
 
 
-def sample_config(config) -> dict:
-  """The preview's sampler settings with `config.eval`'s overrides (sampler, steps, ...)."""
-  eval_only = {"enabled", "num_samples", "batch_size", "unguided"}
-  cfg = preview.sample_settings(config)
-  cfg.update({k: v for k, v in config.eval.to_dict().items() if k not in eval_only})
-  return cfg
-
-
 def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, dict]]:
   """Checks `config.eval` against the run; returns the (name, sample config) runs to judge.
 
@@ -412,18 +404,12 @@ def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, d
   if problems:
     raise ValueError("the demo evaluation judges samples of the embedded MNIST digits only; "
                      "this run has " + ", ".join(problems) + ". Set config.eval.enabled=False.")
-  num_samples = config.eval.get("num_samples", None)
-  if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-      or num_samples < 2):
-    raise ValueError(f"config.eval.num_samples must be an integer >= 2 (the Frechet distance "
-                     f"needs a covariance), got {num_samples!r}")
-  batch = config.eval.get("batch_size", config.batch_size)
-  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
-    raise ValueError(f"config.eval.batch_size must be a positive integer, got {batch!r}")
-  guided = sample_config(config)
+  hooks.check_count("num_samples", config.eval.num_samples, 2)   # a covariance needs 2
+  hooks.check_count("batch_size", config.eval.batch_size, 1)
+  guided = hooks.sample_settings(config)
   cfg_scale = float(guided.get("cfg_scale", 1.0))
   runs = [("guided" if cfg_scale != 1.0 else "conditional", guided)]
-  if cfg_scale != 1.0 and config.eval.get("unguided", False):
+  if cfg_scale != 1.0 and config.eval.unguided:
     runs.append(("unguided", dict(guided, cfg_scale=1.0)))
   null = sampling.ClassLabels.of(model).null
   for _, cfg in runs:
@@ -447,17 +433,16 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
                   step: int) -> dict:
   """Samples, judges and records the demo model at the end of training (`config.eval`).
 
-  config.eval: num_samples (>= 2), sampler, steps, cfg_scale, and optionally batch_size
-  (default config.batch_size, rounded up to the data-parallel size) and unguided (default
-  False; True also judges cfg_scale=1 samples from the same noise, unless cfg_scale is 1).
-  Other sampler settings come from config.preview. Writes `<workdir>/eval.json` (host 0)
+  config.eval: num_samples (>= 2), batch_size, sampler overrides (sampler, steps,
+  cfg_scale; the others come from config.preview) and unguided (True also judges
+  cfg_scale=1 samples from the same noise, unless cfg_scale is 1). Writes `<workdir>/eval.json` (host 0)
   and `eval/*` scalars; returns what eval.json holds.
   """
   started = time.time()
   runs = check_demo_eval(config, model, objective, workdir)
   num_samples = int(config.eval.num_samples)
   generators = [(name, sampling.Generator(config, cfg, mesh)) for name, cfg in runs]
-  batch = int(config.eval.get("batch_size", config.batch_size))
+  batch = int(config.eval.batch_size)
 
   judge = load_or_train_classifier(workdir)
   reference = judge.real_reference(num_samples)
@@ -505,3 +490,19 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
   if jax.process_index() == 0:
     fileio.atomic_write_bytes(os.path.join(workdir, EVAL_FILE), json.dumps(summary, indent=2).encode())
   return summary
+
+
+class DemoJudge:
+  """The training hook: `run_demo_eval` with the run's EMA params (config.eval.kind='demo')."""
+
+  def __init__(self, config, mesh, workdir: str):
+    from fcdm_jax.diffusion.objectives import make_objective
+    from fcdm_jax.models import FCDM
+    self.config, self.mesh, self.workdir = config, mesh, workdir
+    self.model, self.objective = FCDM(**config.model), make_objective(config)
+    self.every_steps = int(config.eval.every_steps)
+    check_demo_eval(config, self.model, self.objective, workdir)
+
+  def __call__(self, step: int, ema_params, writer) -> dict:
+    return run_demo_eval(self.config, self.model, self.objective, ema_params, self.mesh,
+                         self.workdir, writer, step)

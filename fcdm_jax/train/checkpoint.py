@@ -16,7 +16,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -105,16 +104,13 @@ ARCHITECTURE = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes
 
 def check_same_model(saved_config: dict, config, advice: str) -> None:
   """Refuses, naming the differing fields, a config whose network is not the checkpoint's."""
-  saved_model = saved_config.get("model", {})
-  current = json.loads(config.to_json_best_effort())["model"]
-  diff = {k: (saved_model.get(k), current.get(k)) for k in ARCHITECTURE
-          if saved_model.get(k) != current.get(k)}
-  if diff:
-    raise ValueError(f"the workdir's checkpoint was trained with other model fields "
-                     f"(saved, now): {diff}; {advice}")
-  if saved_config.get("objective") != config.objective:
-    raise ValueError(f"the workdir's checkpoint used objective {saved_config.get('objective')!r},"
-                     f" the config says {config.objective!r}; {advice}")
+  from fcdm_jax import settings
+  arch = lambda c, model: dict({k: model.get(k) for k in ARCHITECTURE},
+                               objective=c.get("objective"))
+  now = json.loads(config.to_json_best_effort())
+  settings.refuse_changes(arch(saved_config, saved_config.get("model", {})),
+                          arch(now, now["model"]),
+                          "the workdir's checkpoint was trained with other model fields", advice)
 
 
 def load_params(workdir: str, config=None, step: int | None = None, which: str = "ema",

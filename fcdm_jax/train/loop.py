@@ -8,6 +8,8 @@ Where each step of training happens:
   one step ............. `fcdm_jax.train.step.make_train_step`
   metrics .............. clu writers + `ReportProgress` (host 0 writes)
   previews ............. `fcdm_jax.train.preview.PreviewWriter`
+  evaluation ........... the `make_evaluators` the entry point passes in (`fcdm_jax.main`:
+                         `fcdm_jax.evaluation.make_evaluators`); the loop only calls them
 """
 
 from __future__ import annotations
@@ -15,14 +17,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -128,8 +128,13 @@ class MetricBuffer:
     return means, bad
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary."""
+def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary.
+
+  `make_evaluators(config, mesh, workdir)` returns the evaluators of config.eval: objects
+  with `every_steps` (0: only when training completes) and `__call__(step, ema_params,
+  writer) -> dict`. Built before the first step, so that a bad evaluation setup fails then.
+  """
   distributed.maybe_initialize(config.distributed)
   if jax.process_count() > 1:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -141,9 +146,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx = make_optimizer(config)
   mesh = sharding.create_mesh(config)
   check_run_setup(config, mesh)
-  if config.eval.enabled:
-    from fcdm_jax.evaluation import demo_eval
-    demo_eval.check_demo_eval(config, model, objective, workdir)
+  evaluators = build_evaluators(config, mesh, workdir, make_evaluators)
   source = data_lib.make_source(config, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   input_shape = tuple(source.element_shape)
@@ -229,19 +232,31 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                         "jax_version": jax.__version__})
       if preview is not None and (step % config.preview.every_steps == 0 or last):
         preview.write(step, state.ema_params)
+      for evaluate in evaluators:
+        if evaluate.every_steps and step % evaluate.every_steps == 0 and not last:
+          evaluate(step, state.ema_params, writer)
       if stop:
         summary["stopped_by"] = "SIGTERM"
         break
   checkpointer.wait()
-  if config.eval.enabled and summary["stopped_by"] == "completed":
-    summary["eval"] = demo_eval.run_demo_eval(config, model, objective, state.ema_params,
-                                              mesh, workdir, writer, step)
+  if evaluators and summary["stopped_by"] == "completed":
+    summary["eval"] = [evaluate(step, state.ema_params, writer) for evaluate in evaluators]
   writer.flush()
   summary.update(end_step=step, first_step_seconds=first_step_seconds)
   if preview is not None:
     summary["last_preview"] = preview.last_path
   checkpointer.close()
   return dict(summary, state=state)
+
+
+def build_evaluators(config, mesh, workdir: str, make_evaluators) -> list:
+  if not config.eval.enabled:
+    return []
+  if make_evaluators is None:
+    raise ValueError("config.eval.enabled is set but no evaluators were passed: train with "
+                     "`python -m fcdm_jax.main`, or pass make_evaluators="
+                     "fcdm_jax.evaluation.make_evaluators to train_and_evaluate")
+  return list(make_evaluators(config, mesh, workdir))
 
 
 def device_batches(host_batches, mesh, ahead: int = 2):

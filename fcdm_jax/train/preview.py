@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from fcdm_jax.train import sharding
+from fcdm_jax import sampling
 
 SAMPLES_DIR = "samples"
 
@@ -40,14 +40,13 @@ class PreviewWriter:
   """Samples the same classes from the same noise (config.seed) at every call, one grid each."""
 
   def __init__(self, config, mesh, workdir, writer):
-    from fcdm_jax import sampling
     pc = config.preview
     self.rows = min(pc.num_classes_shown, config.model.num_classes)
     self.labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
     self.seed = int(config.seed)
     self.decoder = None
     if sampling.is_latent(config) and pc.vae_dir:
-      self.decoder = _load_decoder(pc.vae_dir, config, mesh)
+      self.decoder = sampling.load_decoder(pc.vae_dir, config, mesh)
     self.generator = sampling.Generator(config, sample_settings(config), mesh, self.decoder)
     self.folder = os.path.join(workdir, SAMPLES_DIR)
     self.writer = writer
@@ -58,8 +57,7 @@ class PreviewWriter:
     images, raw = self.generator.generate_all(ema_params, self.seed, self.labels,
                                               len(self.labels))
     if self.decoder is None and raw.shape[-1] > 3:   # raw latents: their first 3 channels
-      from fcdm_jax.sampling import to_uint8
-      images = to_uint8(raw[..., :3] / max(float(np.abs(raw).max()), 1e-6))
+      images = sampling.to_uint8(raw[..., :3] / max(float(np.abs(raw).max()), 1e-6))
     return images
 
   def write(self, step: int, ema_params) -> str | None:
@@ -81,12 +79,3 @@ PREVIEW_ONLY = ("every_steps", "num_classes_shown", "per_class", "vae_dir")
 def sample_settings(config) -> dict:
   """config.preview's sampler settings (without the grid's own fields)."""
   return {k: v for k, v in config.preview.to_dict().items() if k not in PREVIEW_ONLY}
-
-
-def _load_decoder(vae_dir: str, config, mesh):
-  """The SD-VAE of `config.preview.vae_dir`, replicated, as a `sampling.Decoder`."""
-  from fcdm_jax import sampling
-  from fcdm_jax.models import vae as vae_lib
-  vae, params = vae_lib.load_vae(vae_dir)
-  params = jax.device_put(params, sharding.replicated(mesh))
-  return sampling.Decoder(vae, float(config.data.vae_scale), params)
