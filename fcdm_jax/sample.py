@@ -179,12 +179,6 @@ def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     np.savez(f, images=images, labels=labels)
 
 
-def _save_png(path: str, image: np.ndarray) -> None:
-  from PIL import Image
-  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  fileio.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
 def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
   """PNGs of a finished batch that has none yet (--png added on a rerun)."""
   os.makedirs(folder, exist_ok=True)
@@ -193,7 +187,7 @@ def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
     for image in batch:
       path = os.path.join(folder, f"{index:06d}.png")
       if not os.path.exists(path):
-        _save_png(path, image[..., :channels])
+        fileio.write_png(path, image[..., :channels])
       index += 1
 
 
@@ -341,7 +335,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
       for j, image in enumerate(images):
         path = os.path.join(out, PNG_DIR, f"{start + j:06d}.png")
         if not os.path.exists(path):
-          _save_png(path, image)
+          fileio.write_png(path, image)
 
   if is_host0 and png:   # resumed parts whose PNGs were not asked for then
     for b in summary["kept"]:

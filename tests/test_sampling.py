@@ -88,11 +88,15 @@ def test_a_sample_depends_on_seed_and_index_only():
 
 
 def _bytes_per_device(arrays) -> dict:
-  """Bytes each device holds of `arrays`, from their addressable shards."""
-  held = {}
+  """Bytes each device holds of `arrays`, from their addressable shards; a buffer that
+  several arrays view (a shard's `.data` is an array of its own) is counted once."""
+  buffers = {}
   for a in arrays:
     for shard in a.addressable_shards:
-      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+      buffers[(shard.device, shard.data.unsafe_buffer_pointer())] = shard.data.nbytes
+  held = {}
+  for (device, _), nbytes in buffers.items():
+    held[device] = held.get(device, 0) + nbytes
   return held
 
 
@@ -129,6 +133,7 @@ def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
   params, restored_config, step = ckpt_lib.load_ema_params(workdir)
   gc.collect()
   after = _bytes_per_device(jax.live_arrays())
+
   held = _bytes_per_device(jax.tree.leaves(params))
   grown = max(after.get(d, 0) - before.get(d, 0) for d in after)
   assert len(held) == 8 and restored_config.sharding.params == "fsdp" and step == 7

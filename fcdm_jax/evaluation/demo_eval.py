@@ -224,7 +224,7 @@ def train_classifier(recipe: dict | None = None):
   x_test, y_test = load_embedded("test")
   _, predicted = _predict(module, params, to_model_range(x_test))
   accuracy = float(np.mean(predicted == y_test))
-  info = dict(recipe=_jsonable(recipe), test_accuracy=accuracy, train_seconds=round(seconds, 2),
+  info = dict(recipe=settings.as_json(recipe), test_accuracy=accuracy, train_seconds=round(seconds, 2),
               num_train=int(len(x_train)), num_test=int(len(x_test)))
   logging.info("eval classifier: trained in %.1f s, held-out accuracy %.4f", seconds, accuracy)
   if accuracy < MIN_TEST_ACCURACY:
@@ -246,10 +246,6 @@ def _predict(module, params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     feats.append(np.asarray(f[:_BATCH - pad], np.float64))
     preds.append(np.argmax(logits[:_BATCH - pad], axis=-1))
   return np.concatenate(feats), np.concatenate(preds).astype(np.int32)
-
-
-def _jsonable(recipe: dict) -> dict:
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
 
 
 class Judge:
@@ -317,7 +313,7 @@ def _load_cache(directory: str, recipe: dict, fingerprint: str, module) -> tuple
       raise ValueError(f"{META_FILE} holds {type(meta).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise ValueError(f"{meta_path} is unreadable: {e}") from e
-  settings.refuse_changes(meta.get("recipe") or {}, _jsonable(recipe),
+  settings.refuse_changes(meta.get("recipe") or {}, settings.as_json(recipe),
                           "the classifier recipe changed", "retraining")
   if meta.get("data_sha256") != fingerprint:
     raise ValueError("the embedded data changed since the classifier was trained")
@@ -470,7 +466,7 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
       num_samples=num_samples,
       **results,
       reference=reference,
-      sampler=_jsonable(runs[0][1]),
+      sampler=settings.as_json(runs[0][1]),
       classifier=dict(directory=judge.directory, trained_now=judge.trained,
                       test_accuracy=judge.info["test_accuracy"],
                       train_seconds=judge.info.get("train_seconds")),

@@ -107,7 +107,7 @@ def check_same_model(saved_config: dict, config, advice: str) -> None:
   from fcdm_jax import settings
   arch = lambda c, model: dict({k: model.get(k) for k in ARCHITECTURE},
                                objective=c.get("objective"))
-  now = json.loads(config.to_json_best_effort())
+  now = settings.as_json(config)
   settings.refuse_changes(arch(saved_config, saved_config.get("model", {})),
                           arch(now, now["model"]),
                           "the workdir's checkpoint was trained with other model fields", advice)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -28,7 +27,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from fcdm_jax import data as data_lib
-from fcdm_jax import distributed
+from fcdm_jax import distributed, settings
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import checkpoint as ckpt_lib
@@ -101,10 +100,6 @@ def check_run_setup(config, mesh) -> None:
   for key in ("log_every_steps", "checkpoint_every_steps"):
     if config[key] <= 0:
       raise ValueError(f"{key} must be positive, got {config[key]}")
-
-
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
 
 
 @dataclasses.dataclass
@@ -228,7 +223,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
       for hook in hooks:
         hook(step)
       if save:
-        checkpointer.save(step, state, {"data_position": step, "config": _config_json(config),
+        checkpointer.save(step, state, {"data_position": step, "config": settings.as_json(config),
                                         "jax_version": jax.__version__})
       if preview is not None and (step % config.preview.every_steps == 0 or last):
         preview.write(step, state.ema_params)

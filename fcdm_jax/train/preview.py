@@ -11,9 +11,8 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image
 
-from fcdm_jax import sampling
+from fcdm_jax import fileio, sampling
 
 SAMPLES_DIR = "samples"
 
@@ -27,13 +26,6 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
     r, col = divmod(i, cols)
     grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = images[i]
   return grid
-
-
-def save_png(path: str, grid: np.ndarray) -> None:
-  img = grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3]
-  tmp = path + ".tmp.png"
-  Image.fromarray(img).save(tmp)
-  os.replace(tmp, path)
 
 
 class PreviewWriter:
@@ -67,7 +59,7 @@ class PreviewWriter:
     os.makedirs(self.folder, exist_ok=True)
     grid = image_grid(images, self.rows)
     path = os.path.join(self.folder, f"step_{step:08d}.png")
-    save_png(path, grid)
+    fileio.write_png(path, grid)
     self.writer.write_images(step, {"samples": grid[None]})
     self.last_path = path
     return path
