@@ -17,10 +17,10 @@ Labels are uniform over the classes, drawn from the seed (`--labels=random`), or
 `balanced` (sample i gets class i mod K), or given (a comma list, cycled, or a `.npy` /
 `.txt` file with one label per sample).
 
-Determinism. Sample i's starting noise and its sampler noise come from
-`fold_in(PRNGKey(seed), i)`, and its random label likewise, so the same seed gives the same
-images whatever the batch size, device count or how often the run was resumed (up to
-floating-point differences between batch shapes).
+Determinism. The images come from `fcdm_jax.sampling.Generator` (as training previews
+and evaluation do): sample i's noise depends on (seed, i) alone, and its random label
+likewise, so the same seed gives the same images whatever the batch size, device count or
+how often the run was resumed (up to floating-point differences between batch shapes).
 
 Images. Latent models (config.data.source latents / torch_features / torch_zarr) are
 decoded with the SD-VAE given by `--vae` after dividing by config.data.vae_scale;
@@ -36,8 +36,10 @@ resumes from them (and a finished one does nothing). An --out holding samples ma
 other settings is refused, never overwritten. The parts are deleted once the `.npz` is
 written unless --keep_parts.
 
-Devices and hosts. Each batch is split over all devices (all hosts run the same command;
-host 0 writes the files to --out).
+Devices and hosts. The mesh is the config's (`train.sharding.create_mesh`): the EMA
+params are restored alone, in the config's shardings (FSDP for L/XL configs), and each
+batch is split over all devices (all hosts run the same command; host 0 writes the files
+to --out).
 """
 
 from __future__ import annotations
