@@ -68,3 +68,19 @@ def test_bad_evaluation_setups_fail_before_training(tmp_path):
   with pytest.raises(ValueError, match="no evaluators were passed"):
     loop.train_and_evaluate(fid_run_config(tmp_path), str(tmp_path / "c"))
   assert not glob.glob(str(tmp_path / "*" / "checkpoints" / "*"))
+
+
+def test_train_imports_no_application_module():
+  """The training core knows no evaluator, CLI or demo: they plug into it from above."""
+  import ast
+  import pathlib
+  applications = ("fcdm_jax.evaluation", "fcdm_jax.sample", "fcdm_jax.evaluate", "fcdm_jax.main",
+                  "fcdm_jax.extract_latents", "fcdm_jax.bench")
+  train = pathlib.Path(loop.__file__).parent
+  for path in train.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+               if isinstance(node, ast.ImportFrom) else [])
+      bad = [n for n in names if any(n == a or n.startswith(a + ".") for a in applications)]
+      assert not bad, f"{path.name} imports {bad}"
