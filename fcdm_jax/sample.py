@@ -193,6 +193,21 @@ def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
       index += 1
 
 
+def out_verdict(out: str, settings: dict, final: str) -> int:
+  """OUT_READY or OUT_COMPLETE, as host 0 judges --out; every host learns the verdict, so
+  that a refusal stops them all instead of leaving the others waiting at a collective."""
+  verdict, refusal = OUT_READY, None
+  if jax.process_index() == 0:
+    try:
+      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
+    except ValueError as e:
+      verdict, refusal = OUT_REFUSED, e
+  verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))
+  if verdict == OUT_REFUSED:
+    raise refusal or ValueError(f"host 0 refused --out {out} (its log says why)")
+  return verdict
+
+
 def part_path(out: str, start: int, end: int) -> str:
   return os.path.join(out, PARTS, f"part-{start:08d}-{end:08d}.npz")
 
@@ -284,9 +299,9 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   image_shape = (size * factor, size * factor, 3 if latent else channels)
   final = adm_npz.npz_name(num_samples, image_shape[0], image_shape[1])
   settings = settings_lib.as_json({
-      "weights": weights, "objective": config.objective, "model": settings_lib.as_json(config.model),
-      "diffusion": settings_lib.as_json(config.diffusion), "flow": settings_lib.as_json(config.flow),
-      "sample": settings_lib.as_json(sample_cfg), "seed": seed, "num_samples": num_samples,
+      "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
+      "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
+      "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,
       "labels": {"spec": labels if labels in ("random", "balanced") else "given",
                  "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
       "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if latent else None,
@@ -295,21 +310,9 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   batch = generator.padded_size(batch_size)
   ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
   is_host0 = jax.process_index() == 0
-  # Host 0 judges --out; every host learns the verdict, so that a refusal stops them all
-  # instead of leaving the others waiting at the next collective.
-  verdict, refusal = OUT_READY, None
-  if is_host0:
-    try:
-      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
-    except ValueError as e:
-      verdict, refusal = OUT_REFUSED, e
-  verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))
-  if verdict == OUT_REFUSED:
-    raise refusal or ValueError(f"host 0 refused --out {out} (its log says why)")
-  done_already = verdict == OUT_COMPLETE
   summary = {"npz": os.path.join(out, final), "num_samples": num_samples,
              "image_shape": image_shape, "batch_size": batch, "generated": [], "kept": []}
-  if done_already:
+  if out_verdict(out, settings, final) == OUT_COMPLETE:
     logging.info("%s is already complete", summary["npz"])
     if png and is_host0:
       _pngs_from_batch(summary["npz"], os.path.join(out, PNG_DIR), channels=image_shape[2])
@@ -367,7 +370,8 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
       indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
       batch_labels = np.zeros(batch, np.int32)
       batch_labels[: end - start] = label_values[start:end]
-      result = generator(params, seed, indices, batch_labels)   # runs while the previous batch is written
+      # Runs while the previous batch is written.
+      result = generator(params, seed, indices, batch_labels)
       if pending is not None:
         finish(*pending)
       pending = (b, result)

@@ -142,8 +142,9 @@ class Generator:
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.parallel = sharding.data_parallel_size(mesh)
     sample_fn = make_objective(config).make_sampler(sample_cfg, self.condition.null)
-    key = json.dumps([settings.as_json(config.model), config.objective, settings.as_json(config.diffusion),
-                      settings.as_json(config.flow), settings.as_json(sample_cfg), self.shape,
+    key = json.dumps([settings.as_json(config.model), config.objective,
+                      settings.as_json(config.diffusion), settings.as_json(config.flow),
+                      settings.as_json(sample_cfg), self.shape,
                       None if decoder is None else decoder.key(),
                       [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
                      sort_keys=True, default=str)

@@ -25,9 +25,9 @@ def fid_run_config(tmp_path):
   config.update(batch_size=8, num_train_steps=4, log_every_steps=2, checkpoint_every_steps=4)
   config.optimizer.warmup_steps = 1
   config.preview.every_steps = 0
+  inception = write_inception(tmp_path / "inception.safetensors")
   config.eval.update(kind="fid", every_steps=2, num_samples=8, batch_size=8, sampler="ddim",
-                     steps=2, cfg_scale=1.0, inception=write_inception(tmp_path / "inception.safetensors"),
-                     reference=str(reference))
+                     steps=2, cfg_scale=1.0, inception=inception, reference=str(reference))
   return config
 
 

@@ -224,7 +224,8 @@ def train_classifier(recipe: dict | None = None):
   x_test, y_test = load_embedded("test")
   _, predicted = _predict(module, params, to_model_range(x_test))
   accuracy = float(np.mean(predicted == y_test))
-  info = dict(recipe=settings.as_json(recipe), test_accuracy=accuracy, train_seconds=round(seconds, 2),
+  info = dict(recipe=settings.as_json(recipe), test_accuracy=accuracy,
+              train_seconds=round(seconds, 2),
               num_train=int(len(x_train)), num_test=int(len(x_test)))
   logging.info("eval classifier: trained in %.1f s, held-out accuracy %.4f", seconds, accuracy)
   if accuracy < MIN_TEST_ACCURACY:
@@ -431,8 +432,8 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
 
   config.eval: num_samples (>= 2), batch_size, sampler overrides (sampler, steps,
   cfg_scale; the others come from config.preview) and unguided (True also judges
-  cfg_scale=1 samples from the same noise, unless cfg_scale is 1). Writes `<workdir>/eval.json` (host 0)
-  and `eval/*` scalars; returns what eval.json holds.
+  cfg_scale=1 samples from the same noise, unless cfg_scale is 1). Writes
+  `<workdir>/eval.json` (host 0) and `eval/*` scalars; returns what eval.json holds.
   """
   started = time.time()
   runs = check_demo_eval(config, model, objective, workdir)

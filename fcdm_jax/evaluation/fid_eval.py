@@ -23,7 +23,7 @@ WHICH = ("fid", "sfid", "is")
 
 
 class FidEvaluator:
-  """Samples `config.eval.num_samples` images and writes eval/fid, eval/sfid, eval/inception_score."""
+  """Samples config.eval.num_samples images; writes eval/fid, eval/sfid, eval/inception_score."""
 
   def __init__(self, config, mesh):
     from fcdm_jax.models import inception
