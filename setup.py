@@ -21,7 +21,7 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "ml-collections>=1.1.0",
         "clu>=0.0.12",
-        # clu.metric_writers imports TensorFlow and TensorBoard (DESIGN.md section 6).
+        # clu.metric_writers imports TensorFlow and TensorBoard.
         "tensorflow-cpu>=2.21.0",
         "tensorboard>=2.21.0",
         "tensorflow-datasets>=4.9.10",

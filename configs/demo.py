@@ -39,6 +39,6 @@ def get_config(objective: str = "flow"):
   if objective == "flow":
     config.preview.method = "euler"
   # The end-of-run judgement with the preview's sampler: 50 samples per digit.
-  config.eval.update(enabled=True, num_samples=500, sampler=config.preview.sampler, steps=25,
+  config.eval.update(enabled=True, kind="demo", num_samples=500, sampler=config.preview.sampler, steps=25,
                      cfg_scale=4.0, batch_size=100, unguided=False)
   return config

@@ -4,10 +4,4 @@ from fcdm_jax import config_base
 
 
 def get_config(objective: str = "ddpm"):
-  config = config_base.get_config("XL", 256, objective or "ddpm")
-  # Large variants: shard params/optimizer/EMA over 'fsdp' and recompute each block
-  # in the backward pass, as the published code does.
-  config.sharding.params = "fsdp"
-  config.mesh.axes = (("data", 1), ("fsdp", -1))
-  config.model.remat = "block"
-  return config
+  return config_base.large_model_layout(config_base.get_config("XL", 256, objective or "ddpm"))

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -311,7 +310,7 @@ class JaxBench:
 
   # -- sampling forward
   def _forward_jit(self, model):
-    from fcdm_jax.train.sharding import batch_sharding, replicated
+    from fcdm_jax.train.sharding import batch_sharding
     from fcdm_jax.train.step import sharding_context
     bs = batch_sharding(self.mesh)
     fn = self.jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y),
@@ -573,7 +572,6 @@ def dwconv_study(config, batch: int = 8, repeats: int = 5, impls=STUDY_IMPLS,
   formulation fuses with its consumers. Formulations alternate within each repeat.
   """
   import jax
-  import jax.numpy as jnp
   from fcdm_jax.models import layers
 
   def chain(fn):

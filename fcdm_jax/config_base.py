@@ -8,6 +8,7 @@ call `get_config(variant, resolution, objective)` and change a few fields.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from fcdm_jax.models.variants import get_variant
 
@@ -20,6 +21,15 @@ def latent_size(resolution: int) -> int:
   if resolution % 8:
     raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor 8")
   return resolution // 8
+
+
+def large_model_layout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The L/XL policy: params, AdamW state and EMA sharded over an 'fsdp' axis of every
+  device, and each block recomputed in the backward pass, as the published code does."""
+  config.sharding.params = "fsdp"
+  config.mesh.axes = (("data", 1), ("fsdp", -1))
+  config.model.remat = "block"
+  return config
 
 
 def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm"
@@ -108,6 +118,10 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
         sampler="ode", steps=50, cfg_scale=4.0, guide_all_eps=False,
         every_steps=50_000, num_classes_shown=8, per_class=4))
 
+  # Latent models' preview grids are decoded with this SD-VAE directory ('' = show the
+  # first three latent channels).
+  c.preview.vae_dir = ""
+
   # --- run layout ------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(
       # Named mesh axes and sizes; -1 takes the devices left over.
@@ -140,6 +154,22 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   c.log_every_steps = 100
   c.checkpoint_every_steps = 10_000
   c.keep_checkpoints = 3
-  c.eval = ml_collections.ConfigDict(dict(enabled=False))
   c.profile_steps = 0  # >0: trace this many steps after warm-up
+
+  # --- in-training evaluation (fcdm_jax.evaluation; runs under `python -m fcdm_jax.main`) ---
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=False,
+      # 'fid': FID / sFID / Inception Score of num_samples samples against a reference
+      # batch (FID-k); 'demo': the embedded digits' classifier judge (configs/demo.py).
+      kind="fid",
+      every_steps=0,       # also every N steps; 0: once, when training completes
+      num_samples=5000,
+      batch_size=64,       # samples per sampling step over all devices
+      # Sampler overrides of config.preview's settings (unset: the preview's).
+      sampler=placeholder(str), steps=placeholder(int), cfg_scale=placeholder(float),
+      unguided=False,      # demo: also judge cfg_scale=1 samples from the same noise
+      inception="",        # fid: pytorch-fid's FID-Inception weights (.pth / .safetensors)
+      reference="",        # fid: reference batch .npz (arr_0 images and/or mu/sigma, mu_s/sigma_s)
+      # Latent models' samples are decoded with config.preview.vae_dir.
+  ))
   return c

@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from fcdm_jax import fileio
+from fcdm_jax.models import torch_weights
 from fcdm_jax.models.fcdm import FCDM, LEVEL_NAMES
 
 BLOCK_PARAMS = (
@@ -172,26 +173,10 @@ def params_from_torch(state_dict: Mapping[str, Any], model: FCDM | None = None) 
   model = model or infer_model(state_dict)
   layout = torch_layout(model.depth)
   shapes = expected_shapes(model)
-  expected = {e.torch_key: e for e in layout}
-  missing = [k for k in expected if k not in state_dict]
-  extra = [k for k in state_dict if k not in expected]
-  misshaped = []
-  for key, entry in expected.items():
-    if key in state_dict:
-      want = _torch_shape(entry, shapes[entry.flax_path])
-      got = tuple(_as_numpy(state_dict[key]).shape)
-      if got != want:
-        misshaped.append(f"{key}: got {got}, expected {want}")
-  if missing or extra or misshaped:
-    parts = []
-    if missing:
-      parts.append(f"missing keys ({len(missing)}): {missing}")
-    if extra:
-      parts.append(f"unexpected keys ({len(extra)}): {extra}")
-    if misshaped:
-      parts.append(f"mis-shaped keys ({len(misshaped)}): {misshaped}")
-    raise ValueError("state_dict does not fit FCDM(depth=%s, hidden_size=%d): %s"
-                     % (list(model.depth), model.hidden_size, "; ".join(parts)))
+  torch_weights.check_state_dict(
+      state_dict, {e.torch_key: _torch_shape(e, shapes[e.flax_path]) for e in layout},
+      "state_dict does not fit FCDM(depth=%s, hidden_size=%d)"
+      % (list(model.depth), model.hidden_size))
 
   stacked: dict[tuple[str, ...], list] = collections.defaultdict(list)
   flat: dict[tuple[str, ...], np.ndarray] = {}

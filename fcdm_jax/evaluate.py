@@ -21,66 +21,13 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcdm_jax import metrics
+from fcdm_jax.adm_npz import NpzImages
 from fcdm_jax.models import inception
+from fcdm_jax.train import sharding
 
 METRICS = ("fid", "sfid", "is", "pr")
-
-
-class NpzImages:
-  """An image array of an `.npz` batch, checked up front and read in slices."""
-
-  def __init__(self, path: str, key: str = "arr_0"):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"batch file not found: {path}")
-    self.path, self.key = path, key
-    try:
-      with zipfile.ZipFile(path) as z:
-        names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-        if key not in names:
-          raise ValueError(f"{path} has no '{key}' array (it holds {sorted(names)}); an ADM "
-                           f"batch stores its images as '{key}', uint8 (N, H, W, 3)")
-        with z.open(f"{key}.npy") as f:
-          self.shape, fortran, self.dtype = self._header(f)
-    except zipfile.BadZipFile as e:
-      raise ValueError(f"{path} is not an .npz file: {e}") from e
-    if fortran:
-      raise ValueError(f"{path}:{key} is stored in Fortran order; save it C-contiguous")
-    if self.dtype != np.uint8:
-      raise ValueError(f"{path}:{key} has dtype {self.dtype}; images must be uint8 in 0..255 "
-                       "(ADM's format)")
-    if len(self.shape) != 4 or self.shape[-1] != 3:
-      raise ValueError(f"{path}:{key} has shape {self.shape}; images must be (N, H, W, 3) "
-                       "RGB, channels last")
-    if self.shape[0] == 0:
-      raise ValueError(f"{path}:{key} holds no images")
-
-  @staticmethod
-  def _header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-      return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  @property
-  def image_size(self) -> tuple[int, int]:
-    return self.shape[1], self.shape[2]
-
-  def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-    per_image = int(np.prod(self.shape[1:]))
-    with zipfile.ZipFile(self.path) as z, z.open(f"{self.key}.npy") as f:
-      self._header(f)
-      for start in range(0, len(self), batch_size):
-        n = min(batch_size, len(self) - start)
-        buf = f.read(n * per_image)
-        if len(buf) != n * per_image:
-          raise ValueError(f"{self.path}:{self.key} is truncated at image {start}")
-        yield np.frombuffer(buf, np.uint8).reshape((n,) + tuple(self.shape[1:]))
 
 
 class FeatureExtractor:
@@ -89,9 +36,9 @@ class FeatureExtractor:
   def __init__(self, model: inception.InceptionV3, variables, batch_size: int):
     devices = jax.local_devices()
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
-    mesh = Mesh(np.array(devices), ("data",))
-    self.data = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+    mesh = sharding.create_mesh(devices=devices)   # this host's devices: local batches
+    self.data = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     self.variables = jax.device_put(variables, replicated)
 
     def features(v, images):
@@ -101,10 +48,12 @@ class FeatureExtractor:
     self._fn = jax.jit(features, in_shardings=(replicated, self.data),
                        out_shardings=(self.data, self.data, self.data))
 
-  def __call__(self, images: NpzImages, desc: str) -> dict[str, np.ndarray]:
+  def __call__(self, images: NpzImages | ArrayImages, desc: str, progress: bool = True
+               ) -> dict[str, np.ndarray]:
     from tqdm import tqdm
     out = {"pool": [], "spatial": [], "probs": []}
-    with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr) as bar:
+    with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr,
+              disable=not progress) as bar:
       for batch in images.batches(self.batch_size):
         n = len(batch)
         if n < self.batch_size:
@@ -156,28 +105,66 @@ def evaluate(samples: str, ref: str, inception_path: str, batch_size: int = 256,
   extract = FeatureExtractor(model, variables, batch_size)
   sample_feats = extract(sample_images, "sample features")
   ref_feats = extract(ref_images, "reference features") if ref_images is not None else None
-
+  stats = reference_statistics(ref, ref_feats, [m for m in which if m in STATISTICS],
+                               sample_feats["pool"].shape[1], sample_feats["spatial"].shape[1])
   results: dict = {"num_samples": len(sample_images),
                    "num_reference": len(ref_images) if ref_images is not None else None}
-  if "is" in which:
-    results["inception_score"] = metrics.inception_score(sample_feats["probs"], split_size)
-  for name, feats_key, mu_key, sigma_key in (("fid", "pool", "mu", "sigma"),
-                                             ("sfid", "spatial", "mu_s", "sigma_s")):
-    if name not in which:
-      continue
-    dim = sample_feats[feats_key].shape[1]
-    stats = _given_statistics(ref, mu_key, sigma_key, dim)
-    if stats is None:
-      if ref_feats is None:
-        raise ValueError(f"{ref} has neither '{mu_key}'/'{sigma_key}' nor 'arr_0' images "
-                         f"to compute {name} from")
-      stats = metrics.fid_statistics(ref_feats[feats_key])
-    mu, sigma = metrics.fid_statistics(sample_feats[feats_key])
-    results[name] = metrics.frechet_distance(mu, sigma, *stats)
+  results.update(sample_metrics(sample_feats, stats, which, split_size))
   if "pr" in which:
     results["precision"], results["recall"] = metrics.precision_recall(
         ref_feats["pool"], sample_feats["pool"], batch_size=pr_batch_size)
   return results
+
+
+# metric -> (feature, reference batch keys of its precomputed statistics)
+STATISTICS = {"fid": ("pool", "mu", "sigma"), "sfid": ("spatial", "mu_s", "sigma_s")}
+
+
+def reference_statistics(ref: str, ref_feats: dict | None, which: Sequence[str],
+                         pool_dim: int, spatial_dim: int) -> dict:
+  """{metric: (mu, sigma)} of the reference for 'fid'/'sfid' in `which`: as stored in the
+  batch when it has them (ADM), else from its images' features `ref_feats`."""
+  dims = {"pool": pool_dim, "spatial": spatial_dim}
+  stats = {}
+  for name in which:
+    feats_key, mu_key, sigma_key = STATISTICS[name]
+    given = _given_statistics(ref, mu_key, sigma_key, dims[feats_key])
+    if given is None:
+      if ref_feats is None:
+        raise ValueError(f"{ref} has neither '{mu_key}'/'{sigma_key}' nor 'arr_0' images "
+                         f"to compute {name} from")
+      given = metrics.fid_statistics(ref_feats[feats_key])
+    stats[name] = given
+  return stats
+
+
+def sample_metrics(sample_feats: dict, stats: dict, which: Sequence[str],
+                   split_size: int) -> dict:
+  """Inception Score and the Frechet distances in `which` of the samples' features."""
+  results = {}
+  if "is" in which:
+    results["inception_score"] = metrics.inception_score(sample_feats["probs"], split_size)
+  for name in which:
+    if name in STATISTICS:
+      mu, sigma = metrics.fid_statistics(sample_feats[STATISTICS[name][0]])
+      results[name] = metrics.frechet_distance(mu, sigma, *stats[name])
+  return results
+
+
+class ArrayImages:
+  """In-memory uint8 RGB images as `FeatureExtractor` reads an `NpzImages` batch."""
+
+  def __init__(self, images: np.ndarray):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    self.images = images
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(self.images), batch_size):
+      yield self.images[start:start + batch_size]
 
 
 _LABELS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),

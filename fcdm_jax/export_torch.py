@@ -10,8 +10,8 @@ param group with lr, betas, eps, weight_decay) and `"args"` (the run's settings 
 dict). The published sampling script reads `"ema"` (or `"model"`) as before.
 `.safetensors` holds the EMA weights only, for sampling.
 
-The checkpoint is read into host memory (not onto an accelerator); the file is written
-atomically, and an existing --out is refused unless --overwrite. Back the other way:
+For `.pt` the whole train state is read into host memory (not onto an accelerator); for
+`.safetensors` only the EMA is read, in the run's shardings. The file is written atomically, and an existing --out is refused unless --overwrite. Back the other way:
 `python -m fcdm_jax.main --config=... --workdir=NEW --config.init_from=FILE.pt`.
 """
 
@@ -34,13 +34,15 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
                      f"weights), got {out!r}")
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+  import jax
   from fcdm_jax import convert
   from fcdm_jax.train import checkpoint, torch_state
-  state, config, step = checkpoint.restore_on_host(workdir, step)
-  if out.endswith(".safetensors"):
-    convert.save_torch_checkpoint(out, state.params, ema_params=state.ema_params)
+  if out.endswith(".safetensors"):  # the EMA alone is read, in the run's shardings
+    ema, _, step = checkpoint.load_ema_params(workdir, step=step)
+    convert.save_torch_checkpoint(out, jax.device_get(ema))
     content = "EMA weights"
   else:
+    state, config, step = checkpoint.restore_on_host(workdir, step)
     convert.save_torch_checkpoint(out, **torch_state.training_checkpoint(state, config))
     content = "model, EMA, AdamW state, args"
   return {"out": out, "step": step, "content": content, "bytes": os.path.getsize(out)}

@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import sys
 from concurrent import futures
 from typing import Any, NamedTuple
@@ -50,12 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fcdm_jax import distributed, fileio, images
+from fcdm_jax import settings as settings_lib
 from fcdm_jax.data import latents as latents_lib
 from fcdm_jax.data.preprocess import center_crop_arr
 from fcdm_jax.models import vae as vae_lib
+from fcdm_jax.train import sharding
 
 SETTINGS = "extract_settings.json"
 STORAGE_DTYPES = latents_lib.STORAGE_DTYPES
@@ -201,9 +201,9 @@ class PosteriorEncoder:
     devices = jax.local_devices()
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
     self.precision = precision
-    mesh = Mesh(np.asarray(devices), ("data",))
-    self.data = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+    mesh = sharding.create_mesh(devices=devices)   # this host's devices: local batches
+    self.data = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     self.params = jax.device_put(params, replicated)
 
     def encode(p, pixels):
@@ -247,23 +247,17 @@ class PosteriorEncoder:
 def check_settings(out: str, settings: dict) -> None:
   """Refuse an --out whose shards were written with other settings; record ours if new."""
   path = os.path.join(out, SETTINGS)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-    if saved != settings:
-      keys = sorted(set(saved) | set(settings))
-      diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
-      raise ValueError(f"{out} holds latents extracted with other settings (saved, now): "
-                       f"{diff}; use another --out, or delete {out} to start over")
+  saved = settings_lib.read(path)
+  if saved is not None:
+    settings_lib.refuse_changes(saved, settings, f"{out} holds latents extracted with other "
+                                "settings", f"use another --out, or delete {out} to start over")
     return
   if os.path.exists(os.path.join(out, latents_lib.MANIFEST)) or any(
       n.startswith("shard-") for n in os.listdir(out)):
     raise ValueError(f"{out} already holds latent shards but no {SETTINGS}: they were not "
                      "written by this tool's current version; use another --out")
   if jax.process_index() == 0:
-    latents_lib._write_atomic(
-        pathlib.Path(path),
-        lambda f: f.write(json.dumps(settings, indent=1, sort_keys=True).encode()))
+    settings_lib.record(path, settings)
 
 
 def _collect_skipped(writer: latents_lib.LatentShardWriter, num_shards: int) -> list[str]:
@@ -315,7 +309,7 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
                   shard_size=shard_size, dtype=dtype,
                   vae={"config": dataclasses.asdict(cfg),
                        "weights_sha256": fileio.sha256_file(weights_path)})
-  settings = json.loads(json.dumps(settings))   # as it reads back from JSON
+  settings = settings_lib.as_json(settings)
   os.makedirs(out, exist_ok=True)
   check_settings(out, settings)
   distributed.barrier("extract_latents_settings")

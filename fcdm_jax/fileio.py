@@ -35,6 +35,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   atomic_write(path, write)
 
 
+def write_png(path: str | os.PathLike, image) -> None:
+  """A uint8 (H, W, C) image as a PNG, atomically: grey when C is 1, else its first 3 channels."""
+  from PIL import Image
+  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image[..., :3])
+  atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
 def sha256_file(path: str | os.PathLike) -> str:
   """Hex sha256 of a file, read in 16 MiB chunks (weights files are large)."""
   import hashlib

@@ -9,7 +9,7 @@ the paper counts it), and multiplies by the trip count of the enclosing scans.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

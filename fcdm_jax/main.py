@@ -37,8 +37,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TF (for TFDS / clu) must not take GPU memory
+  from fcdm_jax.evaluation import make_evaluators
   from fcdm_jax.train.loop import train_and_evaluate
-  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, make_evaluators=make_evaluators)
   summary.pop("state", None)
   logging.info("done: %s", summary)
 

@@ -17,10 +17,10 @@ Labels are uniform over the classes, drawn from the seed (`--labels=random`), or
 `balanced` (sample i gets class i mod K), or given (a comma list, cycled, or a `.npy` /
 `.txt` file with one label per sample).
 
-Determinism. Sample i's starting noise and its sampler noise come from
-`fold_in(PRNGKey(seed), i)`, and its random label likewise, so the same seed gives the same
-images whatever the batch size, device count or how often the run was resumed (up to
-floating-point differences between batch shapes).
+Determinism. The images come from `fcdm_jax.sampling.Generator` (as training previews
+and evaluation do): sample i's noise depends on (seed, i) alone, and its random label
+likewise, so the same seed gives the same images whatever the batch size, device count or
+how often the run was resumed (up to floating-point differences between batch shapes).
 
 Images. Latent models (config.data.source latents / torch_features / torch_zarr) are
 decoded with the SD-VAE given by `--vae` after dividing by config.data.vae_scale;
@@ -36,31 +36,31 @@ resumes from them (and a finished one does nothing). An --out holding samples ma
 other settings is refused, never overwritten. The parts are deleted once the `.npz` is
 written unless --keep_parts.
 
-Devices and hosts. Each batch is split over all devices (all hosts run the same command;
-host 0 writes the files to --out).
+Devices and hosts. The mesh is the config's (`train.sharding.create_mesh`): the EMA
+params are restored alone, in the config's shardings (FSDP for L/XL configs), and each
+batch is split over all devices (all hosts run the same command; host 0 writes the files
+to --out).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import shutil
 import sys
-import zipfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from fcdm_jax import distributed, fileio
+from fcdm_jax import adm_npz, distributed, fileio, sampling
+from fcdm_jax import settings as settings_lib
+from fcdm_jax.train import sharding
 
-LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
 SETTINGS = "sample_settings.json"
 PARTS = "parts"
 PNG_DIR = "png"
@@ -68,24 +68,6 @@ OUT_READY, OUT_COMPLETE, OUT_REFUSED = 0, 1, -1  # host 0's verdict on --out, br
 # config.sample fields the command line may override (None = keep the config's).
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
                     "clip_denoised")
-_PART_RE = re.compile(r"^part-(\d{8})-(\d{8})\.npz$")
-
-
-def npz_name(num_samples: int, height: int, width: int) -> str:
-  """ADM's naming of a sample batch."""
-  return f"samples_{num_samples}x{height}x{width}x3.npz"
-
-
-def to_uint8(images):
-  """[-1, 1] -> uint8 as DiT's sample_ddp.py converts (clip(127.5 x + 128), truncated)."""
-  return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
-
-
-def _json(value) -> Any:
-  """A ConfigDict / tuple-holding value as it reads back from JSON."""
-  if hasattr(value, "to_json_best_effort"):
-    return json.loads(value.to_json_best_effort())
-  return json.loads(json.dumps(value))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -118,11 +100,13 @@ def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
 
 
 def load_model(config, identity: dict, mesh: Mesh):
-  """The EMA params named by `identity` (from `resolve_model`), replicated on `mesh`."""
+  """The EMA params named by `identity` (from `resolve_model`), in the config's shardings
+  on `mesh` (replicated, or FSDP for L/XL)."""
+  from fcdm_jax.train import checkpoint as ckpt_lib
+  from fcdm_jax.train.state import params_layout
   if "workdir" in identity:
-    from fcdm_jax.train import checkpoint as ckpt_lib
-    params, _, _ = ckpt_lib.load_params(identity["workdir"], config=config,
-                                        step=identity["step"], which="ema", mesh=mesh)
+    params, _, _ = ckpt_lib.load_ema_params(identity["workdir"], config=config,
+                                            step=identity["step"], mesh=mesh)
     return params
   from fcdm_jax import convert
   from fcdm_jax.models import FCDM
@@ -132,7 +116,8 @@ def load_model(config, identity: dict, mesh: Mesh):
     params = convert.params_from_torch(state_dict, model=FCDM(**config.model))
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
-  return jax.device_put(params, NamedSharding(mesh, P()))
+  shardings = jax.tree.map(lambda a: a.sharding, params_layout(config, mesh))
+  return jax.device_put(params, shardings)
 
 
 def sample_settings(config, overrides: dict) -> Any:
@@ -152,10 +137,7 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   """int32 labels of samples 0..N-1 from --labels (see the module docstring)."""
   spec = (spec or "random").strip()
   if spec == "random":
-    base = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    draw = jax.jit(jax.vmap(lambda i: jax.random.randint(
-        jax.random.fold_in(base, i), (), 0, num_classes)))
-    labels = np.asarray(draw(jnp.arange(num_samples, dtype=jnp.uint32)))
+    labels = sampling.random_labels(seed, num_samples, num_classes)
   elif spec == "balanced":
     labels = np.arange(num_samples) % num_classes
   elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*", spec):
@@ -175,116 +157,23 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   else:
     raise ValueError(f"--labels {spec!r}: expected 'random', 'balanced', a comma-separated "
                      "list of class indices, or an existing .npy/.txt file")
-  labels = np.asarray(labels, np.int64)
-  bad = labels[(labels < 0) | (labels >= num_classes)]
-  if bad.size:
-    raise ValueError(f"labels {sorted(set(bad.tolist()))[:8]} are outside [0, {num_classes}) "
-                     f"(the model's num_classes)")
-  return labels.astype(np.int32)
+  return sampling.ClassLabels(num_classes, None).check(np.asarray(labels, np.int64))
 
 
 # ---------------------------------------------------------------------------- generation
 
 
-# Compiled samplers of this process, by everything they are traced with (not weights or
-# seed, which are arguments): sampling several checkpoints of a run compiles once.
-_COMPILED: dict[str, Any] = {}
-
-
-class Generator:
-  """(sample indices, labels) -> uint8 images, the batch split over all devices."""
-
-  def __init__(self, config, params, sample_cfg, mesh: Mesh, seed: int, vae=None,
-               vae_params=None):
-    size, channels = int(config.latent_size), int(config.model.in_channels)
-    self.shape = (size, size, channels)
-    self.batch = NamedSharding(mesh, P(("data", "fsdp")))
-    self.params, self.vae_params = params, vae_params
-    self.base = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    vae_key = None if vae is None else [dataclasses.asdict(vae[0].config), str(vae[0].dtype),
-                                        vae[1]]
-    key = json.dumps([_json(config.model), config.objective, _json(config.diffusion),
-                      _json(config.flow), _json(sample_cfg), vae_key, self.shape,
-                      [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
-                     sort_keys=True, default=str)
-    if key not in _COMPILED:
-      _COMPILED[key] = self._build(config, sample_cfg, mesh, vae)
-    self._images = _COMPILED[key]
-
-  def _build(self, config, sample_cfg, mesh: Mesh, vae):
-    from fcdm_jax.diffusion.objectives import make_objective
-    from fcdm_jax.models import FCDM
-    model = FCDM(**config.model)
-    null_label = model.num_classes if model.has_null_class else None
-    sample_fn = make_objective(config).make_sampler(sample_cfg, null_label)
-    shape = self.shape
-
-    def one(p, base, index, label):
-      """Sample `index` alone: its noise depends on nothing but (seed, index)."""
-      key = jax.random.fold_in(base, index)
-      x_T = jax.random.normal(jax.random.fold_in(key, 0), (1,) + shape, jnp.float32)
-      model_fn = lambda x, t, y: model.apply({"params": p}, x, t, y)
-      return sample_fn(model_fn, x_T, label[None], jax.random.fold_in(key, 1))[0]
-
-    def images(p, vae_params, base, indices, labels):
-      """uint8 images, and what the model sampled (latents, or pixels in [-1, 1])."""
-      x = jax.vmap(one, in_axes=(None, None, 0, 0))(p, base, indices, labels)
-      out = x
-      if vae is not None:
-        vae_model, scale = vae
-        out = vae_model.apply(vae_params, x / scale, method=vae_model.decode)
-      return to_uint8(out), x
-
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(images, in_shardings=(replicated, replicated, replicated, self.batch,
-                                         self.batch), out_shardings=self.batch)
-
-  def generate(self, indices: np.ndarray, labels: np.ndarray):
-    """(uint8 images, the model's samples before decoding) as numpy, synchronously."""
-    images, raw = self(indices, labels)
-    return self.fetch(images), self.fetch(raw)
-
-  def global_array(self, values: np.ndarray):
-    """A batch-sharded array from a value every host holds in full."""
-    return jax.make_array_from_callback(values.shape, self.batch, lambda idx: values[idx])
-
-  def __call__(self, indices: np.ndarray, labels: np.ndarray):
-    """Starts the computation (asynchronously): (images, samples before decoding)."""
-    return self._images(self.params, self.vae_params, self.base, self.global_array(indices),
-                        self.global_array(labels))
-
-  @staticmethod
-  def fetch(result) -> np.ndarray:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      return np.asarray(multihost_utils.process_allgather(result, tiled=True))
-    return np.asarray(result)
-
-
 def load_decoder(vae_dir: str, config, mesh: Mesh):
-  """((model, scale), replicated params) of the SD-VAE, checked against the model's latents."""
+  """(the SD-VAE as a `sampling.Decoder`, replicated; its identity for the settings)."""
   from fcdm_jax.models import vae as vae_lib
+  decoder = sampling.load_decoder(vae_dir, config, mesh)
   _, weights = vae_lib.find_vae_files(vae_dir)
-  model, params = vae_lib.load_vae(vae_dir)
-  channels = int(config.model.in_channels)
-  if model.config.latent_channels != channels:
-    raise ValueError(f"the VAE in {vae_dir} has {model.config.latent_channels} latent "
-                     f"channels, the model samples {channels}")
-  if model.config.out_channels != 3:
-    raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
-                     "images, not RGB")
-  identity = {"config": _json(dataclasses.asdict(model.config)),
+  identity = {"config": settings_lib.as_json(dataclasses.asdict(decoder.model.config)),
               "weights_sha256": fileio.sha256_file(weights)}
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  return (model, float(config.data.vae_scale)), params, identity
+  return decoder, identity
 
 
 # --------------------------------------------------------------------------------- files
-
-
-def _write_text(path: str, text: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
 
 
 def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -292,23 +181,31 @@ def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     np.savez(f, images=images, labels=labels)
 
 
-def _save_png(path: str, image: np.ndarray) -> None:
-  from PIL import Image
-  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  fileio.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
 def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
   """PNGs of a finished batch that has none yet (--png added on a rerun)."""
-  from fcdm_jax.evaluate import NpzImages
   os.makedirs(folder, exist_ok=True)
   index = 0
-  for batch in NpzImages(npz).batches(256):
+  for batch in adm_npz.NpzImages(npz).batches(256):
     for image in batch:
       path = os.path.join(folder, f"{index:06d}.png")
       if not os.path.exists(path):
-        _save_png(path, image[..., :channels])
+        fileio.write_png(path, image[..., :channels])
       index += 1
+
+
+def out_verdict(out: str, settings: dict, final: str) -> int:
+  """OUT_READY or OUT_COMPLETE, as host 0 judges --out; every host learns the verdict, so
+  that a refusal stops them all instead of leaving the others waiting at a collective."""
+  verdict, refusal = OUT_READY, None
+  if jax.process_index() == 0:
+    try:
+      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
+    except ValueError as e:
+      verdict, refusal = OUT_REFUSED, e
+  verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))
+  if verdict == OUT_REFUSED:
+    raise refusal or ValueError(f"host 0 refused --out {out} (its log says why)")
+  return verdict
 
 
 def part_path(out: str, start: int, end: int) -> str:
@@ -321,53 +218,37 @@ def check_out(out: str, settings: dict, final: str) -> bool:
     if os.path.exists(out):
       raise ValueError(f"--out {out} exists and is not a directory")
     return False
-  path = os.path.join(out, SETTINGS)
-  saved = None
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  saved = settings_lib.read(os.path.join(out, SETTINGS))
   finished = [n for n in os.listdir(out) if n.startswith("samples_") and n.endswith(".npz")]
   if saved is None:
     if finished or os.path.isdir(os.path.join(out, PARTS)):
       raise ValueError(f"{out} already holds samples ({', '.join(finished) or PARTS + '/'}) "
                        f"without {SETTINGS}: refusing to overwrite them; use another --out")
     return False
-  if saved != settings:
-    keys = sorted(set(saved) | set(settings))
-    diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
-    what = (f"a finished sample batch ({', '.join(finished)})" if finished
-            else "unfinished sample parts")
-    raise ValueError(f"{out} holds {what} made with different settings (saved, now): {diff}; "
-                     "refusing to overwrite; use another --out")
+  what = (f"a finished sample batch ({', '.join(finished)})" if finished
+          else "unfinished sample parts")
+  settings_lib.refuse_changes(saved, settings, f"{out} holds {what} made with different "
+                              "settings", "refusing to overwrite; use another --out")
   return os.path.exists(os.path.join(out, final))
 
 
 def assemble(out: str, final: str, ranges, labels: np.ndarray, shape) -> str:
-  """Streams the parts into `final` (ADM layout, RGB) without holding all images at once."""
-  n = len(labels)
+  """Streams the checked parts into `final` (ADM layout, RGB), never all images at once."""
   height, width, channels = shape
-  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-            "shape": (n, height, width, 3)}
 
-  def write(tmp):
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-      with z.open("arr_0.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for start, end in ranges:
-          with np.load(part_path(out, start, end), allow_pickle=False) as part:
-            images, part_labels = part["images"], part["labels"]
-          if images.shape != (end - start, height, width, channels) or \
-             not np.array_equal(part_labels, labels[start:end]):
-            raise ValueError(f"{part_path(out, start, end)} does not hold samples {start}.."
-                             f"{end - 1} of these settings; delete it and rerun")
-          if channels == 1:
-            images = np.repeat(images, 3, axis=-1)
-          f.write(np.ascontiguousarray(images).tobytes())
-      with z.open("arr_1.npy", "w") as f:
-        np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
+  def images():
+    for start, end in ranges:
+      with np.load(part_path(out, start, end), allow_pickle=False) as part:
+        images, part_labels = part["images"], part["labels"]
+      if images.shape != (end - start, height, width, channels) or \
+         not np.array_equal(part_labels, labels[start:end]):
+        raise ValueError(f"{part_path(out, start, end)} does not hold samples {start}.."
+                         f"{end - 1} of these settings; delete it and rerun")
+      yield np.repeat(images, 3, axis=-1) if channels == 1 else images
 
-  fileio.atomic_write(os.path.join(out, final), write)
-  return os.path.join(out, final)
+  path = os.path.join(out, final)
+  adm_npz.write_batch(path, (len(labels), height, width), images(), labels)
+  return path
 
 
 # ---------------------------------------------------------------------------------- main
@@ -391,24 +272,18 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   if not out:
     raise ValueError("--out is empty: name the directory to write the samples to")
 
-  devices = jax.devices()
-  mesh = Mesh(np.asarray(devices).reshape(-1, 1), ("data", "fsdp"))
   # Everything is checked before the weights are read: a mistake fails in seconds.
   config, weights = resolve_model(workdir, torch_checkpoint, config, step)
+  mesh = sharding.create_mesh(config)
   sample_cfg = sample_settings(config, overrides)
-  from fcdm_jax.diffusion.objectives import make_objective
-  from fcdm_jax.models import FCDM
-  model = FCDM(**config.model)
-  make_objective(config).make_sampler(   # bad sampler settings fail here
-      sample_cfg, model.num_classes if model.has_null_class else None)
-  latent = config.data.source in LATENT_SOURCES
+  latent = sampling.is_latent(config)
   channels = int(config.model.in_channels)
-  decoder = vae_params = vae_identity = None
+  decoder = vae_identity = None
   if latent:
     if not vae:
       raise ValueError(f"the model samples SD-VAE latents (config.data.source="
                        f"{config.data.source!r}): pass --vae=DIR to decode them")
-    decoder, vae_params, vae_identity = load_decoder(vae, config, mesh)
+    decoder, vae_identity = load_decoder(vae, config, mesh)
   else:
     if vae:
       raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
@@ -416,51 +291,37 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
     if channels not in (1, 3):
       raise ValueError(f"a pixel-space model with {channels} channels cannot be saved as "
                        "images (1 or 3 expected)")
+  generator = sampling.Generator(config, sample_cfg, mesh, decoder)  # checks the sampler
   label_values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
 
   size = int(config.latent_size)
-  factor = decoder[0].config.downsample_factor if decoder else 1
+  factor = decoder.model.config.downsample_factor if decoder else 1
   image_shape = (size * factor, size * factor, 3 if latent else channels)
-  final = npz_name(num_samples, image_shape[0], image_shape[1])
-  settings = _json({
-      "weights": weights, "objective": config.objective, "model": _json(config.model),
-      "diffusion": _json(config.diffusion), "flow": _json(config.flow),
-      "sample": _json(sample_cfg), "seed": seed, "num_samples": num_samples,
+  final = adm_npz.npz_name(num_samples, image_shape[0], image_shape[1])
+  settings = settings_lib.as_json({
+      "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
+      "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
+      "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,
       "labels": {"spec": labels if labels in ("random", "balanced") else "given",
                  "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
       "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if latent else None,
       "image_shape": image_shape})
 
-  per_step = len(devices)
-  batch = -(-batch_size // per_step) * per_step
+  batch = generator.padded_size(batch_size)
   ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
   is_host0 = jax.process_index() == 0
-  # Host 0 judges --out; every host learns the verdict, so that a refusal stops them all
-  # instead of leaving the others waiting at the next collective.
-  verdict, refusal = OUT_READY, None
-  if is_host0:
-    try:
-      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
-    except ValueError as e:
-      verdict, refusal = OUT_REFUSED, e
-  verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))
-  if verdict == OUT_REFUSED:
-    raise refusal or ValueError(f"host 0 refused --out {out} (its log says why)")
-  done_already = verdict == OUT_COMPLETE
   summary = {"npz": os.path.join(out, final), "num_samples": num_samples,
              "image_shape": image_shape, "batch_size": batch, "generated": [], "kept": []}
-  if done_already:
+  if out_verdict(out, settings, final) == OUT_COMPLETE:
     logging.info("%s is already complete", summary["npz"])
     if png and is_host0:
       _pngs_from_batch(summary["npz"], os.path.join(out, PNG_DIR), channels=image_shape[2])
     return summary
 
   params = load_model(config, weights, mesh)
-  generator = Generator(config, params, sample_cfg, mesh, seed, decoder, vae_params)
   if is_host0:   # only now: weights that fail to load leave --out as it was
     os.makedirs(out, exist_ok=True)
-    fileio.atomic_write(os.path.join(out, SETTINGS), lambda tmp: _write_text(
-        tmp, json.dumps(settings, indent=1, sort_keys=True)))
+    settings_lib.record(os.path.join(out, SETTINGS), settings)
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     if png:
       os.makedirs(os.path.join(out, PNG_DIR), exist_ok=True)
@@ -472,14 +333,14 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   todo = [b for b in range(len(ranges)) if not exists[b]]
   summary["kept"] = [b for b in range(len(ranges)) if exists[b]]
   logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
-               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), per_step)
+               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), mesh.size)
 
   def write_pngs(start, images):
     if png:
       for j, image in enumerate(images):
         path = os.path.join(out, PNG_DIR, f"{start + j:06d}.png")
         if not os.path.exists(path):
-          _save_png(path, image)
+          fileio.write_png(path, image)
 
   if is_host0 and png:   # resumed parts whose PNGs were not asked for then
     for b in summary["kept"]:
@@ -491,7 +352,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
 
   def finish(b, result):
     start, end = ranges[b]
-    images = Generator.fetch(result[0])[: end - start]
+    images = sampling.fetch(result[0])[: end - start]
     if is_host0:
       write_pngs(start, images)
       fileio.atomic_write(part_path(out, start, end), lambda tmp: _save_part(
@@ -509,7 +370,8 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
       indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
       batch_labels = np.zeros(batch, np.int32)
       batch_labels[: end - start] = label_values[start:end]
-      result = generator(indices, batch_labels)   # runs while the previous batch is written
+      # Runs while the previous batch is written.
+      result = generator(params, seed, indices, batch_labels)
       if pending is not None:
         finish(*pending)
       pending = (b, result)

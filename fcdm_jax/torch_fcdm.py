@@ -1,6 +1,6 @@
 """FCDM as a PyTorch module with the published structure and state_dict keys (NCHW).
 
-Written from the facts in DESIGN.md section 1 so that a checkpoint exported by
+Written from the published architecture and initialisation so that a checkpoint exported by
 `fcdm_jax.convert.save_torch_checkpoint` can be checked the way the published code
 would use it (plain `torch.load`, `load_state_dict(strict=True)`), and so that the
 benchmark (`fcdm_jax.bench --vs-torch`) has the PyTorch side of the comparison.
@@ -190,7 +190,7 @@ class FCDM(nn.Module):
     self.initialize_weights()
 
   def initialize_weights(self):
-    """The published initialisation (DESIGN.md section 1)."""
+    """The published initialisation."""
     for m in self.modules():
       if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.xavier_uniform_(m.weight)

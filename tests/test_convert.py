@@ -80,9 +80,9 @@ def test_missing_extra_and_misshaped_keys_are_listed(tiny_state_dict):
   with pytest.raises(ValueError) as err:
     convert.params_from_torch(sd)
   msg = str(err.value)
-  assert "missing keys (1): ['latent.1.grn.gamma']" in msg
-  assert "unexpected keys (1): ['latent.1.grn.alpha']" in msg
-  assert "reduce_chans_1.bias: got (31,), expected (32,)" in msg
+  assert "1 missing keys: latent.1.grn.gamma" in msg
+  assert "1 unexpected keys: latent.1.grn.alpha" in msg
+  assert "reduce_chans_1.bias (31,) (expected (32,))" in msg
 
 
 def test_not_an_fcdm_state_dict():

@@ -14,7 +14,7 @@ import pytest
 
 from fcdm_jax.data import load_embedded
 from fcdm_jax.diffusion.objectives import make_objective
-from fcdm_jax.evaluation import demo_eval
+from fcdm_jax.evaluation import demo_eval, hooks
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import sharding
 from train_helpers import TESTS, load_config
@@ -160,11 +160,14 @@ def test_sample_config_is_the_preview_with_eval_overrides():
   config = load_config(DEMO_CONFIG, "ddpm")
   config.preview.update(eta=0.5, steps=7, cfg_scale=2.0)
   config.eval.update(steps=3, cfg_scale=5.0, sampler="ddpm", batch_size=8)
-  cfg = demo_eval.sample_config(config)
+  cfg = hooks.sample_settings(config)
   assert cfg["eta"] == 0.5 and cfg["steps"] == 3 and cfg["cfg_scale"] == 5.0
   assert cfg["sampler"] == "ddpm"
-  for key in ("every_steps", "per_class", "num_samples", "enabled", "batch_size"):
+  for key in ("every_steps", "per_class", "num_samples", "enabled", "batch_size", "kind",
+              "inception", "reference", "vae_dir"):
     assert key not in cfg
+  config.eval.steps = None   # unset: the preview's
+  assert hooks.sample_settings(config)["steps"] == 7
 
 
 class _Recorder:
@@ -230,7 +233,7 @@ def test_run_demo_eval_with_flow_judges_guided_samples_only_by_default(workdir, 
   shutil.copytree(os.path.join(workdir, demo_eval.CLASSIFIER_DIR),
                   os.path.join(run_dir, demo_eval.CLASSIFIER_DIR))
   config, model, objective, mesh, params = _tiny_run("flow")
-  del config.eval["unguided"]
+  config.eval.unguided = load_config(DEMO_CONFIG, "flow").eval.unguided   # the default
   config.eval.update(num_samples=10, batch_size=16)  # one batch, padded past the samples
   out = demo_eval.run_demo_eval(config, model, objective, params, mesh, run_dir, _Recorder(),
                                 step=3)

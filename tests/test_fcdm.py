@@ -13,7 +13,7 @@ from fcdm_jax.config_base import get_config
 from fcdm_jax.flops import fcdm_forward_macs
 from fcdm_jax.models import FCDM, get_variant
 
-# DESIGN.md section 1: GMACs of one forward on one latent.
+# The published GMACs of one forward on one latent (the FCDM paper's table).
 PUBLISHED_GMACS = {("S", 32): 3.07, ("S", 64): 12.27, ("B", 32): 12.14, ("B", 64): 48.44,
                    ("L", 32): 48.23, ("L", 64): 192.52, ("XL", 32): 64.53, ("XL", 64): 257.52}
 

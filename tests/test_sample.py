@@ -13,7 +13,7 @@ from PIL import Image
 
 import jax
 
-from fcdm_jax import config_base, convert, evaluate, sample
+from fcdm_jax import config_base, convert, evaluate, sample, sampling
 from fcdm_jax.models import FCDM, inception
 from fcdm_jax.models import vae as vae_lib
 from fcdm_jax.train import checkpoint as ckpt_lib
@@ -204,14 +204,14 @@ def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   with np.load(result["npz"]) as z:
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (5, 8, 8, 3)   # 4x4 latents, VAE factor 2
-  decoder, vae_params, _ = sample.load_decoder(vae_dir, config, mesh)
-  gen = sample.Generator(config, from_file, sample.sample_settings(
-      config, dict(sampler="ddim", steps=2)), mesh, 3, decoder, vae_params)
-  again, lat = gen.generate(np.arange(8, dtype=np.uint32), np.resize(labels, 8).astype(np.int32))
+  decoder, _ = sample.load_decoder(vae_dir, config, mesh)
+  gen = sampling.Generator(config, sample.sample_settings(
+      config, dict(sampler="ddim", steps=2)), mesh, decoder)
+  again, lat = gen.generate(from_file, 3, np.arange(8), np.resize(labels, 8))
   np.testing.assert_array_equal(again[:5], images)
   model, params = vae_lib.load_vae(vae_dir)
   decoded = jax.jit(lambda p, z: model.apply(p, z / 0.5, method=model.decode))(params, lat[:5])
-  want = np.asarray(sample.to_uint8(decoded))
+  want = np.asarray(sampling.to_uint8(decoded))
   assert lat.shape == (8, 4, 4, 4)
   assert np.abs(want.astype(int) - images.astype(int)).max() <= 1
 

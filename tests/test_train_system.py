@@ -5,7 +5,6 @@ Runs on the 8 fake CPU devices of conftest.py; the crash tests run the real comm
 subprocesses.
 """
 
-import json
 import os
 import pathlib
 import signal
@@ -14,7 +13,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

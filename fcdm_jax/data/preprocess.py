@@ -1,6 +1,6 @@
 """Image preprocessing shared by the pixel pipelines and the latent extractor.
 
-ADM's centre crop (DESIGN.md section 2), the one the published latents were made with:
+ADM's centre crop, the one the published latents were made with:
 halve the image with a box filter while its short side is at least twice the target,
 resize with bicubic so the short side equals the target, then crop the centre square.
 """

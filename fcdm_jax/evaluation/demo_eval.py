@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Any
@@ -41,11 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
-from fcdm_jax import fileio, metrics
+from fcdm_jax import fileio, metrics, sampling, settings
 from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_model_range
-from fcdm_jax.train import preview, sharding
+from fcdm_jax.evaluation import hooks
 
 CLASSIFIER_DIR = "eval_classifier"
 PARAMS_FILE = "params.msgpack"
@@ -226,7 +224,8 @@ def train_classifier(recipe: dict | None = None):
   x_test, y_test = load_embedded("test")
   _, predicted = _predict(module, params, to_model_range(x_test))
   accuracy = float(np.mean(predicted == y_test))
-  info = dict(recipe=_jsonable(recipe), test_accuracy=accuracy, train_seconds=round(seconds, 2),
+  info = dict(recipe=settings.as_json(recipe), test_accuracy=accuracy,
+              train_seconds=round(seconds, 2),
               num_train=int(len(x_train)), num_test=int(len(x_test)))
   logging.info("eval classifier: trained in %.1f s, held-out accuracy %.4f", seconds, accuracy)
   if accuracy < MIN_TEST_ACCURACY:
@@ -248,10 +247,6 @@ def _predict(module, params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     feats.append(np.asarray(f[:_BATCH - pad], np.float64))
     preds.append(np.argmax(logits[:_BATCH - pad], axis=-1))
   return np.concatenate(feats), np.concatenate(preds).astype(np.int32)
-
-
-def _jsonable(recipe: dict) -> dict:
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
 
 
 class Judge:
@@ -319,8 +314,8 @@ def _load_cache(directory: str, recipe: dict, fingerprint: str, module) -> tuple
       raise ValueError(f"{META_FILE} holds {type(meta).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise ValueError(f"{meta_path} is unreadable: {e}") from e
-  if meta.get("recipe") != _jsonable(recipe):
-    raise ValueError(f"recipe changed: cached {meta.get('recipe')}, now {_jsonable(recipe)}")
+  settings.refuse_changes(meta.get("recipe") or {}, settings.as_json(recipe),
+                          "the classifier recipe changed", "retraining")
   if meta.get("data_sha256") != fingerprint:
     raise ValueError("the embedded data changed since the classifier was trained")
   with open(params_path, "rb") as f:
@@ -387,19 +382,6 @@ def evaluate_samples(images, labels, workdir: str) -> dict:
 # ------------------------------------------------------------------ the training hook
 
 
-def sample_config(config) -> dict:
-  """The preview's sampler settings with `config.eval`'s overrides (sampler, steps, ...)."""
-  preview_only = {"every_steps", "num_classes_shown", "per_class", "vae_dir"}
-  eval_only = {"enabled", "num_samples", "batch_size", "unguided"}
-  cfg = {k: v for k, v in _plain(config.preview).items() if k not in preview_only}
-  cfg.update({k: v for k, v in _plain(config.eval).items() if k not in eval_only})
-  return cfg
-
-
-def _plain(d) -> dict:
-  return d.to_dict() if hasattr(d, "to_dict") else dict(d)
-
-
 def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, dict]]:
   """Checks `config.eval` against the run; returns the (name, sample config) runs to judge.
 
@@ -419,92 +401,56 @@ def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, d
   if problems:
     raise ValueError("the demo evaluation judges samples of the embedded MNIST digits only; "
                      "this run has " + ", ".join(problems) + ". Set config.eval.enabled=False.")
-  num_samples = config.eval.get("num_samples", None)
-  if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-      or num_samples < 2):
-    raise ValueError(f"config.eval.num_samples must be an integer >= 2 (the Frechet distance "
-                     f"needs a covariance), got {num_samples!r}")
-  batch = config.eval.get("batch_size", config.batch_size)
-  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
-    raise ValueError(f"config.eval.batch_size must be a positive integer, got {batch!r}")
-  guided = sample_config(config)
+  hooks.check_count("num_samples", config.eval.num_samples, 2)   # a covariance needs 2
+  hooks.check_count("batch_size", config.eval.batch_size, 1)
+  guided = hooks.sample_settings(config)
   cfg_scale = float(guided.get("cfg_scale", 1.0))
   runs = [("guided" if cfg_scale != 1.0 else "conditional", guided)]
-  if cfg_scale != 1.0 and config.eval.get("unguided", False):
+  if cfg_scale != 1.0 and config.eval.unguided:
     runs.append(("unguided", dict(guided, cfg_scale=1.0)))
-  null_label = model.num_classes if model.has_null_class else None
+  null = sampling.ClassLabels.of(model).null
   for _, cfg in runs:
-    objective.make_sampler(cfg, null_label)  # raises on bad sampler settings
+    objective.make_sampler(cfg, null)  # raises on bad sampler settings
   return runs
 
 
-class _Generator:
-  """Samples class-conditional digits in fixed-size batches spread over the data axes."""
-
-  def __init__(self, config, model, objective, mesh, sample_cfg: dict):
-    null_label = model.num_classes if model.has_null_class else None
-    sample_fn = objective.make_sampler(sample_cfg, null_label)  # validates the settings now
-
-    def run(params, noise, labels, rng):
-      model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      return sample_fn(model_fn, noise, labels, rng)
-
-    self._sample = jax.jit(run)
-    self.config, self.mesh = config, mesh
-
-  def __call__(self, params, labels: np.ndarray, batch: int, name: str) -> np.ndarray:
-    """float32 samples for `labels`, noise and sampler randomness fixed by config.seed."""
-    shape = IMAGE_SHAPE
-    num_batches = math.ceil(len(labels) / batch)
-    padded = np.zeros(num_batches * batch, np.int32)
-    padded[:len(labels)] = labels
-    where = sharding.batch_sharding(self.mesh)
-    noise_key = jax.random.PRNGKey(self.config.seed + 3)
-    rng_key = jax.random.PRNGKey(self.config.seed + 4)
-    out, start = [], time.time()
-    for b in range(num_batches):
-      noise = np.asarray(jax.random.normal(jax.random.fold_in(noise_key, b), (batch,) + shape))
-      y = padded[b * batch:(b + 1) * batch]
-      noise = jax.make_array_from_callback(noise.shape, where, lambda idx, a=noise: a[idx])
-      y = jax.make_array_from_callback(y.shape, where, lambda idx, a=y: a[idx])
-      with preview.step_context(self.mesh, self.config):
-        x = self._sample(params, noise, y, jax.random.fold_in(rng_key, b))
-      out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32))
-      logging.info("eval %s: %d/%d samples (%.1f s)", name, min((b + 1) * batch, len(labels)),
-                   len(labels), time.time() - start)
-    return np.concatenate(out)[:len(labels)]
+def sample_images(generator, config, params, labels, batch: int, name: str
+                  ) -> tuple[np.ndarray, int]:
+  """(uint8 digits for `labels` from config.seed, how many samples were not finite)."""
+  start = time.time()
+  log = lambda done, total: logging.info("eval %s: %d/%d samples (%.1f s)", name, done, total,
+                                         time.time() - start)
+  _, samples = generator.generate_all(params, config.seed, labels, batch, progress=log)
+  bad = int(np.sum(~np.isfinite(samples).all(axis=(1, 2, 3))))
+  samples = np.nan_to_num(samples, nan=-1.0, posinf=1.0, neginf=-1.0)
+  return sampling.to_uint8(samples), bad
 
 
 def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writer,
                   step: int) -> dict:
   """Samples, judges and records the demo model at the end of training (`config.eval`).
 
-  config.eval: num_samples (>= 2), sampler, steps, cfg_scale, and optionally batch_size
-  (default config.batch_size, rounded up to the data-parallel size) and unguided (default
-  False; True also judges cfg_scale=1 samples from the same noise, unless cfg_scale is 1).
-  Other sampler settings come from config.preview. Writes `<workdir>/eval.json` (host 0)
-  and `eval/*` scalars; returns what eval.json holds.
+  config.eval: num_samples (>= 2), batch_size, sampler overrides (sampler, steps,
+  cfg_scale; the others come from config.preview) and unguided (True also judges
+  cfg_scale=1 samples from the same noise, unless cfg_scale is 1). Writes
+  `<workdir>/eval.json` (host 0) and `eval/*` scalars; returns what eval.json holds.
   """
   started = time.time()
   runs = check_demo_eval(config, model, objective, workdir)
   num_samples = int(config.eval.num_samples)
-  generators = [(name, _Generator(config, model, objective, mesh, cfg)) for name, cfg in runs]
-  dp = sharding.data_parallel_size(mesh)
-  batch = preview.math_ceil(min(int(config.eval.get("batch_size", config.batch_size)),
-                                num_samples), dp)
+  generators = [(name, sampling.Generator(config, cfg, mesh)) for name, cfg in runs]
+  batch = int(config.eval.batch_size)
 
   judge = load_or_train_classifier(workdir)
   reference = judge.real_reference(num_samples)
   labels = balanced_labels(num_samples)
   results = {}
-  for name, generate in generators:
+  for name, generator in generators:
     t0 = time.time()
-    samples = generate(ema_params, labels, batch, name)
-    bad = int(np.sum(~np.isfinite(samples).all(axis=(1, 2, 3))))
+    images, bad = sample_images(generator, config, ema_params, labels, batch, name)
     if bad:
       logging.warning("eval %s: %d of %d samples are not finite (scored as black images)",
                       name, bad, num_samples)
-    images = preview.to_uint8(np.nan_to_num(samples, nan=-1.0, posinf=1.0, neginf=-1.0))
     scores = judge.score(images, labels)
     results[name] = dict(accuracy=scores["accuracy"],
                          frechet_distance=scores["frechet_distance"],
@@ -521,7 +467,7 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
       num_samples=num_samples,
       **results,
       reference=reference,
-      sampler=_jsonable(runs[0][1]),
+      sampler=settings.as_json(runs[0][1]),
       classifier=dict(directory=judge.directory, trained_now=judge.trained,
                       test_accuracy=judge.info["test_accuracy"],
                       train_seconds=judge.info.get("train_seconds")),
@@ -541,3 +487,19 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
   if jax.process_index() == 0:
     fileio.atomic_write_bytes(os.path.join(workdir, EVAL_FILE), json.dumps(summary, indent=2).encode())
   return summary
+
+
+class DemoJudge:
+  """The training hook: `run_demo_eval` with the run's EMA params (config.eval.kind='demo')."""
+
+  def __init__(self, config, mesh, workdir: str):
+    from fcdm_jax.diffusion.objectives import make_objective
+    from fcdm_jax.models import FCDM
+    self.config, self.mesh, self.workdir = config, mesh, workdir
+    self.model, self.objective = FCDM(**config.model), make_objective(config)
+    self.every_steps = int(config.eval.every_steps)
+    check_demo_eval(config, self.model, self.objective, workdir)
+
+  def __call__(self, step: int, ema_params, writer) -> dict:
+    return run_demo_eval(self.config, self.model, self.objective, ema_params, self.mesh,
+                         self.workdir, writer, step)

@@ -1,6 +1,6 @@
 """FCDM: the fully convolutional ConvNeXt U-net diffusion model, in Flax (NHWC).
 
-Mirrors the published PyTorch module operation for operation (DESIGN.md section 1):
+Mirrors the published PyTorch module operation for operation:
 per-level timestep and label embedders, adaLN-modulated ConvNeXt blocks with GRN,
 pixel-(un)shuffle resampling in PyTorch channel order, and skip concatenation
 [up, skip]. The repeated blocks of a level are one `nn.scan` so that compile time
@@ -18,7 +18,7 @@ import numpy as np
 
 from fcdm_jax.diffusion import guidance
 from fcdm_jax.models import layers
-from fcdm_jax.models.layers import conv3x3, dense, logical
+from fcdm_jax.models.layers import conv3x3, dense
 
 Dtype = Any
 

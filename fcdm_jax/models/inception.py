@@ -34,7 +34,7 @@ to half a source pixel at 256 -> 299), because no real weights can be downloaded
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -293,12 +293,6 @@ def torch_layout(model: InceptionV3 | None = None) -> dict[str, tuple[tuple[str,
   return layout
 
 
-def _describe(keys: Sequence[str], limit: int = 8) -> str:
-  keys = sorted(keys)
-  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def variables_from_torch(state_dict: Mapping[str, Any], model: InceptionV3 | None = None,
                          source: str = "state_dict") -> dict:
   """pytorch-fid FID Inception state_dict -> Flax variables {params, batch_stats}.
@@ -309,20 +303,10 @@ def variables_from_torch(state_dict: Mapping[str, Any], model: InceptionV3 | Non
   """
   layout = torch_layout(model)
   given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-  missing = set(layout) - set(given)
-  unexpected = set(given) - set(layout)
-  wrong = [f"{k} {tuple(np.shape(given[k]))} (expected {layout[k][1]})"
-           for k in set(layout) & set(given) if tuple(np.shape(given[k])) != layout[k][1]]
-  if missing or unexpected or wrong:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} missing keys: {_describe(missing)}")
-    if unexpected:
-      parts.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
-    if wrong:
-      parts.append(f"{len(wrong)} keys of the wrong shape: {_describe(wrong)}")
-    raise ValueError(f"{source} does not hold pytorch-fid's FID InceptionV3 weights "
-                     f"(pt_inception-2015-12-05-*.pth): " + "; ".join(parts))
+  torch_weights.check_state_dict(
+      given, {k: shape for k, (_, shape) in layout.items()},
+      f"{source} does not hold pytorch-fid's FID InceptionV3 weights "
+      "(pt_inception-2015-12-05-*.pth)")
   variables = torch_weights.nest_from_torch(layout, given)
   return variables
 

@@ -1,6 +1,6 @@
 """The SD-VAE (diffusers `AutoencoderKL`) in Flax, NHWC, configured by a diffusers config.json.
 
-FCDM trains on the latents of `stabilityai/sd-vae-ft-ema` (DESIGN.md section 2); diffusers
+FCDM trains on the latents of `stabilityai/sd-vae-ft-ema` (as DiT does); diffusers
 no longer ships Flax models, so this is our own. Module and parameter names mirror the
 diffusers state_dict (`encoder.down_blocks.0.resnets.1.norm2.weight` is
 `encoder/down_blocks_0/resnets_1/norm2/scale`), so loading is a mechanical walk plus
@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -355,32 +355,14 @@ def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]
   return out
 
 
-def _describe(keys: Sequence[str], limit: int = 8) -> str:
-  keys = sorted(keys)
-  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def params_from_torch(state_dict: Mapping[str, Any], model: AutoencoderKL,
                       source: str = "state_dict") -> dict:
   """diffusers AutoencoderKL state_dict -> Flax {'params': ...}; ValueError listing the
   missing, unexpected and misshapen keys when it belongs to another model or config."""
   layout = torch_layout(model)
   given = normalize_state_dict(state_dict)
-  missing = set(layout) - set(given)
-  unexpected = set(given) - set(layout)
-  wrong = [f"{k} {given[k].shape} (expected {layout[k][1]})"
-           for k in set(layout) & set(given) if tuple(given[k].shape) != layout[k][1]]
-  if missing or unexpected or wrong:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} missing keys: {_describe(missing)}")
-    if unexpected:
-      parts.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
-    if wrong:
-      parts.append(f"{len(wrong)} keys of the wrong shape: {_describe(wrong)}")
-    raise ValueError(f"{source} does not hold AutoencoderKL weights for this config: "
-                     + "; ".join(parts))
+  torch_weights.check_state_dict(given, {k: shape for k, (_, shape) in layout.items()},
+                                 f"{source} does not hold AutoencoderKL weights for this config")
   params = torch_weights.nest_from_torch(layout, given)
   return {"params": params}
 

@@ -1,4 +1,4 @@
-"""The published FCDM variants (DESIGN.md section 1)."""
+"""The published FCDM variants (S, B, L, XL)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ and 'meta' (JSON: the data position, the config, versions). Orbax writes each st
 a temporary folder and renames it when complete, so a run killed mid-save leaves the
 previous checkpoints intact and the partial one is ignored. Restoring takes an abstract
 state whose leaves carry the target shardings: a checkpoint written on 8 devices
-restores onto 1 or 4, or another mesh.
+restores onto 1 or 4, or another mesh. Sampling, evaluation and export restore the params
+alone (`load_ema_params`): orbax's partial restore reads only those arrays, each device
+only its shards.
 """
 
 from __future__ import annotations
@@ -126,6 +128,15 @@ class Checkpointer:
     self.manager.reload()
     return str(target)
 
+  def restore_parts(self, step: int, abstract_parts: dict[str, Any]) -> dict[str, Any]:
+    """Only the named fields of the saved state (e.g. {'ema_params': tree}), each leaf read
+    straight into the sharding its abstract leaf carries; the other fields are not read."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_parts)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract_parts, restore_args=restore_args,
+                                     partial_restore=True)))
+    return dict(restored["state"])
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -146,7 +157,6 @@ def _paths_and_shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
 
 def saved_config(workdir: str, step: int | None = None):
   """The config a run was trained with (from its checkpoint's meta), as a ConfigDict."""
-  import ml_collections
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
   steps = ckpt.all_steps()
   if not steps:
@@ -160,41 +170,72 @@ def saved_config(workdir: str, step: int | None = None):
   except Exception as e:
     raise ValueError(f"checkpoint at step {step} in {ckpt.directory} cannot be read: its "
                      f"settings (meta) are damaged: {e}") from e
-  config = ml_collections.ConfigDict(meta["config"])
+  return _config_dict(meta["config"]), step
+
+
+def _config_dict(saved: dict):
+  import ml_collections
+  config = ml_collections.ConfigDict(saved)
   config.model.depth = tuple(config.model.depth)
-  return config, step
+  return config
+
+
+PARAM_FIELDS = ("ema", "params")
+# The config fields that decide the params' tree and shapes (the rest is how they run).
+ARCHITECTURE = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes", "learn_sigma",
+                "class_dropout_prob")
+
+
+def check_same_model(saved_config: dict, config, advice: str) -> None:
+  """Refuses, naming the differing fields, a config whose network is not the checkpoint's."""
+  from fcdm_jax import settings
+  arch = lambda c, model: dict({k: model.get(k) for k in ARCHITECTURE},
+                               objective=c.get("objective"))
+  now = settings.as_json(config)
+  settings.refuse_changes(arch(saved_config, saved_config.get("model", {})),
+                          arch(now, now["model"]),
+                          "the workdir's checkpoint was trained with other model fields", advice)
 
 
 def load_params(workdir: str, config=None, step: int | None = None, which: str = "ema",
                 mesh=None):
-  """EMA (or raw) params of a run's checkpoint, replicated on `mesh` (default: all devices).
+  """The EMA (or raw) params of a run's checkpoint, and nothing else of its state.
 
+  They are read straight into the shardings `config` asks for on `mesh` (default: the
+  config's mesh over all devices), so an FSDP model (L/XL) arrives sharded: each device
+  reads its shard only, and neither the AdamW moments nor the other params are read.
   Returns (params, config, step). The config defaults to the one saved with the run.
   """
-  from fcdm_jax.models import FCDM
   from fcdm_jax.train import sharding
-  from fcdm_jax.train.state import make_optimizer, state_layout
-  if which not in ("ema", "params"):
-    raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
-  if config is None:
-    config, step = saved_config(workdir, step)
+  from fcdm_jax.train.state import params_layout
+  if which not in PARAM_FIELDS:
+    raise ValueError(f"which must be one of {PARAM_FIELDS}, got {which!r}")
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  if mesh is None:
-    import numpy as np
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.sharding.params = "replicated"
-  model = FCDM(**config.model)
-  size = config.latent_size
-  abstract, _ = state_layout(config, model, make_optimizer(config), mesh,
-                             (size, size, config.model.in_channels))
-  state, _ = ckpt.restore(step, abstract)
-  ckpt.close()
-  return (state.ema_params if which == "ema" else state.params), config, step
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    saved = ckpt.restore_meta(step)["config"]
+    if config is None:
+      config = _config_dict(saved)
+    else:
+      check_same_model(saved, config, "pass a config with the run's own model fields")
+    if mesh is None:
+      mesh = sharding.create_mesh(config)
+    field = "ema_params" if which == "ema" else "params"
+    try:
+      params = ckpt.restore_parts(step, {field: params_layout(config, mesh)})[field]
+    except ValueError as e:   # e.g. a model field this check does not know
+      raise ValueError(f"the checkpoint at step {step} in {ckpt.directory} does not hold "
+                       f"{field} of the config's model: {e}") from e
+  finally:
+    ckpt.close()
+  return params, config, step
+
+
+def load_ema_params(workdir: str, config=None, step: int | None = None, mesh=None):
+  """(EMA params in the config's shardings, config, step): what sampling and export need."""
+  return load_params(workdir, config=config, step=step, which="ema", mesh=mesh)
 
 
 def restore_on_host(workdir: str, step: int | None = None):
@@ -206,10 +247,11 @@ def restore_on_host(workdir: str, step: int | None = None):
   """
   import numpy as np
   from fcdm_jax.models import FCDM
+  from fcdm_jax.train import sharding
   from fcdm_jax.train.state import make_optimizer, state_layout
   config, step = saved_config(workdir, step)
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  mesh = sharding.create_mesh(devices=jax.devices()[:1])  # shapes only: nothing is placed
   size = config.latent_size
   abstract, _ = state_layout(config, FCDM(**config.model), make_optimizer(config), mesh,
                              (size, size, config.model.in_channels))

@@ -10,27 +10,26 @@ Where each step of training happens:
                          the persistent cache: `fcdm_jax.compilation_cache`)
   metrics .............. clu writers + `ReportProgress` (host 0 writes)
   previews ............. `fcdm_jax.train.preview.PreviewWriter`
+  evaluation ........... the `make_evaluators` the entry point passes in (`fcdm_jax.main`:
+                         `fcdm_jax.evaluation.make_evaluators`); the loop only calls them
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import math
 import os
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
 from fcdm_jax import data as data_lib
-from fcdm_jax import compilation_cache, distributed
+from fcdm_jax import compilation_cache, distributed, settings
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import checkpoint as ckpt_lib
@@ -131,26 +130,6 @@ def check_run_setup(config, mesh) -> None:
       raise ValueError(f"{key} must be positive, got {config[key]}")
 
 
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def _check_resumable(saved_config: dict, config) -> None:
-  """Resuming with a different network would load mismatched weights: refuse clearly."""
-  saved_model = saved_config.get("model", {})
-  current = _config_json(config)["model"]
-  arch = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes", "learn_sigma",
-          "class_dropout_prob")
-  diff = {k: (saved_model.get(k), current.get(k)) for k in arch
-          if saved_model.get(k) != current.get(k)}
-  if diff:
-    raise ValueError(f"the workdir's checkpoint was trained with other model fields "
-                     f"(saved, now): {diff}; use a new --workdir")
-  if saved_config.get("objective") != config.objective:
-    raise ValueError(f"the workdir's checkpoint used objective {saved_config.get('objective')!r},"
-                     f" the config says {config.objective!r}; use a new --workdir")
-
-
 @dataclasses.dataclass
 class MetricBuffer:
   """Per-step metrics stay on device until a log or checkpoint boundary (no per-step sync)."""
@@ -172,8 +151,13 @@ class MetricBuffer:
     return means, bad
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary."""
+def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary.
+
+  `make_evaluators(config, mesh, workdir)` returns the evaluators of config.eval: objects
+  with `every_steps` (0: only when training completes) and `__call__(step, ema_params,
+  writer) -> dict`. Built before the first step, so that a bad evaluation setup fails then.
+  """
   distributed.maybe_initialize(config.distributed)
   if jax.process_count() > 1:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -187,9 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx = make_optimizer(config)
   mesh = sharding.create_mesh(config)
   check_run_setup(config, mesh)
-  if config.eval.enabled:
-    from fcdm_jax.evaluation import demo_eval
-    demo_eval.check_demo_eval(config, model, objective, workdir)
+  evaluators = build_evaluators(config, mesh, workdir, make_evaluators)
   source = data_lib.make_source(config, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   input_shape = tuple(source.element_shape)
@@ -200,7 +182,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   abstract, shardings = state_layout(config, model, tx, mesh, input_shape)
   logging.info("%s", sharding.describe(shardings, abstract))
   restored = checkpointer.restore_newest_intact(
-      abstract, lambda meta: _check_resumable(meta.get("config", {}), config))
+      abstract, lambda meta: ckpt_lib.check_same_model(meta.get("config", {}), config,
+                                                       "use a new --workdir"))
   init_from = config.init_from
   if restored is not None:
     state, _, resumed_step = restored
@@ -230,7 +213,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   preview = None
   if config.preview.every_steps > 0:
     from fcdm_jax.train.preview import PreviewWriter
-    preview = PreviewWriter(config, model, objective, mesh, input_shape, workdir, writer)
+    preview = PreviewWriter(config, mesh, workdir, writer)
 
   buffer = MetricBuffer()
   batches = device_batches(source.iterate(start_step), mesh)
@@ -282,23 +265,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       for hook in hooks:
         hook(step)
       if save:
-        checkpointer.save(step, state, {"data_position": step, "config": _config_json(config),
+        checkpointer.save(step, state, {"data_position": step, "config": settings.as_json(config),
                                         "jax_version": jax.__version__})
       if preview is not None and (step % config.preview.every_steps == 0 or last):
         preview.write(step, state.ema_params)
+      for evaluate in evaluators:
+        if evaluate.every_steps and step % evaluate.every_steps == 0 and not last:
+          evaluate(step, state.ema_params, writer)
       if stop:
         summary["stopped_by"] = "SIGTERM"
         break
   checkpointer.wait()
-  if config.eval.enabled and summary["stopped_by"] == "completed":
-    summary["eval"] = demo_eval.run_demo_eval(config, model, objective, state.ema_params,
-                                              mesh, workdir, writer, step)
+  if evaluators and summary["stopped_by"] == "completed":
+    summary["eval"] = [evaluate(step, state.ema_params, writer) for evaluate in evaluators]
   writer.flush()
   summary.update(end_step=step, first_step_seconds=first_step_seconds)
   if preview is not None:
     summary["last_preview"] = preview.last_path
   checkpointer.close()
   return dict(summary, state=state)
+
+
+def build_evaluators(config, mesh, workdir: str, make_evaluators) -> list:
+  if not config.eval.enabled:
+    return []
+  if make_evaluators is None:
+    raise ValueError("config.eval.enabled is set but no evaluators were passed: train with "
+                     "`python -m fcdm_jax.main`, or pass make_evaluators="
+                     "fcdm_jax.evaluation.make_evaluators to train_and_evaluate")
+  return list(make_evaluators(config, mesh, workdir))
 
 
 def device_batches(host_batches, mesh, ahead: int = 2):

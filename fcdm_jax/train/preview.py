@@ -10,19 +10,11 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from PIL import Image
 
-from fcdm_jax.train import sharding
+from fcdm_jax import fileio, sampling
 
 SAMPLES_DIR = "samples"
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats (NHWC) -> uint8, 1-channel images kept as grey."""
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
@@ -36,79 +28,46 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
   return grid
 
 
-def save_png(path: str, grid: np.ndarray) -> None:
-  img = grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3]
-  tmp = path + ".tmp.png"
-  Image.fromarray(img).save(tmp)
-  os.replace(tmp, path)
-
-
 class PreviewWriter:
-  """Compiles the preview sampler once and writes a grid at every call."""
+  """Samples the same classes from the same noise (config.seed) at every call, one grid each."""
 
-  def __init__(self, config, model, objective, mesh, input_shape, workdir, writer):
+  def __init__(self, config, mesh, workdir, writer):
     pc = config.preview
-    num_classes = config.model.num_classes
-    self.rows = min(pc.num_classes_shown, num_classes)
-    labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
-    self.count = len(labels)
-    dp = sharding.data_parallel_size(mesh)
-    padded = math_ceil(self.count, dp)
-    labels = np.concatenate([labels, np.zeros(padded - self.count, np.int32)])
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1),
-                                         (padded,) + tuple(input_shape)))
-    bs = sharding.batch_sharding(mesh)
-    self.noise = jax.make_array_from_callback(noise.shape, bs, lambda idx: noise[idx])
-    self.labels = jax.make_array_from_callback(labels.shape, bs, lambda idx: labels[idx])
-    null_label = num_classes if model.has_null_class else None
-    sample_fn = objective.make_sampler(pc, null_label)
-
-    def run(params, noise, labels):
-      model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      return sample_fn(model_fn, noise, labels, jax.random.PRNGKey(config.seed + 2))
-
-    self.mesh, self.config = mesh, config
-    self._sample = jax.jit(run)
-    self.decoder = _load_decoder(pc.get("vae_dir", ""), config) if config.data.source in (
-        "latents", "torch_features", "torch_zarr") else None
+    self.rows = min(pc.num_classes_shown, config.model.num_classes)
+    self.labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
+    self.seed = int(config.seed)
+    self.decoder = None
+    if sampling.is_latent(config) and pc.vae_dir:
+      self.decoder = sampling.load_decoder(pc.vae_dir, config, mesh)
+    self.generator = sampling.Generator(config, sample_settings(config), mesh, self.decoder)
     self.folder = os.path.join(workdir, SAMPLES_DIR)
     self.writer = writer
     self.last_path = None
 
+  def images(self, ema_params) -> np.ndarray:
+    """uint8 samples of the grid's labels (decoded latents, or a glance at raw ones)."""
+    images, raw = self.generator.generate_all(ema_params, self.seed, self.labels,
+                                              len(self.labels))
+    if self.decoder is None and raw.shape[-1] > 3:   # raw latents: their first 3 channels
+      images = sampling.to_uint8(raw[..., :3] / max(float(np.abs(raw).max()), 1e-6))
+    return images
+
   def write(self, step: int, ema_params) -> str | None:
-    with step_context(self.mesh, self.config):
-      out = self._sample(ema_params, self.noise, self.labels)
-    out = multihost_utils.process_allgather(out, tiled=True)[: self.count]
-    if self.decoder is not None:
-      out = self.decoder(out)
-    elif out.shape[-1] > 3:
-      out = out[..., :3] / max(float(np.abs(out).max()), 1e-6)  # raw latents, for a glance
-    images = to_uint8(np.asarray(out, np.float32))
+    images = self.images(ema_params)
     if jax.process_index() != 0:
       return None
     os.makedirs(self.folder, exist_ok=True)
     grid = image_grid(images, self.rows)
     path = os.path.join(self.folder, f"step_{step:08d}.png")
-    save_png(path, grid)
+    fileio.write_png(path, grid)
     self.writer.write_images(step, {"samples": grid[None]})
     self.last_path = path
     return path
 
 
-def math_ceil(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
+PREVIEW_ONLY = ("every_steps", "num_classes_shown", "per_class", "vae_dir")
 
 
-def step_context(mesh, config):
-  from fcdm_jax.train.step import sharding_context
-  return sharding_context(mesh, config)
-
-
-def _load_decoder(vae_dir: str, config):
-  """latents -> images in [-1, 1] with the SD-VAE, or None when no VAE is configured."""
-  if not vae_dir:
-    return None
-  from fcdm_jax.models import vae as vae_lib
-  vae, params = vae_lib.load_vae(vae_dir)
-  scale = config.data.vae_scale
-  return jax.jit(lambda z: vae.apply(params, z / scale, method=vae.decode))
+def sample_settings(config) -> dict:
+  """config.preview's sampler settings (without the grid's own fields)."""
+  return {k: v for k, v in config.preview.to_dict().items() if k not in PREVIEW_ONLY}

@@ -15,10 +15,13 @@ from typing import Any, Sequence
 import jax
 import flax.linen as nn
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PARAM_MODES = ("replicated", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
+DATA_ONLY = (("data", -1), ("fsdp", 1))  # data parallel over every device (the default)
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> dict[str, int]:
@@ -42,10 +45,21 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> dict[str, i
   return dict(zip(names, sizes))
 
 
-def create_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(config=None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `config.mesh.axes` (no config: every device on 'data') over `devices`
+  (default: all), laid out on the physical topology by `mesh_utils` so that each axis
+  follows the chips' links; devices without a topology (CPU) keep their order."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(config.mesh.axes, len(devices))
-  grid = np.asarray(devices).reshape(tuple(shape.values()))
+  axes = DATA_ONLY if config is None else config.mesh.axes
+  shape = mesh_shape(axes, len(devices))
+  try:
+    grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices,
+                                         allow_split_physical_axes=True)
+  except (AssertionError, NotImplementedError, ValueError) as e:
+    # A shape the topology cannot hold as given: the plain order, which still works.
+    logging.warning("mesh %s does not map onto the device topology (%s); using the device "
+                    "order", shape, e)
+    grid = np.asarray(devices).reshape(tuple(shape.values()))
   return Mesh(grid, tuple(shape))
 
 

@@ -62,7 +62,7 @@ def sharding_context(mesh: Mesh, config):
   return stack
 
 
-class CompiledTrainStep:
+class JittedTrainStep:
   """`train_step` jitted with explicit in/out shardings and the state donated.
 
   Calls (and `lower`) run under the mesh and logical axis rules, so the model's
@@ -85,5 +85,5 @@ class CompiledTrainStep:
       return self.jitted.lower(state, batch)
 
 
-def jit_train_step(train_step, mesh: Mesh, state_shardings, config) -> CompiledTrainStep:
-  return CompiledTrainStep(train_step, mesh, state_shardings, config)
+def jit_train_step(train_step, mesh: Mesh, state_shardings, config) -> JittedTrainStep:
+  return JittedTrainStep(train_step, mesh, state_shardings, config)

@@ -1,0 +1,228 @@
+"""The one generator: trained weights + a sampler config + conditions -> images (or latents).
+
+Every use of a model's weights samples through `Generator`: the sampling CLI
+(`fcdm_jax.sample`), training previews (`train/preview.py`) and in-training evaluation
+(`fcdm_jax.evaluation`). One place builds the model call, the guidance null condition, the
+global arrays, the gather across hosts and the keys, so a change to any of them (an FSDP
+model, text prompts) is one edit.
+
+Determinism. Sample i's starting noise and its sampler noise come from
+`fold_in(fold_in(PRNGKey(seed), STREAM_NOISE), i)` and nothing else: the same (seed, i)
+gives the same sample whatever the batch it is in, the device or host count, or how
+often a run was resumed (up to floating-point differences between batch shapes). Each
+sample is traced alone (`vmap` over the batch), which is what makes its randomness its own.
+
+Conditions. A condition kind says how one sample's condition is given, what guidance
+replaces it with (its null) and how a padded slot is filled. `ClassLabels` is the kind
+of the class-conditional FCDM; text embeddings would be another kind with the same
+three answers.
+
+Weights are arguments of every call, already placed in their shardings (replicated, or
+FSDP-sharded as `train/checkpoint.load_ema_params` restores them); the batch is split
+over the mesh's data-parallel axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from fcdm_jax import settings
+from fcdm_jax.train import sharding
+
+# fold_in tags of PRNGKey(seed): independent streams of one sampling seed.
+STREAM_NOISE = 0    # the samples' starting and sampler noise
+STREAM_LABELS = 1   # random class labels (`fcdm_jax.sample --labels=random`)
+LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
+
+
+def to_uint8(images):
+  """[-1, 1] -> uint8 as DiT's sample_ddp.py converts (clip(127.5 x + 128), truncated)."""
+  xp = np if isinstance(images, np.ndarray) else jnp
+  return xp.clip(127.5 * images + 128.0, 0, 255).astype(xp.uint8)
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(int(seed)), stream)
+
+
+def random_labels(seed: int, num_samples: int, num_classes: int) -> np.ndarray:
+  """Uniform int32 class labels; label i depends on (seed, i) only."""
+  base = stream_key(seed, STREAM_LABELS)
+  draw = jax.jit(jax.vmap(lambda i: jax.random.randint(
+      jax.random.fold_in(base, i), (), 0, num_classes)))
+  return np.asarray(draw(jnp.arange(num_samples, dtype=jnp.uint32)), np.int32)
+
+
+def is_latent(config) -> bool:
+  """Whether the model samples SD-VAE latents (decoded by a VAE) rather than pixels."""
+  return config.data.source in LATENT_SOURCES
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassLabels:
+  """Class conditioning: one int32 label per sample; guidance uses the null class."""
+  num_classes: int
+  null: int | None    # the extra embedding row of models trained with label dropout
+
+  @classmethod
+  def of(cls, model) -> "ClassLabels":
+    return cls(int(model.num_classes), int(model.num_classes) if model.has_null_class else None)
+
+  def check(self, values) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+      raise ValueError(f"class labels must be a 1-D integer array, got {values.dtype} "
+                       f"{values.shape}")
+    bad = values[(values < 0) | (values >= self.num_classes)]
+    if bad.size:
+      raise ValueError(f"labels {sorted(set(bad.tolist()))[:8]} are outside [0, "
+                       f"{self.num_classes}) (the model's num_classes)")
+    return values.astype(np.int32)
+
+  def pad(self, values: np.ndarray, size: int) -> np.ndarray:
+    """`values` filled up to `size` samples (the padding's samples are dropped)."""
+    out = np.zeros((size,) + values.shape[1:], values.dtype)
+    out[:len(values)] = values
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """An SD-VAE that turns latents / `scale` into images in [-1, 1]; params placed already."""
+  model: Any
+  scale: float
+  params: Any
+
+  def key(self):
+    return [dataclasses.asdict(self.model.config), str(self.model.dtype), self.scale]
+
+
+def load_decoder(vae_dir: str, config, mesh: Mesh) -> Decoder:
+  """The SD-VAE in `vae_dir`, replicated on `mesh`, checked against the model's latents."""
+  from fcdm_jax.models import vae as vae_lib
+  model, params = vae_lib.load_vae(vae_dir)
+  channels = int(config.model.in_channels)
+  if model.config.latent_channels != channels:
+    raise ValueError(f"the VAE in {vae_dir} has {model.config.latent_channels} latent "
+                     f"channels, the model samples {channels}")
+  if model.config.out_channels != 3:
+    raise ValueError(f"the VAE in {vae_dir} decodes {model.config.out_channels}-channel "
+                     "images, not RGB")
+  return Decoder(model, float(config.data.vae_scale),
+                 jax.device_put(params, sharding.replicated(mesh)))
+
+
+# Compiled samplers of this process by everything they are traced with (not weights or
+# seed, which are arguments): sampling several checkpoints of a run compiles once.
+_COMPILED: dict[str, Any] = {}
+
+
+class Generator:
+  """(params, seed, sample indices, conditions) -> (uint8 images, samples before decoding).
+
+  `config` is the run config (model, objective, latent size); `sample_cfg` the sampler's
+  settings (a config.sample-like mapping). Invalid sampler settings raise here.
+  """
+
+  def __init__(self, config, sample_cfg, mesh: Mesh, decoder: Decoder | None = None):
+    from fcdm_jax.diffusion.objectives import make_objective
+    from fcdm_jax.models import FCDM
+    self.model = FCDM(**config.model)
+    self.condition = ClassLabels.of(self.model)
+    size = int(config.latent_size)
+    self.shape = (size, size, int(self.model.in_channels))
+    self.mesh, self.decoder = mesh, decoder
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.parallel = sharding.data_parallel_size(mesh)
+    sample_fn = make_objective(config).make_sampler(sample_cfg, self.condition.null)
+    key = json.dumps([settings.as_json(config.model), config.objective,
+                      settings.as_json(config.diffusion), settings.as_json(config.flow),
+                      settings.as_json(sample_cfg), self.shape,
+                      None if decoder is None else decoder.key(),
+                      [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
+                     sort_keys=True, default=str)
+    if key not in _COMPILED:
+      _COMPILED[key] = self._build(sample_fn)
+    self._images = _COMPILED[key]
+
+  def _build(self, sample_fn):
+    model, shape, decoder = self.model, self.shape, self.decoder
+
+    def one(params, base, index, condition):
+      """Sample `index` alone: its noise depends on nothing but (seed, index)."""
+      key = jax.random.fold_in(base, index)
+      x_T = jax.random.normal(jax.random.fold_in(key, 0), (1,) + shape, jnp.float32)
+      model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+      return sample_fn(model_fn, x_T, condition[None], jax.random.fold_in(key, 1))[0]
+
+    def images(params, decoder_params, base, indices, conditions):
+      x = jax.vmap(one, in_axes=(None, None, 0, 0))(params, base, indices, conditions)
+      out = x
+      if decoder is not None:
+        out = decoder.model.apply(decoder_params, x / decoder.scale,
+                                  method=decoder.model.decode)
+      return to_uint8(out), x
+
+    # Weights keep the shardings they arrive with (replicated or FSDP).
+    return jax.jit(images, out_shardings=self.batch_sharding)
+
+  def padded_size(self, n: int) -> int:
+    """The batch `n` samples run as: a multiple of the data-parallel size."""
+    return -(-int(n) // self.parallel) * self.parallel
+
+  def _global(self, values: np.ndarray) -> jax.Array:
+    """A batch-sharded array from a value every host holds in full."""
+    return jax.make_array_from_callback(values.shape, self.batch_sharding,
+                                        lambda idx: values[idx])
+
+  def __call__(self, params, seed: int, indices, conditions):
+    """Starts sampling (asynchronously); returns device arrays of `padded_size(n)` samples."""
+    indices = np.asarray(indices, np.uint32)
+    conditions = self.condition.check(conditions)
+    if len(indices) != len(conditions):
+      raise ValueError(f"{len(indices)} sample indices but {len(conditions)} conditions")
+    size = self.padded_size(len(indices))
+    padded = np.arange(size, dtype=np.uint32) + (indices[-1] + 1 if len(indices) else 0)
+    padded[:len(indices)] = indices
+    decoder_params = None if self.decoder is None else self.decoder.params
+    return self._images(params, decoder_params, stream_key(seed, STREAM_NOISE),
+                        self._global(padded), self._global(self.condition.pad(conditions, size)))
+
+  def generate(self, params, seed: int, indices, conditions) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, samples before decoding) of exactly these samples, as numpy."""
+    images, raw = self(params, seed, indices, conditions)
+    n = len(indices)
+    return fetch(images)[:n], fetch(raw)[:n]
+
+  def generate_all(self, params, seed: int, conditions, batch: int, progress=None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Samples 0..n-1 for n conditions in batches of `batch` (each compiled once)."""
+    conditions = self.condition.check(conditions)
+    batch = self.padded_size(min(int(batch), len(conditions)))
+    images, raws = [], []
+    for start in range(0, len(conditions), batch):
+      chunk = conditions[start:start + batch]
+      if len(chunk) < batch:  # the last batch runs in the compiled shape
+        chunk = self.condition.pad(chunk, batch)
+      image, raw = self.generate(params, seed, np.arange(start, start + batch), chunk)
+      images.append(image)
+      raws.append(raw)
+      if progress is not None:
+        progress(min(start + batch, len(conditions)), len(conditions))
+    n = len(conditions)
+    return np.concatenate(images)[:n], np.concatenate(raws)[:n]
+
+
+def fetch(result) -> np.ndarray:
+  """A (batch-sharded) global array as numpy on every host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(result, tiled=True))
+  return np.asarray(result)

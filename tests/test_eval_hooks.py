@@ -1,0 +1,86 @@
+"""In-training evaluation as hooks: a tiny real run writes FID-k to TensorBoard every N
+steps, and a setup that cannot be evaluated fails before training."""
+
+import glob
+
+import numpy as np
+import pytest
+
+from fcdm_jax.evaluation import make_evaluators
+from fcdm_jax.train import loop
+
+from test_sample import write_inception
+from train_helpers import TESTS, load_config
+
+DEMO_CONFIG = TESTS.parent / "configs" / "demo.py"
+
+
+def fid_run_config(tmp_path):
+  """A few-channel FCDM on the embedded digits, FID-8 every 2 of its 4 steps."""
+  rng = np.random.default_rng(0)
+  reference = tmp_path / "ref.npz"
+  np.savez(reference, arr_0=rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
+  config = load_config(DEMO_CONFIG, "ddpm")
+  config.model.update(hidden_size=8, depth=(1, 1, 1, 1, 1), dwconv_impl="xla")
+  config.update(batch_size=8, num_train_steps=4, log_every_steps=2, checkpoint_every_steps=4)
+  config.optimizer.warmup_steps = 1
+  config.preview.every_steps = 0
+  inception = write_inception(tmp_path / "inception.safetensors")
+  config.eval.update(kind="fid", every_steps=2, num_samples=8, batch_size=8, sampler="ddim",
+                     steps=2, cfg_scale=1.0, inception=inception, reference=str(reference))
+  return config
+
+
+def scalars(workdir: str) -> dict:
+  """{tag: {step: value}} from the run's TensorBoard event files."""
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(f"{workdir}/events.out.tfevents*"):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag.startswith("eval/"):
+          out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return out
+
+
+def test_fid_hook_writes_fid_to_tensorboard_every_n_steps(tmp_path):
+  config = fid_run_config(tmp_path)
+  workdir = str(tmp_path / "run")
+  summary = loop.train_and_evaluate(config, workdir, make_evaluators=make_evaluators)
+  written = scalars(workdir)
+  for tag in ("eval/fid", "eval/sfid", "eval/inception_score"):
+    assert sorted(written[tag]) == [2, 4], (tag, written.get(tag))
+    assert all(np.isfinite(v) for v in written[tag].values())
+  assert all(v > 0 for v in written["eval/fid"].values())
+  [final] = summary["eval"]
+  assert final["step"] == 4 and final["fid"] == pytest.approx(written["eval/fid"][4], rel=1e-5)
+
+
+def test_bad_evaluation_setups_fail_before_training(tmp_path):
+  config = fid_run_config(tmp_path)
+  config.eval.inception = str(tmp_path / "missing.pth")
+  with pytest.raises(FileNotFoundError, match="config.eval.inception=.*missing.pth"):
+    loop.train_and_evaluate(config, str(tmp_path / "a"), make_evaluators=make_evaluators)
+  config = fid_run_config(tmp_path)
+  config.eval.kind = "clip"
+  with pytest.raises(ValueError, match="unknown config.eval.kind 'clip'"):
+    loop.train_and_evaluate(config, str(tmp_path / "b"), make_evaluators=make_evaluators)
+  with pytest.raises(ValueError, match="no evaluators were passed"):
+    loop.train_and_evaluate(fid_run_config(tmp_path), str(tmp_path / "c"))
+  assert not glob.glob(str(tmp_path / "*" / "checkpoints" / "*"))
+
+
+def test_train_imports_no_application_module():
+  """The training core knows no evaluator, CLI or demo: they plug into it from above."""
+  import ast
+  import pathlib
+  applications = ("fcdm_jax.evaluation", "fcdm_jax.sample", "fcdm_jax.evaluate", "fcdm_jax.main",
+                  "fcdm_jax.extract_latents", "fcdm_jax.bench")
+  train = pathlib.Path(loop.__file__).parent
+  for path in train.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+               if isinstance(node, ast.ImportFrom) else [])
+      bad = [n for n in names if any(n == a or n.startswith(a + ".") for a in applications)]
+      assert not bad, f"{path.name} imports {bad}"

@@ -1,0 +1,164 @@
+"""The one generator (`fcdm_jax.sampling`): the sampling CLI, training previews and the
+in-training evaluation draw the same images from the same weights, seed and labels."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from fcdm_jax import sample, sampling
+from fcdm_jax.diffusion.objectives import make_objective
+from fcdm_jax.evaluation import demo_eval
+from fcdm_jax.models import FCDM
+from fcdm_jax.train import preview as preview_lib
+from fcdm_jax.train import sharding
+
+from test_sample import make_workdir
+from train_helpers import TESTS, load_config
+
+DEMO_CONFIG = TESTS.parent / "configs" / "demo.py"
+
+
+def demo_shaped_config():
+  """The demo's shape (32x32x1 digits, 10 classes) with a model of a few channels."""
+  config = load_config(DEMO_CONFIG, "ddpm")
+  config.seed = 11
+  config.model.update(hidden_size=8, depth=(1, 1, 1, 1, 1), dwconv_impl="xla")
+  config.preview.update(sampler="ddim", steps=3, cfg_scale=4.0, eta=0.0, num_classes_shown=10,
+                        per_class=1)
+  config.eval.update(sampler="ddim", steps=3, cfg_scale=4.0, num_samples=10, batch_size=16)
+  return config
+
+
+def test_cli_preview_and_eval_give_identical_images(tmp_path):
+  config = demo_shaped_config()
+  workdir, ema = make_workdir(tmp_path / "run", config, seed=2)
+  mesh = sharding.create_mesh(config)
+  params = jax.device_put(ema, sharding.replicated(mesh))
+  labels = np.arange(10, dtype=np.int32)   # the grid's rows, and the eval's balanced labels
+
+  summary = sample.sample(str(tmp_path / "out"), 10, workdir=workdir, labels="balanced",
+                          seed=config.seed, batch_size=16, sampler="ddim", steps=3,
+                          cfg_scale=4.0, eta=0.0, progress=False)
+  with np.load(summary["npz"]) as z:
+    from_cli = z["arr_0"][..., :1]   # grey digits, stored as RGB
+    np.testing.assert_array_equal(z["arr_1"], labels)
+
+  previews = preview_lib.PreviewWriter(config, mesh, str(tmp_path / "run"), writer=None)
+  np.testing.assert_array_equal(previews.labels, labels)
+  from_preview = previews.images(params)
+
+  [(_, eval_cfg)] = demo_eval.check_demo_eval(config, previews.generator.model,
+                                              make_objective(config), workdir)
+  generator = sampling.Generator(config, eval_cfg, mesh)
+  from_eval, bad = demo_eval.sample_images(generator, config, params,
+                                           demo_eval.balanced_labels(10), 16, "guided")
+
+  assert from_cli.shape == (10, 32, 32, 1) and from_cli.std() > 10 and bad == 0
+  np.testing.assert_array_equal(from_preview, from_cli)
+  np.testing.assert_array_equal(from_eval, from_cli)
+  # The samples are the labels' own: other labels give other images.
+  other, _ = previews.generator.generate(params, config.seed, np.arange(10), labels[::-1])
+  assert np.abs(other.astype(int) - from_cli.astype(int)).mean() > 1
+
+
+def test_a_sample_depends_on_seed_and_index_only():
+  config = demo_shaped_config()
+  mesh = sharding.create_mesh(config)
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lambda: FCDM(**config.model).init(
+      jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32), np.zeros((1,), np.float32),
+      np.zeros((1,), np.int32)))
+  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                        nn.unbox(shapes)["params"])
+  params = jax.device_put(params, sharding.replicated(mesh))
+  generator = sampling.Generator(config, preview_lib.sample_settings(config), mesh)
+  labels = np.asarray([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], np.int32)
+  images, _ = generator.generate(params, 5, np.arange(10), labels)
+  # Samples 4..7 alone, in a batch of their own: the same images.
+  part, _ = generator.generate(params, 5, np.arange(4, 8), labels[4:8])
+  diff = np.abs(part.astype(int) - images[4:8].astype(int))
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+  other_seed, _ = generator.generate(params, 6, np.arange(10), labels)
+  assert np.abs(other_seed.astype(int) - images.astype(int)).mean() > 1
+  with pytest.raises(ValueError, match=r"labels \[10\] are outside \[0, 10\)"):
+    generator.generate(params, 5, np.arange(2), np.asarray([1, 10]))
+  with pytest.raises(ValueError, match="3 sample indices but 2 conditions"):
+    generator.generate(params, 5, np.arange(3), np.asarray([1, 2]))
+
+
+def _bytes_per_device(arrays) -> dict:
+  """Bytes each device holds of `arrays`, from their addressable shards; a buffer that
+  several arrays view (a shard's `.data` is an array of its own) is counted once."""
+  buffers = {}
+  for a in arrays:
+    for shard in a.addressable_shards:
+      buffers[(shard.device, shard.data.unsafe_buffer_pointer())] = shard.data.nbytes
+  held = {}
+  for (device, _), nbytes in buffers.items():
+    held[device] = held.get(device, 0) + nbytes
+  return held
+
+
+def _bytes_per_device_of_layout(layout) -> dict:
+  """Bytes each device would hold of arrays laid out as `layout`'s abstract leaves say."""
+  held = {}
+  for a in jax.tree.leaves(layout):
+    for device, index in a.sharding.devices_indices_map(a.shape).items():
+      size = np.dtype(a.dtype).itemsize * int(np.prod(
+          [len(range(*i.indices(n))) for i, n in zip(index, a.shape)]))
+      held[device] = held.get(device, 0) + size
+  return held
+
+
+def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
+  """An FSDP run's EMA arrives sharded, nothing else of the state is read, and its images
+  are those of a replicated restore."""
+  import gc
+  from test_sample import tiny_config
+  from fcdm_jax.train import checkpoint as ckpt_lib
+  config = tiny_config()
+  config.model.hidden_size = 32   # wide enough that most bytes are in sharded kernels
+  config.sharding.params = "fsdp"
+  config.mesh.axes = (("data", 1), ("fsdp", -1))
+  workdir, ema = make_workdir(tmp_path / "run", config, seed=3)
+  ema_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(ema))
+
+  from fcdm_jax.train.state import params_layout
+  layout = params_layout(config, sharding.create_mesh(config))
+  wanted = max(_bytes_per_device_of_layout(layout).values())   # the EMA bytes per device
+
+  gc.collect()
+  before = _bytes_per_device(jax.live_arrays())
+  params, restored_config, step = ckpt_lib.load_ema_params(workdir)
+  gc.collect()
+  after = _bytes_per_device(jax.live_arrays())
+
+  held = _bytes_per_device(jax.tree.leaves(params))
+  grown = max(after.get(d, 0) - before.get(d, 0) for d in after)
+  assert len(held) == 8 and restored_config.sharding.params == "fsdp" and step == 7
+  print(f"\nEMA {ema_bytes} B in all, {wanted} B per device in the config's FSDP shardings; "
+        f"restored {max(held.values())} B on the fullest device "
+        f"({max(held.values()) / wanted:.3f} of that); device memory grew by {grown} B "
+        f"(the whole train state, replicated, would be {4 * ema_bytes} B per device)")
+  kernel = params["latent"]["pwconv1"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+  assert wanted < 0.3 * ema_bytes             # the policy really shards most bytes
+  assert max(held.values()) <= 1.1 * wanted
+  assert grown <= 1.1 * wanted                # and nothing else of the state stayed behind
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ema)
+
+  run = lambda out, cfg: sample.sample(str(tmp_path / out), 8, workdir=workdir, config=cfg,
+                                       batch_size=8, seed=1, progress=False)
+  replicated = restored_config.copy_and_resolve_references()
+  replicated.sharding.params = "replicated"
+  replicated.mesh.axes = (("data", -1), ("fsdp", 1))
+  fsdp_images = np.load(run("fsdp", None)["npz"])["arr_0"]
+  replicated_images = np.load(run("replicated", replicated)["npz"])["arr_0"]
+  assert fsdp_images.std() > 10
+  np.testing.assert_array_equal(fsdp_images, replicated_images)
+  other = restored_config.copy_and_resolve_references()
+  other.model.hidden_size = 16
+  with pytest.raises(ValueError, match=r"other model fields \(saved, now\): "
+                                       r"\{'hidden_size': \(32, 16\)\}"):
+    ckpt_lib.load_ema_params(workdir, config=other)
