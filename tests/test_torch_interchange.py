@@ -271,7 +271,8 @@ def test_init_from_refuses_bad_files(published_checkpoint, tmp_path):
   other = torch_fcdm.FCDM(in_channels=4, hidden_size=16, depth=(1, 1, 1, 1, 1), mlp_ratio=3.0,
                           class_dropout_prob=0.0, num_classes=4, learn_sigma=False)
   torch.save({"model": other.state_dict(), "ema": other.state_dict()}, tmp_path / "other.pt")
-  with pytest.raises(ValueError, match=r"does not fit the config's model.*mis-shaped keys"):
+  with pytest.raises(ValueError,
+                     match=r"does not fit the config.s model.*keys of the wrong shape"):
     load(tmp_path / "other.pt")
   data = pathlib.Path(path).read_bytes()
   (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
