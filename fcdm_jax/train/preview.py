@@ -43,32 +43,40 @@ def save_png(path: str, grid: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def preview_program(config, model, objective, mesh, input_shape):
+  """(the jitted preview sampler `(ema_params, noise, labels) -> samples`, the labels shown,
+  the padded noise shape). The batch is padded to a multiple of the data-parallel devices.
+  `PreviewWriter` runs it; `fcdm_jax.preflight` compiles it for a TPU."""
+  pc = config.preview
+  num_classes = config.model.num_classes
+  rows = min(pc.num_classes_shown, num_classes)
+  labels = np.repeat(np.arange(rows), pc.per_class).astype(np.int32)
+  padded = math_ceil(len(labels), sharding.data_parallel_size(mesh))
+  labels = np.concatenate([labels, np.zeros(padded - len(labels), np.int32)])
+  null_label = num_classes if model.has_null_class else None
+  sample_fn = objective.make_sampler(pc, null_label)
+
+  def run(params, noise, labels):
+    model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    return sample_fn(model_fn, noise, labels, jax.random.PRNGKey(config.seed + 2))
+
+  return jax.jit(run), labels, (padded,) + tuple(input_shape)
+
+
 class PreviewWriter:
   """Compiles the preview sampler once and writes a grid at every call."""
 
   def __init__(self, config, model, objective, mesh, input_shape, workdir, writer):
     pc = config.preview
-    num_classes = config.model.num_classes
-    self.rows = min(pc.num_classes_shown, num_classes)
-    labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
-    self.count = len(labels)
-    dp = sharding.data_parallel_size(mesh)
-    padded = math_ceil(self.count, dp)
-    labels = np.concatenate([labels, np.zeros(padded - self.count, np.int32)])
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1),
-                                         (padded,) + tuple(input_shape)))
+    self.rows = min(pc.num_classes_shown, config.model.num_classes)
+    self.count = self.rows * pc.per_class
+    self._sample, labels, noise_shape = preview_program(config, model, objective, mesh,
+                                                        input_shape)
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1), noise_shape))
     bs = sharding.batch_sharding(mesh)
     self.noise = jax.make_array_from_callback(noise.shape, bs, lambda idx: noise[idx])
     self.labels = jax.make_array_from_callback(labels.shape, bs, lambda idx: labels[idx])
-    null_label = num_classes if model.has_null_class else None
-    sample_fn = objective.make_sampler(pc, null_label)
-
-    def run(params, noise, labels):
-      model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      return sample_fn(model_fn, noise, labels, jax.random.PRNGKey(config.seed + 2))
-
     self.mesh, self.config = mesh, config
-    self._sample = jax.jit(run)
     self.decoder = _load_decoder(pc.get("vae_dir", ""), config) if config.data.source in (
         "latents", "torch_features", "torch_zarr") else None
     self.folder = os.path.join(workdir, SAMPLES_DIR)
