@@ -45,8 +45,11 @@ def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
                "--spot", "--", "--config.batch_size=512", env={"DRY_RUN": "1"})
   assert result.returncode == 0, result.stderr
   lines = [l for l in result.stdout.splitlines() if l.startswith("+ ")]
+  # First the preflight, for the accelerator and config, with the --config.* overrides.
+  assert lines[0] == ("+ python3 -m fcdm_jax.preflight --config=configs/xl_512.py "
+                      "--topology=v5p-64 --config.batch_size=512")
   assert "tpu-vm create pod1 --project=proj --zone=us-east5-a --accelerator-type=v5p-64" \
-      in lines[0] and lines[0].endswith("--spot")
+      in lines[1] and lines[1].endswith("--spot")
   assert any(" scp " in l and "--worker=all" in l for l in lines)
   train = [l for l in lines if "fcdm_jax.main" in l]
   assert len(train) == 1 and "--worker=all" in train[0]
@@ -58,6 +61,39 @@ def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
              "--code=https://example.com/fcdm_jax.git", "--ref=v1", env={"DRY_RUN": "1"})
   assert kept.returncode == 0 and " delete " not in kept.stdout
   assert "git\\ clone\\ --depth=1\\ --branch=v1" in kept.stdout
+  skipped = run("tpu_pod.sh", "--project=p", "--workdir=gs://b/r", "--skip-preflight",
+                env={"DRY_RUN": "1"})
+  assert skipped.returncode == 0 and "fcdm_jax.preflight" not in skipped.stdout
+  assert "tpu-vm create" in skipped.stdout.splitlines()[0]
+
+
+def fake_python(tmp_path, status, text):
+  """A `python3` whose `-m fcdm_jax.preflight` prints `text` and exits with `status`."""
+  script = tmp_path / "python3"
+  script.write_text(f"#!/usr/bin/env bash\necho {text!r}\nexit {status}\n")
+  script.chmod(0o755)
+  return str(script)
+
+
+@pytest.mark.parametrize("status, message", [
+    (1, "configs/xl_256.py does not fit on v5e-8 (preflight figures above)"),
+    (2, "the preflight could not run (exit 2"),
+])
+def test_tpu_pod_stops_before_creating_when_the_preflight_refuses(tmp_path, status, message):
+  """No dry run: a refusing preflight stops the script before gcloud is called (a gcloud
+  on PATH that records its calls shows it never ran), its output shown."""
+  calls = tmp_path / "gcloud_calls"
+  gcloud = tmp_path / "bin" / "gcloud"
+  gcloud.parent.mkdir()
+  gcloud.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+  gcloud.chmod(0o755)
+  env = {"PYTHON": fake_python(tmp_path, status, "[train] total 20.1 GiB of 16.0 GiB HBM"),
+         "PATH": f"{gcloud.parent}{os.pathsep}{os.environ['PATH']}"}
+  result = run("tpu_pod.sh", "--project=p", "--workdir=gs://b/r", "--accelerator=v5e-8",
+               "--reuse", env=env)
+  assert result.returncode == 2 and message in result.stderr
+  assert "20.1 GiB of 16.0 GiB" in result.stdout
+  assert not calls.exists()  # nothing created, and the reused VM was not deleted
 
 
 @pytest.mark.parametrize("args, message", [
