@@ -4,16 +4,20 @@ The dry runs need neither gcloud, GPUs nor SLURM: each script prints its command
 instead of running them, after the same argument checks a real run does.
 """
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 REPO = LAUNCH.parent
-SCRIPTS = ["tpu_pod.sh", "gpu_single_node.sh", "slurm_multinode.sbatch"]
+SCRIPTS = ["tpu_pod.sh", "gpu_single_node.sh", "slurm_multinode.sbatch", "gpu_bench.sh"]
+# A word each script's --help must explain: where its output goes.
+HELP_WORD = {"gpu_bench.sh": "--OUT=DIR"}
 
 
 def run(script, *args, env=None):
@@ -36,7 +40,8 @@ def test_shellcheck(script):
 def test_help_and_syntax(script):
   assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
   result = run(script, "--help")
-  assert result.returncode == 0 and "WORKDIR" in result.stdout.upper(), result.stderr
+  assert result.returncode == 0, result.stderr
+  assert HELP_WORD.get(script, "WORKDIR") in result.stdout.upper()
 
 
 def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
@@ -131,3 +136,43 @@ def test_slurm_sets_jax_device_ids_per_layout():
   assert bad.returncode == 2 and "use 1 (per node) or 4 (per GPU)" in bad.stderr
   outside = run("slurm_multinode.sbatch", env={"WORKDIR": "/shared/run"})
   assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
+
+
+def test_gpu_bench_dry_run_lists_every_run():
+  result = run("gpu_bench.sh", "--dry-run", "--out=/tmp/b", "--", "--repeats=10")
+  assert result.returncode == 0, result.stderr
+  lines = [l for l in result.stdout.splitlines() if l.startswith("+ ")]
+  assert len(lines) == 5 and all("--config=configs/xl_256.py --batch=32 --dtype=bf16" in l
+                                 and l.endswith("--repeats=10") for l in lines)
+  assert "--mode=both --remat=block --vs-torch --json=/tmp/b/vs_torch.json" in lines[0]
+  assert [l.split("--dwconv_impl=")[1].split()[0] for l in lines[1:4]] == \
+      ["xla", "shift", "shift_vjp"]
+  assert "--mode=dwconv --json=/tmp/b/dwconv_study.json" in lines[4]
+  assert run("gpu_bench.sh", "--dry-run", "--batch=0").returncode == 2
+  assert run("gpu_bench.sh", "--dry-run", "--dtype=fp16").returncode == 2
+
+
+def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
+  """No GPU here: the same script, every run, on the CPU with a tiny config."""
+  out = tmp_path / "bench"
+  env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHON": sys.executable}
+  result = subprocess.run(
+      ["bash", str(LAUNCH / "gpu_bench.sh"), "--config=tests/configs/tiny.py", "--batch=2",
+       "--remat=none", "--dtype=fp32", f"--out={out}", "--", "--repeats=1", "--warmup=1",
+       "--count_flops=false"], cwd=REPO,
+      env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  machine = (out / "machine.txt").read_text()
+  assert "commit: " in machine and "jax " in machine and "torch " in machine
+  vs = json.loads((out / "vs_torch.json").read_text())
+  assert vs["batch"] == 2 and vs["machine"]["num_devices"] == 1
+  for mode in ("train", "sample"):
+    assert vs["results"][mode]["speedup_vs_torch"] > 0
+  for impl in ("xla", "shift", "shift_vjp"):
+    r = json.loads((out / f"train_dwconv_{impl}.json").read_text())
+    assert r["dwconv_impl_resolved"] == impl and r["results"]["train"]["step_s"]["median"] > 0
+    assert "sample" not in r["results"]
+  study = json.loads((out / "dwconv_study.json").read_text())
+  assert len(study["levels"]) == 3 and "shift_vjp" in study["levels"][0]
+  for name in ("vs_torch", "train_dwconv_xla", "dwconv_study"):
+    assert (out / f"{name}.log").exists()
