@@ -25,11 +25,16 @@ max(FLOPs / peak, bytes / bandwidth): which of the two binds, the images/s and M
 bound allows. These time figures are derived from compiler counts and vendor peaks: bounds,
 not measurements.
 
-Counting through scans: XLA's cost analysis of the compiled TPU program (post-fusion, per
-chip) counts a scanned block once. The same program lowered for the CPU, once with the
-block scans and once unrolled, gives the factor by which that undercounts; the compiled
-counts are scaled by it (flops and bytes separately). The factor is exact for FLOPs when
-outside and inside the scans fuse alike; for bytes it is an estimate.
+Counting through loops: XLA's cost analysis of the compiled TPU program (post-fusion, per
+chip) counts the body of every loop once: the model's block scans, and also the loops the
+TPU compiler makes itself (under FSDP it splits matmuls with sharded weights into
+collective-matmul loops, so XL/512 on v5p-64 reports a third of its FLOPs even after the
+scans are accounted for). So FLOPs per chip are the whole step's FLOPs, from the step lowered
+for the CPU with the block scans unrolled (lowering only, nothing compiled), divided by the
+chips (exact for data-parallel and FSDP work; replicated optimizer updates are a rounding
+error). Bytes have no such exact source: the compiled program's post-fusion bytes are scaled
+by the unrolled / scanned ratio of the CPU lowering's bytes. That estimate still counts the
+compiler's own loops once, so under FSDP it can fall short; read the bound as a bound.
 
 Exit status: 0 when every program fits, 1 when one does not, 2 for bad input or no libtpu.
 """
@@ -104,11 +109,15 @@ def _cpu_config(config):
   return config
 
 
-def _scan_factors(lower_fn: Callable[[bool], Any]) -> dict[str, float]:
-  """Unrolled / scanned ratios of XLA's counts of one program lowered for the CPU."""
+def _cpu_counts(lower_fn: Callable[[bool], Any]) -> dict[str, dict[str, float]]:
+  """XLA's (pre-fusion, whole-program) counts of one program lowered for the CPU, with the
+  block scans and unrolled."""
   from fcdm_jax.flops import cost_analysis
-  scanned, unrolled = cost_analysis(lower_fn(False)), cost_analysis(lower_fn(True))
-  return {key: unrolled[key] / scanned[key] for key in ("flops", "bytes accessed")}
+  out = {}
+  for name, unroll in (("scanned", False), ("unrolled", True)):
+    ca = cost_analysis(lower_fn(unroll))
+    out[name] = {key: float(ca[key]) for key in ("flops", "bytes accessed")}
+  return out
 
 
 def _compile(lowered_fn: Callable[[], Any]) -> tuple[Any, float, str | None]:
@@ -230,16 +239,20 @@ def run(config, topology: str, *, batch: int | None = None, sample_batch: int = 
           macs = jb.forward_macs()
           report["forward_gmacs_per_image"] = macs / 1e9
         cj = bench.JaxBench(cpu_config, b, cpu, log, cfg_scale=scale)
-        factors = _scan_factors(cj.lower_train if name == "train" else cj.lower_sample)
+        counts = _cpu_counts(cj.lower_train if name == "train" else cj.lower_sample)
+        bytes_factor = counts["unrolled"]["bytes accessed"] / counts["scanned"]["bytes accessed"]
         ca = cost_analysis(compiled)
-        flops = ca.get("flops", 0.0) * factors["flops"]
-        nbytes = ca.get("bytes accessed", 0.0) * factors["bytes accessed"]
+        flops = counts["unrolled"]["flops"] / n
+        nbytes = ca.get("bytes accessed", 0.0) * bytes_factor
         model_flops = (6 if name == "train" else 2) * macs * res.get("forward_batch", b) / n
         res["per_chip"] = dict(
             flops=flops, bytes_accessed=nbytes, model_flops=model_flops,
-            compiled_flops_scans_once=ca.get("flops"),
-            compiled_bytes_scans_once=ca.get("bytes accessed"),
-            scan_factor_flops=factors["flops"], scan_factor_bytes=factors["bytes accessed"])
+            compiled_flops_loops_once=ca.get("flops"),
+            compiled_bytes_loops_once=ca.get("bytes accessed"), scan_factor_bytes=bytes_factor,
+            cpu_lowered_flops=dict(scanned=counts["scanned"]["flops"],
+                                   unrolled=counts["unrolled"]["flops"]),
+            cpu_lowered_bytes=dict(scanned=counts["scanned"]["bytes accessed"],
+                                   unrolled=counts["unrolled"]["bytes accessed"]))
         res["roofline"] = roofline(flops, nbytes, peak, chip.hbm_bandwidth, model_flops, b)
     report["programs"][name] = res
     log(format_program(name, res, chip.hbm_bytes))
@@ -288,8 +301,9 @@ def format_program(name: str, r: dict[str, Any], hbm: int) -> str:
     pc, rf = r["per_chip"], r["roofline"]
     comp = "-" if rf["compute_s"] is None else f"{1e3 * rf['compute_s']:.2f}"
     lines.append(
-        f"[{name}] per chip per step, scans counted through: {_flop(pc['flops'])} (model "
-        f"{_flop(pc['model_flops'])}), {pc['bytes_accessed'] / 1e9:.2f} GB of HBM accessed")
+        f"[{name}] per chip per step, loops counted through: {_flop(pc['flops'])} (model "
+        f"{_flop(pc['model_flops'])}), {pc['bytes_accessed'] / 1e9:.2f} GB of HBM accessed "
+        f"(estimate)")
     lines.append(
         f"[{name}] roofline bound (derived, not measured): step >= {1e3 * rf['step_s_bound']:.2f}"
         f" ms, {rf['binds']}-bound (compute {comp} ms, HBM {1e3 * rf['memory_s']:.2f} ms) -> "
