@@ -17,6 +17,8 @@ Options (each also read from the environment variable in brackets):
   --dtype=D          bf16 | fp32 [DTYPE] (default: bf16; PyTorch runs under autocast)
   --remat=R          none | block | dots | dots_no_batch [REMAT] (default: block, which is
                      the published per-block checkpointing on the PyTorch side)
+  --impls=LIST       dwconv formulations of the training-step runs, comma-separated [IMPLS]
+                     (default: xla,shift,shift_vjp)
   --gpu=INDEX        the GPU to use [CUDA_VISIBLE_DEVICES] (default: 0)
   --python=EXE       Python with fcdm_jax[test] and jax[cuda12] [PYTHON] (default: python3)
   --dry-run          print the commands instead of running them [DRY_RUN=1]
@@ -38,6 +40,7 @@ CONFIG="${CONFIG:-configs/xl_256.py}"
 BATCH="${BATCH:-32}"
 DTYPE="${DTYPE:-bf16}"
 REMAT="${REMAT:-block}"
+IMPLS="${IMPLS:-xla,shift,shift_vjp}"
 PYTHON="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
 BENCH_FLAGS=()
@@ -52,6 +55,7 @@ while [[ $# -gt 0 ]]; do
     --batch=*) BATCH="${1#*=}" ;;
     --dtype=*) DTYPE="${1#*=}" ;;
     --remat=*) REMAT="${1#*=}" ;;
+    --impls=*) IMPLS="${1#*=}" ;;
     --gpu=*) export CUDA_VISIBLE_DEVICES="${1#*=}" ;;
     --python=*) PYTHON="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
@@ -65,6 +69,10 @@ done
 [[ -f "$CONFIG" ]] || die "config $CONFIG not found (run from the repository root)"
 [[ "$BATCH" =~ ^[1-9][0-9]*$ ]] || die "--batch must be a positive integer, got $BATCH"
 case "$DTYPE" in bf16|fp32) ;; *) die "--dtype must be bf16 or fp32, got $DTYPE" ;; esac
+IFS=, read -r -a impls <<< "$IMPLS"
+for impl in "${impls[@]}"; do
+  case "$impl" in xla|shift|shift_vjp) ;; *) die "unknown dwconv formulation: $impl" ;; esac
+done
 
 # JAX and PyTorch share the GPU in one process: JAX must not take 75% of it up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
@@ -98,7 +106,7 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 fi
 
 bench vs_torch --mode=both --remat="$REMAT" --vs-torch
-for impl in xla shift shift_vjp; do
+for impl in "${impls[@]}"; do
   bench "train_dwconv_$impl" --mode=train --remat="$REMAT" --dwconv_impl="$impl"
 done
 bench dwconv_study --mode=dwconv

@@ -165,9 +165,10 @@ else
 $(printf %q "$CODE") ~/fcdm_jax"
 fi
 
-# Install into a virtual environment: the package and JAX's TPU build (libtpu from PyPI).
+# Install into a virtual environment: the package and JAX's TPU build (libtpu from PyPI),
+# through the package's tpu extra: the jax and libtpu the preflight compiled with.
 on_all_workers "python3 -m venv ~/venv && ~/venv/bin/pip install -q --upgrade pip && \
-~/venv/bin/pip install -q -e ~/fcdm_jax 'jax[tpu]'"
+~/venv/bin/pip install -q -e \"\$HOME/fcdm_jax[tpu]\""
 
 # Train on all workers at once: every worker runs the same command; jax.distributed
 # finds its peers from the TPU metadata, and host 0 logs and writes.
