@@ -42,6 +42,7 @@ Exit status: 0 when every program fits, 1 when one does not, 2 for bad input or 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -324,6 +325,9 @@ def format_summary(report: dict[str, Any]) -> str:
 
 
 def main(argv=None):
+  # Only the CPU backend is needed (the TPU devices are abstract); without this, JAX with
+  # libtpu installed first probes for a TPU on this machine.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from absl import app, flags
   from ml_collections import config_flags
 
