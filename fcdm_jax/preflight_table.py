@@ -147,7 +147,8 @@ def render(results: dict[str, Any]) -> str:
            f"`python -m fcdm_jax.preflight_table`. Training step, global batch {BATCH}; "
            "HBM = XLA's plan per chip (arguments + outputs - donated + temporaries + code). "
            "**Step bound, img/s and MFU are roofline bounds derived from compiler counts "
-           "(FLOPs and bytes per chip counted through the block scans) and vendor peaks, not "
+           "(FLOPs per chip counted through every loop, HBM bytes with loops counted once) and "
+           "vendor peaks, not "
            "measurements**: a real step is slower. A row the compiler refused shows the "
            "memory it asked for.", "",
            "| config | slice | dtype | remat | dwconv | mesh | HBM GiB / chip | fits | "
