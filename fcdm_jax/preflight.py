@@ -19,8 +19,9 @@ shardings (`config.sharding`):
 
 Per program and per chip it prints XLA's memory plan (arguments, outputs, temporaries,
 code; total against the chip's HBM: FITS / DOES NOT FIT and the margin) and the compile
-time. For train and sample it also prints FLOPs and HBM bytes accessed per step, each
-scanned block counted as often as it runs, and the roofline lower bound of the step time,
+time. For train and sample it also prints the FLOPs per step (every loop counted as often
+as it runs) and the HBM bytes accessed (loops counted once: a lower figure, see below), and
+the roofline lower bound of the step time,
 max(FLOPs / peak, bytes / bandwidth): which of the two binds, the images/s and MFU that the
 bound allows. These time figures are derived from compiler counts and vendor peaks: bounds,
 not measurements.
@@ -32,8 +33,8 @@ collective-matmul loops: XL/512 on v5p-64 reports 1/9 of its training FLOPs). So
 chip are the whole step's, from the step lowered for the CPU with the block scans unrolled
 (lowering only, nothing compiled), divided by the chips (exact for data-parallel and FSDP
 work; replicated optimizer updates are a rounding error). Bytes have no such exact source:
-the HBM bytes are the compiled program's count, every loop counted once, which is at most
-what the step really moves. Both are therefore at most the real work, and the bound
+the HBM bytes are the compiled program's count, every loop counted once, which falls short
+of what the step really moves by the iterations it misses. Both are therefore at most the real work, and the bound
 max(FLOPs / peak, bytes / bandwidth) stays a lower bound; when it says compute binds, HBM
 traffic may still bind in truth. (The bytes of the step lowered for the CPU scanned and
 unrolled, before fusion, are in the JSON for comparison.)
