@@ -21,9 +21,8 @@ Per program and per chip it prints XLA's memory plan (arguments, outputs, tempor
 code; total against the chip's HBM: FITS / DOES NOT FIT and the margin) and the compile
 time. For train and sample it also prints the FLOPs per step (every loop counted as often
 as it runs) and the HBM bytes accessed (loops counted once: a lower figure, see below), and
-the roofline lower bound of the step time,
-max(FLOPs / peak, bytes / bandwidth): which of the two binds, the images/s and MFU that the
-bound allows. These time figures are derived from compiler counts and vendor peaks: bounds,
+the roofline lower bound of the step time, max(FLOPs / peak, bytes / bandwidth): which of
+the two binds, the images/s and MFU that the bound allows. These time figures are derived from compiler counts and vendor peaks: bounds,
 not measurements.
 
 Counting through loops: XLA's cost analysis of the compiled TPU program (post-fusion, per
@@ -34,8 +33,8 @@ chip are the whole step's, from the step lowered for the CPU with the block scan
 (lowering only, nothing compiled), divided by the chips (exact for data-parallel and FSDP
 work; replicated optimizer updates are a rounding error). Bytes have no such exact source:
 the HBM bytes are the compiled program's count, every loop counted once, which falls short
-of what the step really moves by the iterations it misses. Both are therefore at most the real work, and the bound
-max(FLOPs / peak, bytes / bandwidth) stays a lower bound; when it says compute binds, HBM
+of what the step really moves by the iterations it misses. Both are therefore at most the
+real work, and the bound max(FLOPs / peak, bytes / bandwidth) stays a lower bound; when it says compute binds, HBM
 traffic may still bind in truth. (The bytes of the step lowered for the CPU scanned and
 unrolled, before fusion, are in the JSON for comparison.)
 
