@@ -226,6 +226,14 @@ def run(config, topology: str, *, batch: int | None = None, sample_batch: int = 
       res = _program_report(compiled, seconds, error, chip.hbm_bytes)
       res.update(batch=noise_shape[0], sampler=str(config.preview.sampler),
                  steps=int(config.preview.steps))
+      train_memory = (report["programs"].get("train") or {}).get("memory")
+      if res["memory"] is not None and train_memory is not None:
+        # The preview runs inside the training loop: the whole train state stays in HBM
+        # (its EMA params are the preview's arguments), and so does the step's code.
+        m = res["memory"]
+        m["with_train_state"] = (train_memory["argument"] + train_memory["code"] + m["output"]
+                                 + m["temp"] + m["code"])
+        res.update(fit(m["with_train_state"], chip.hbm_bytes))
     else:
       b = batch if name == "train" else sample_batch
       scale = 1.0 if name == "train" else cfg_scale
@@ -287,7 +295,10 @@ def format_program(name: str, r: dict[str, Any], hbm: int) -> str:
         f"[{name}] batch {r['batch']}, compiled in {r['compile_s']:.1f} s; per chip: arguments "
         f"{_gib(m['argument'])}, outputs {_gib(m['output'])} (donated/aliased "
         f"{_gib(m['alias'])}), temporaries {_gib(m['temp'])}, code {_gib(m['code'])} -> total "
-        f"{_gib(m['total'])} of {_gib(hbm)} HBM: "
+        f"{_gib(m['total'])}"
+        + (f", {_gib(m['with_train_state'])} with the train state and step resident"
+           if "with_train_state" in m else "")
+        + f" of {_gib(hbm)} HBM: "
         + (f"FITS, margin {_gib(r['margin_bytes'])} ({100 * r['margin_fraction']:.1f}%)"
            if r["fits"] else
            f"DOES NOT FIT, over by {_gib(-r['margin_bytes'])}"))

@@ -114,8 +114,13 @@ def test_tiny_config_on_v5e_2x2(tmp_path):
     m = r["memory"]
     assert r["compiled"] and r["compile_s"] > 0 and r["fits"]
     assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"] > 0
-    assert r["margin_bytes"] == chip["hbm_bytes"] - m["total"]
+    resident = m["total"] if name != "preview" else m["with_train_state"]
+    assert r["margin_bytes"] == chip["hbm_bytes"] - resident
   assert progs["train"]["memory"]["alias"] > 0  # the state is donated
+  # The preview runs beside the train state (its EMA params are the preview's arguments).
+  train_m, prev_m = progs["train"]["memory"], progs["preview"]["memory"]
+  assert prev_m["with_train_state"] == (train_m["argument"] + train_m["code"] + prev_m["output"]
+                                        + prev_m["temp"] + prev_m["code"]) > prev_m["total"]
   macs = report["forward_gmacs_per_image"] * 1e9
   for name, factor, images in (("train", 6, 16), ("sample", 2, 16)):
     pc, rf = progs[name]["per_chip"], progs[name]["roofline"]
