@@ -48,5 +48,8 @@ setup(
         "torch": ["torch>=2.2"],
         # The published PyTorch code's zarr latent store.
         "zarr": ["zarr>=3.1"],
+        # libtpu: `fcdm_jax.preflight` compiles for TPU slices on any machine, and TPU VMs
+        # run with it. Pinned to the jax the suite was run with: libtpu pairs with one jax.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -163,6 +163,24 @@ def peak_rss_bytes() -> int:
   return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def xla_memory(compiled) -> dict[str, int] | None:
+  """XLA's plan of the executable's memory per device (bytes), or None where the backend
+  has no analysis. `total` = arguments + outputs - aliased (donated) + temporaries +
+  generated code: what the device must hold while the program runs."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    ma = None
+  if ma is None:
+    return None
+  out = dict(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
+             alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes),
+             code=int(ma.generated_code_size_in_bytes))
+  out["planned"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  out["total"] = out["planned"] + out["code"]
+  return out
+
+
 def jax_memory(device, compiled) -> dict[str, Any]:
   """Device peak where the runtime reports it; XLA's planned bytes of the executable; and,
   on a CPU, the process peak RSS (which is the memory the step really took there)."""
@@ -176,24 +194,16 @@ def jax_memory(device, compiled) -> dict[str, Any]:
     out.update(peak_bytes=int(stats["peak_bytes_in_use"]), source="device memory_stats")
   else:
     out.update(peak_bytes=peak_rss_bytes(), source="process peak RSS")
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    ma = None
-  if ma is not None:
-    out["xla_planned_bytes"] = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                   + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
-    out["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
-  else:
-    out.update(xla_planned_bytes=None, xla_temp_bytes=None)  # the backend has no analysis
+  planned = xla_memory(compiled)
+  out["xla_planned_bytes"] = planned["planned"] if planned else None
+  out["xla_temp_bytes"] = planned["temp"] if planned else None  # None: the backend has no analysis
   return out
 
 
 def lowered_flops(lowered) -> float | None:
-  ca = lowered.cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  return float(ca["flops"]) if ca and "flops" in ca else None
+  from fcdm_jax.flops import cost_analysis
+  ca = cost_analysis(lowered)
+  return float(ca["flops"]) if "flops" in ca else None
 
 
 def _busy_seconds() -> float | None:
@@ -238,9 +248,15 @@ def _timed_with_load(fn: Callable[[], Any]) -> tuple[float, float | None]:
 
 
 class JaxBench:
-  """Builds, compiles and steps the JAX training step and sampling forward."""
+  """Builds, compiles and steps the JAX training step and sampling forward.
 
-  def __init__(self, config, batch: int, devices, log):
+  Programs are lowered against abstract inputs (shapes, dtypes, shardings), so the same
+  object compiles for devices this process cannot run on (`fcdm_jax.preflight` hands it
+  abstract TPU devices); host arrays are made only when a step is run. `cfg_scale` != 1
+  makes the sampling forward the guided one (the batch [x; x] with [labels; null]).
+  """
+
+  def __init__(self, config, batch: int, devices, log, cfg_scale: float = 1.0):
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
@@ -251,6 +267,7 @@ class JaxBench:
 
     self.jax, self.jnp, self.nn = jax, jnp, nn
     self.config, self.batch, self.log = config, batch, log
+    self.cfg_scale = float(cfg_scale)
     self.model = FCDM(**config.model)
     self.objective = make_objective(config)
     self.tx = make_optimizer(config)
@@ -259,15 +276,36 @@ class JaxBench:
     if batch % dp:
       raise ValueError(f"batch {batch} is not divisible by the {dp} data-parallel devices")
     self.input_shape = (config.latent_size, config.latent_size, config.model.in_channels)
-    rng = np.random.default_rng(0)
-    local = dict(x=rng.standard_normal((batch,) + self.input_shape).astype(np.float32),
-                 y=rng.integers(0, config.model.num_classes, batch).astype(np.int32))
-    self.batch_arrays = sharding.global_batch(local, self.mesh)
-    self.t = sharding.global_batch(
-        {"t": rng.uniform(0, 999, batch).astype(np.float32)}, self.mesh)["t"]
+    bs = sharding.batch_sharding(self.mesh)
+    self.abstract_batch = dict(
+        x=jax.ShapeDtypeStruct((batch,) + self.input_shape, jnp.float32, sharding=bs),
+        y=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs))
+    self.abstract_t = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=bs)
+    self.batch_arrays = self.t = None
     self.state = None
     self.params = None
-    self._rng = rng
+    self._rng = np.random.default_rng(0)
+    self._shardings = None
+
+  def _host_inputs(self) -> None:
+    """The batch and timesteps as global arrays with random values (for timed steps)."""
+    from fcdm_jax.train import sharding
+    if self.batch_arrays is not None:
+      return
+    rng = np.random.default_rng(0)
+    local = dict(x=rng.standard_normal((self.batch,) + self.input_shape).astype(np.float32),
+                 y=rng.integers(0, self.config.model.num_classes, self.batch).astype(np.int32))
+    self.batch_arrays = sharding.global_batch(local, self.mesh)
+    self.t = sharding.global_batch(
+        {"t": rng.uniform(0, 999, self.batch).astype(np.float32)}, self.mesh)["t"]
+
+  def layout(self):
+    """(abstract train state with shardings, its shardings tree), computed once."""
+    from fcdm_jax.train.state import state_layout
+    if self._shardings is None:
+      self.abstract_state, self._shardings = state_layout(self.config, self.model, self.tx,
+                                                          self.mesh, self.input_shape)
+    return self.abstract_state, self._shardings
 
   def host_filled(self, abstract):
     """Arrays of `abstract`'s shapes, dtypes and shardings with small random values."""
@@ -280,21 +318,22 @@ class JaxBench:
     return self.jax.tree.map(fill, abstract)
 
   # -- training step
-  def _train_step_fn(self, model):
+  def lower_train(self, unroll: bool = False):
+    """The training step lowered (not compiled); `unroll` lowers the block scans unrolled."""
     from fcdm_jax.train.step import jit_train_step, make_train_step
-    return jit_train_step(make_train_step(self.config, model, self.objective, self.tx),
-                          self.mesh, self.shardings, self.config)
+    abstract, shardings = self.layout()
+    model = self.model.clone(scan_unroll=True) if unroll else self.model
+    step = jit_train_step(make_train_step(self.config, model, self.objective, self.tx),
+                          self.mesh, shardings, self.config)
+    return step.lower(abstract, self.abstract_batch)
 
   def compile_train(self, compile_only: bool) -> dict[str, Any]:
-    from fcdm_jax.train.state import state_layout
-    abstract, self.shardings = state_layout(self.config, self.model, self.tx, self.mesh,
-                                            self.input_shape)
-    self.abstract_state = abstract
+    abstract, _ = self.layout()
     if not compile_only:
       self.state = self.host_filled(abstract)
-    step = self._train_step_fn(self.model)
+      self._host_inputs()
     t0 = time.perf_counter()
-    lowered = step.lower(abstract, self.batch_arrays)
+    lowered = self.lower_train()
     lower_s = time.perf_counter() - t0
     self.train_compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -305,33 +344,37 @@ class JaxBench:
     self.jax.block_until_ready((self.state, metrics))
 
   def train_xla_flops(self) -> float | None:
-    step = self._train_step_fn(self.model.clone(scan_unroll=True))
-    return lowered_flops(step.lower(self.abstract_state, self.batch_arrays))
+    return lowered_flops(self.lower_train(unroll=True))
 
   # -- sampling forward
-  def _forward_jit(self, model):
+  def lower_sample(self, unroll: bool = False):
+    """The sampling forward (guided when `cfg_scale` != 1) lowered on the EMA params'
+    layout; `unroll` lowers the block scans unrolled."""
+    from fcdm_jax.diffusion.guidance import guided_model
     from fcdm_jax.train.sharding import batch_sharding
     from fcdm_jax.train.step import sharding_context
-    bs = batch_sharding(self.mesh)
-    fn = self.jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y),
-                      in_shardings=(self.param_shardings, bs, bs, bs), out_shardings=bs)
+    abstract, shardings = self.layout()
+    model = self.model.clone(scan_unroll=True) if unroll else self.model
+    null_label = model.num_classes if model.has_null_class else None
 
-    def lower(*args):
-      with sharding_context(self.mesh, self.config):
-        return fn.lower(*args)
-    return lower
+    def forward(p, x, t, y):
+      model_fn = lambda x, t, y: model.apply({"params": p}, x, t, y)
+      return guided_model(model_fn, y, cfg_scale=self.cfg_scale, null_label=null_label)(x, t)
+
+    bs = batch_sharding(self.mesh)
+    fn = self.jax.jit(forward, in_shardings=(shardings.ema_params, bs, bs, bs),
+                      out_shardings=bs)
+    b = self.abstract_batch
+    with sharding_context(self.mesh, self.config):
+      return fn.lower(abstract.ema_params, b["x"], self.abstract_t, b["y"])
 
   def compile_sample(self, compile_only: bool) -> dict[str, Any]:
-    from fcdm_jax.train.state import state_layout
-    abstract, shardings = state_layout(self.config, self.model, self.tx, self.mesh,
-                                       self.input_shape)
-    self.param_shardings = shardings.params
-    self.abstract_params = abstract.ema_params
+    abstract, _ = self.layout()
     if not compile_only:
-      self.params = self.host_filled(self.abstract_params)
-    b = self.batch_arrays
+      self.params = self.host_filled(abstract.ema_params)
+      self._host_inputs()
     t0 = time.perf_counter()
-    lowered = self._forward_jit(self.model)(self.abstract_params, b["x"], self.t, b["y"])
+    lowered = self.lower_sample()
     lower_s = time.perf_counter() - t0
     self.sample_compiled = lowered.compile()
     return dict(compile_s=time.perf_counter() - t0, lower_s=lower_s)
@@ -341,9 +384,7 @@ class JaxBench:
     self.jax.block_until_ready(self.sample_compiled(self.params, b["x"], self.t, b["y"]))
 
   def sample_xla_flops(self) -> float | None:
-    b = self.batch_arrays
-    lower = self._forward_jit(self.model.clone(scan_unroll=True))
-    return lowered_flops(lower(self.abstract_params, b["x"], self.t, b["y"]))
+    return lowered_flops(self.lower_sample(unroll=True))
 
   def forward_macs(self) -> float:
     from fcdm_jax.flops import fcdm_forward_macs

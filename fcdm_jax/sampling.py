@@ -173,6 +173,17 @@ class Generator:
     # Weights keep the shardings they arrive with (replicated or FSDP).
     return jax.jit(images, out_shardings=self.batch_sharding)
 
+  def lower(self, abstract_params, n: int):
+    """The program that samples `n` samples, lowered on abstract weights (leaves with their
+    shardings) without running it: what `fcdm_jax.preflight` compiles for a TPU slice."""
+    size = self.padded_size(n)
+    vector = lambda dtype: jax.ShapeDtypeStruct((size,), dtype, sharding=self.batch_sharding)
+    key = jax.eval_shape(lambda: stream_key(0, STREAM_NOISE))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
+    decoder_params = None if self.decoder is None else self.decoder.params
+    return self._images.lower(abstract_params, decoder_params, key, vector(jnp.uint32),
+                              vector(jnp.int32))
+
   def padded_size(self, n: int) -> int:
     """The batch `n` samples run as: a multiple of the data-parallel size."""
     return -(-int(n) // self.parallel) * self.parallel

@@ -4,6 +4,9 @@
 # at once (logs stream here), and delete the VM at the end, also on failure or Ctrl-C.
 # The run writes to a gs:// workdir, so rerunning the same command after a preemption
 # resumes from the last checkpoint on a fresh VM.
+# Before anything is created, the config is compiled here for the requested slice
+# (python -m fcdm_jax.preflight, needs libtpu: pip install -e ".[tpu]"); the script stops
+# with the preflight's figures when the run would not fit in the chips' memory.
 set -euo pipefail
 
 usage() {
@@ -23,10 +26,15 @@ Options (each also read from the environment variable in brackets):
   --spot                create a Spot VM (cheaper, preemptible) [SPOT=1]
   --reuse               use an existing VM of that name instead of creating one [REUSE=1]
   --keep                do not delete the VM at the end [KEEP=1]
-  --dry-run             print the commands instead of running them [DRY_RUN=1]
+  --skip-preflight      create the VM without first compiling the config for the slice
+                        here (fcdm_jax.preflight) [SKIP_PREFLIGHT=1]
+  --dry-run             print the commands (the preflight's too) instead of running them
+                        [DRY_RUN=1]
   -h, --help            this text
 
 Flags after `--` go to fcdm_jax.main, e.g. -- --config.batch_size=512 --config.seed=1
+(the --config.* ones go to the preflight too). The preflight runs with $PYTHON
+(default: python3) from this checkout.
 
 Example:
   launch/tpu_pod.sh --project=my-proj --zone=us-central2-b --accelerator=v4-32 \
@@ -47,6 +55,8 @@ SPOT="${SPOT:-0}"
 REUSE="${REUSE:-0}"
 KEEP="${KEEP:-0}"
 DRY_RUN="${DRY_RUN:-0}"
+SKIP_PREFLIGHT="${SKIP_PREFLIGHT:-0}"
+PYTHON="${PYTHON:-python3}"
 MAIN_FLAGS=()
 
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
@@ -66,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --reuse) REUSE=1 ;;
     --keep) KEEP=1 ;;
     --dry-run) DRY_RUN=1 ;;
+    --skip-preflight) SKIP_PREFLIGHT=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; MAIN_FLAGS=("$@"); break ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -99,6 +110,26 @@ WHERE=(--project="$PROJECT" --zone="$ZONE")
 on_all_workers() {
   run "${TPU[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command="$1"
 }
+
+# Will it fit? Compile the run's programs for this slice here, before paying for it.
+# Before the cleanup trap: a refusal must not delete a VM (--reuse) it never touched.
+if [[ "$SKIP_PREFLIGHT" != 1 ]]; then
+  [[ -f "$REPO/$CONFIG" ]] || die "the preflight compiles $CONFIG from this checkout, which" \
+    "has no such file; pass --skip-preflight to create the VM without it"
+  preflight=("$PYTHON" -m fcdm_jax.preflight --config="$CONFIG" --topology="$ACCELERATOR")
+  for flag in "${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}"; do
+    if [[ "$flag" == --config.* ]]; then preflight+=("$flag"); fi
+  done
+  status=0
+  (cd "$REPO" && run "${preflight[@]}") || status=$?
+  if [[ "$status" == 1 ]]; then
+    die "$CONFIG does not fit on $ACCELERATOR (preflight figures above); change the" \
+      "config (batch, remat, sharding) or the accelerator, or pass --skip-preflight"
+  elif [[ "$status" != 0 ]]; then
+    die "the preflight could not run (exit $status, see above); it needs libtpu:" \
+      "pip install -e \".[tpu]\" (or pass --skip-preflight)"
+  fi
+fi
 
 tarball=""
 cleanup() {
@@ -134,9 +165,10 @@ else
 $(printf %q "$CODE") ~/fcdm_jax"
 fi
 
-# Install into a virtual environment: the package and JAX's TPU build (libtpu from PyPI).
+# Install into a virtual environment: the package and JAX's TPU build (libtpu from PyPI),
+# through the package's tpu extra: the jax and libtpu the preflight compiled with.
 on_all_workers "python3 -m venv ~/venv && ~/venv/bin/pip install -q --upgrade pip && \
-~/venv/bin/pip install -q -e ~/fcdm_jax 'jax[tpu]'"
+~/venv/bin/pip install -q -e \"\$HOME/fcdm_jax[tpu]\""
 
 # Train on all workers at once: every worker runs the same command; jax.distributed
 # finds its peers from the TPU metadata, and host 0 logs and writes.

@@ -4,16 +4,20 @@ The dry runs need neither gcloud, GPUs nor SLURM: each script prints its command
 instead of running them, after the same argument checks a real run does.
 """
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 REPO = LAUNCH.parent
-SCRIPTS = ["tpu_pod.sh", "gpu_single_node.sh", "slurm_multinode.sbatch"]
+SCRIPTS = ["tpu_pod.sh", "gpu_single_node.sh", "slurm_multinode.sbatch", "gpu_bench.sh"]
+# A word each script's --help must explain: where its output goes.
+HELP_WORD = {"gpu_bench.sh": "--OUT=DIR"}
 
 
 def run(script, *args, env=None):
@@ -36,7 +40,8 @@ def test_shellcheck(script):
 def test_help_and_syntax(script):
   assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
   result = run(script, "--help")
-  assert result.returncode == 0 and "WORKDIR" in result.stdout.upper(), result.stderr
+  assert result.returncode == 0, result.stderr
+  assert HELP_WORD.get(script, "WORKDIR") in result.stdout.upper()
 
 
 def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
@@ -45,9 +50,14 @@ def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
                "--spot", "--", "--config.batch_size=512", env={"DRY_RUN": "1"})
   assert result.returncode == 0, result.stderr
   lines = [l for l in result.stdout.splitlines() if l.startswith("+ ")]
+  # First the preflight, for the accelerator and config, with the --config.* overrides.
+  assert lines[0] == ("+ python3 -m fcdm_jax.preflight --config=configs/xl_512.py "
+                      "--topology=v5p-64 --config.batch_size=512")
   assert "tpu-vm create pod1 --project=proj --zone=us-east5-a --accelerator-type=v5p-64" \
-      in lines[0] and lines[0].endswith("--spot")
+      in lines[1] and lines[1].endswith("--spot")
   assert any(" scp " in l and "--worker=all" in l for l in lines)
+  # The workers install the tpu extra: the jax and libtpu the preflight compiled with.
+  assert any("pip\\ install\\ -q\\ -e\\ \\\"\\$HOME/fcdm_jax\\[tpu\\]" in l for l in lines)
   train = [l for l in lines if "fcdm_jax.main" in l]
   assert len(train) == 1 and "--worker=all" in train[0]
   for flag in ("--config=configs/xl_512.py", "--workdir=gs://bucket/xl",
@@ -58,6 +68,39 @@ def test_tpu_pod_dry_run_creates_installs_runs_everywhere_and_deletes():
              "--code=https://example.com/fcdm_jax.git", "--ref=v1", env={"DRY_RUN": "1"})
   assert kept.returncode == 0 and " delete " not in kept.stdout
   assert "git\\ clone\\ --depth=1\\ --branch=v1" in kept.stdout
+  skipped = run("tpu_pod.sh", "--project=p", "--workdir=gs://b/r", "--skip-preflight",
+                env={"DRY_RUN": "1"})
+  assert skipped.returncode == 0 and "fcdm_jax.preflight" not in skipped.stdout
+  assert "tpu-vm create" in skipped.stdout.splitlines()[0]
+
+
+def fake_python(tmp_path, status, text):
+  """A `python3` whose `-m fcdm_jax.preflight` prints `text` and exits with `status`."""
+  script = tmp_path / "python3"
+  script.write_text(f"#!/usr/bin/env bash\necho {text!r}\nexit {status}\n")
+  script.chmod(0o755)
+  return str(script)
+
+
+@pytest.mark.parametrize("status, message", [
+    (1, "configs/xl_256.py does not fit on v5e-8 (preflight figures above)"),
+    (2, "the preflight could not run (exit 2"),
+])
+def test_tpu_pod_stops_before_creating_when_the_preflight_refuses(tmp_path, status, message):
+  """No dry run: a refusing preflight stops the script before gcloud is called (a gcloud
+  on PATH that records its calls shows it never ran), its output shown."""
+  calls = tmp_path / "gcloud_calls"
+  gcloud = tmp_path / "bin" / "gcloud"
+  gcloud.parent.mkdir()
+  gcloud.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n")
+  gcloud.chmod(0o755)
+  env = {"PYTHON": fake_python(tmp_path, status, "[train] total 20.1 GiB of 16.0 GiB HBM"),
+         "PATH": f"{gcloud.parent}{os.pathsep}{os.environ['PATH']}"}
+  result = run("tpu_pod.sh", "--project=p", "--workdir=gs://b/r", "--accelerator=v5e-8",
+               "--reuse", env=env)
+  assert result.returncode == 2 and message in result.stderr
+  assert "20.1 GiB of 16.0 GiB" in result.stdout
+  assert not calls.exists()  # nothing created, and the reused VM was not deleted
 
 
 @pytest.mark.parametrize("args, message", [
@@ -95,3 +138,44 @@ def test_slurm_sets_jax_device_ids_per_layout():
   assert bad.returncode == 2 and "use 1 (per node) or 4 (per GPU)" in bad.stderr
   outside = run("slurm_multinode.sbatch", env={"WORKDIR": "/shared/run"})
   assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
+
+
+def test_gpu_bench_dry_run_lists_every_run():
+  result = run("gpu_bench.sh", "--dry-run", "--out=/tmp/b", "--", "--repeats=10")
+  assert result.returncode == 0, result.stderr
+  lines = [l for l in result.stdout.splitlines() if l.startswith("+ ")]
+  assert len(lines) == 5 and all("--config=configs/xl_256.py --batch=32 --dtype=bf16" in l
+                                 and l.endswith("--repeats=10") for l in lines)
+  assert "--mode=both --remat=block --vs-torch --json=/tmp/b/vs_torch.json" in lines[0]
+  assert [l.split("--dwconv_impl=")[1].split()[0] for l in lines[1:4]] == \
+      ["xla", "shift", "shift_vjp"]
+  assert "--mode=dwconv --json=/tmp/b/dwconv_study.json" in lines[4]
+  assert run("gpu_bench.sh", "--dry-run", "--batch=0").returncode == 2
+  assert run("gpu_bench.sh", "--dry-run", "--dtype=fp16").returncode == 2
+  assert run("gpu_bench.sh", "--dry-run", "--impls=xla,conv").returncode == 2
+
+
+def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
+  """No GPU here: the same script on the CPU with a tiny config (one formulation's training
+  run of the three; the dry run above checks that all three are there by default)."""
+  out = tmp_path / "bench"
+  env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHON": sys.executable}
+  result = subprocess.run(
+      ["bash", str(LAUNCH / "gpu_bench.sh"), "--config=tests/configs/tiny.py", "--batch=2",
+       "--remat=none", "--dtype=fp32", "--impls=shift_vjp", f"--out={out}", "--", "--repeats=1", "--warmup=1",
+       "--count_flops=false"], cwd=REPO,
+      env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  machine = (out / "machine.txt").read_text()
+  assert "commit: " in machine and "jax " in machine and "torch " in machine
+  vs = json.loads((out / "vs_torch.json").read_text())
+  assert vs["batch"] == 2 and vs["machine"]["num_devices"] == 1
+  for mode in ("train", "sample"):
+    assert vs["results"][mode]["speedup_vs_torch"] > 0
+  r = json.loads((out / "train_dwconv_shift_vjp.json").read_text())
+  assert r["dwconv_impl_resolved"] == "shift_vjp" and r["results"]["train"]["step_s"]["median"] > 0
+  assert "sample" not in r["results"] and not (out / "train_dwconv_xla.json").exists()
+  study = json.loads((out / "dwconv_study.json").read_text())
+  assert len(study["levels"]) == 3 and "shift_vjp" in study["levels"][0]
+  for name in ("vs_torch", "train_dwconv_shift_vjp", "dwconv_study"):
+    assert (out / f"{name}.log").exists()

@@ -201,8 +201,9 @@ DWCONV_FNS = {"xla": depthwise_conv_xla, "shift": depthwise_conv_shift,
               "shift_vjp": depthwise_conv_shift_vjp}
 
 
-def resolve_dwconv_impl(impl: str) -> str:
-  """'auto' picks the fastest measured formulation for the default backend.
+def resolve_dwconv_impl(impl: str, backend: str | None = None) -> str:
+  """'auto' picks the fastest measured formulation for `backend` (default: JAX's default
+  backend; the TPU preflight compiles for 'tpu' from a CPU process).
 
   CPU: shifted multiply-adds with the hand-written backward (docs/performance.md).
   GPU: shifted multiply-adds (XLA's grouped-conv backward has slow paths there; not yet
@@ -212,7 +213,7 @@ def resolve_dwconv_impl(impl: str) -> str:
     raise ValueError(f"unknown dwconv_impl {impl!r}; expected one of {DWCONV_IMPLS}")
   if impl != "auto":
     return impl
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   if backend == "cpu":
     return "shift_vjp"
   return "shift" if backend in ("gpu", "cuda", "rocm") else "xla"

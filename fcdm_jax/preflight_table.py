@@ -1,0 +1,242 @@
+"""The TPU preflight table of docs/performance.md: every config on v5e-8, v5p-8, v6e-8 and more.
+
+  python -m fcdm_jax.preflight_table            # compile what is missing, update the doc
+  python -m fcdm_jax.preflight_table --render   # only rewrite the doc's table from the JSON
+
+Each entry is one `fcdm_jax.preflight` run of the training step (global batch 256) in its own
+process; its figures go into docs/tpu_preflight.json as soon as it finishes, and entries
+already there are skipped, so the table fills over several sittings (one TPU compile of
+FCDM takes minutes on a small machine). After each entry the table in docs/performance.md
+(between its marker comments) is rewritten, missing rows listed as such.
+
+Entries: S, B, L, XL x 256, 512 px in bf16 with their default remat on v5e-8, v5p-8 and
+v6e-8; XL/512 on a v5p-64 pod slice; and for XL/256 on v5p-8 the sweep fp32/bf16 x remat
+none/block/dots x dwconv_impl xla/shift/shift_vjp (its bf16/block/xla point is the default
+row: XL/256's remat is 'block', and 'auto' is 'xla' on a TPU). Time figures are roofline bounds derived
+from compiler counts, not measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "tpu_preflight.json"
+DOC = REPO / "docs" / "performance.md"
+START = "<!-- tpu-preflight-table:start (python -m fcdm_jax.preflight_table) -->"
+END = "<!-- tpu-preflight-table:end -->"
+BATCH = 256
+VARIANTS = ("s", "b", "l", "xl")
+TOPOLOGIES = ("v5e-8", "v5p-8", "v6e-8")
+
+
+def entry(config: str, topology: str, dtype: str = "bfloat16", remat: str | None = None,
+          dwconv_impl: str | None = None) -> dict[str, Any]:
+  """One table row's settings; None = the config's own value."""
+  e = dict(config=config, topology=topology, batch=BATCH, dtype=dtype, remat=remat,
+           dwconv_impl=dwconv_impl)
+  e["key"] = "|".join(str(e[k]) for k in ("config", "topology", "batch", "dtype", "remat",
+                                          "dwconv_impl"))
+  return e
+
+
+def entries() -> list[dict[str, Any]]:
+  """In the order they are compiled: the pod slice and the smallest config first (the
+  acceptance runs), then small to large, then the XL/256 sweep."""
+  out = [entry("configs/xl_512.py", "v5p-64"), entry("configs/s_256.py", "v5e-8")]
+  for variant in VARIANTS:
+    for res in (256, 512):
+      for topo in TOPOLOGIES:
+        out.append(entry(f"configs/{variant}_{res}.py", topo))
+  for dtype in ("float32", "bfloat16"):
+    for remat in ("none", "block", "dots"):
+      for dw in ("xla", "shift", "shift_vjp"):
+        if (dtype, remat, dw) != ("bfloat16", "block", "xla"):  # = the default row above
+          out.append(entry("configs/xl_256.py", "v5p-8", dtype, remat, dw))
+  seen, unique = set(), []
+  for e in out:
+    if e["key"] not in seen:
+      seen.add(e["key"])
+      unique.append(e)
+  return unique
+
+
+def command(e: dict[str, Any], json_path: str) -> list[str]:
+  cmd = [sys.executable, "-m", "fcdm_jax.preflight", f"--config={e['config']}",
+         f"--topology={e['topology']}", f"--batch={e['batch']}", "--programs=train",
+         f"--config.model.dtype={e['dtype']}", f"--json={json_path}"]
+  if e["remat"] is not None:
+    cmd.append(f"--config.model.remat={e['remat']}")
+  if e["dwconv_impl"] is not None:
+    cmd.append(f"--config.model.dwconv_impl={e['dwconv_impl']}")
+  return cmd
+
+
+def summarize(e: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+  """The row's figures from a preflight report (the training step's)."""
+  r = report["programs"]["train"]
+  row = dict(e, date=report["date"], jax=report["jax"], remat_used=report["remat"],
+             dwconv_used=report["dwconv_impl"], mesh=report["mesh"],
+             params_sharding=report["params_sharding"], chips=report["topology"]["chips"],
+             hosts=report["topology"]["hosts"], hbm_bytes=report["chip"]["hbm_bytes"],
+             compile_s=r["compile_s"], fits=r["fits"], margin_bytes=r["margin_bytes"])
+  if r["compiled"]:
+    row["hbm_used_bytes"] = r["memory"]["total"]
+    rf = r["roofline"]
+    row.update(step_s_bound=rf["step_s_bound"], binds=rf["binds"],
+               img_per_s_bound=rf["img_per_s_bound"], mfu_bound=rf["mfu_bound"],
+               compute_s=rf["compute_s"], memory_s=rf["memory_s"])
+  else:
+    row.update(hbm_used_bytes=r["required_bytes"], compiler_error=r["compiler_error"])
+  return row
+
+
+def load(path: pathlib.Path) -> dict[str, Any]:
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(path: pathlib.Path, results: dict[str, Any]) -> None:
+  """Written whole to a temporary file and renamed: an interrupted run loses one row at most."""
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+  os.replace(tmp, path)
+
+
+def run_entry(e: dict[str, Any], timeout_s: int, log) -> dict[str, Any]:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "report.json")
+    t0 = time.time()
+    try:
+      proc = subprocess.run(command(e, out), cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      return dict(e, error=f"timed out after {timeout_s} s", date=time.strftime("%Y-%m-%d"))
+    if proc.returncode in (0, 1) and os.path.exists(out):
+      with open(out) as f:
+        return summarize(e, json.load(f))
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    log(f"  failed after {time.time() - t0:.0f} s: {' | '.join(tail)}")
+    return dict(e, error=f"exit {proc.returncode}: {' | '.join(tail)[:500]}",
+                date=time.strftime("%Y-%m-%d"))
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _gib(v) -> str:
+  return "-" if v is None else f"{v / 2**30:.1f}"
+
+
+def _label(e) -> str:
+  """configs/xl_512.py -> XL/512."""
+  return pathlib.Path(e["config"]).stem.upper().replace("_", "/")
+
+
+def render(results: dict[str, Any]) -> str:
+  """The doc's table: the rows done, then the rows still missing."""
+  todo = entries()
+  lines = [START, "",
+           f"Regenerate (skips rows already in `docs/tpu_preflight.json`): "
+           f"`python -m fcdm_jax.preflight_table`. Training step, global batch {BATCH}; "
+           "HBM = XLA's plan per chip (arguments + outputs - donated + temporaries + code). "
+           "**Step bound, img/s and MFU are roofline bounds derived from compiler counts "
+           "(FLOPs per chip counted through every loop, HBM bytes with loops counted once) and "
+           "vendor peaks, not "
+           "measurements**: a real step is slower. A row the compiler refused shows the "
+           "memory it asked for.", "",
+           "| config | slice | dtype | remat | dwconv | mesh | HBM GiB / chip | fits | "
+           "step bound ms | binds | img/s bound | MFU bound | compile s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  missing = []
+  for e in todo:
+    r = results.get(e["key"])
+    if r is None:
+      missing.append(e)
+      continue
+    dtype = "bf16" if e["dtype"] == "bfloat16" else "fp32"
+    if "error" in r:
+      lines.append(f"| {_label(e)} | {e['topology']} | {dtype} | {e['remat'] or '-'} | "
+                   f"{e['dwconv_impl'] or '-'} | | | not compiled: {r['error'][:80]} "
+                   "| | | | | |")
+      continue
+    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+    step, ips, mfu = r.get("step_s_bound"), r.get("img_per_s_bound"), r.get("mfu_bound")
+    figures = [_gib(r["hbm_used_bytes"]) + " of " + _gib(r["hbm_bytes"]),
+               "yes" if r["fits"] else "**no**",
+               "-" if step is None else f"{1e3 * step:.1f}", r.get("binds", "-"),
+               "-" if ips is None else f"{ips:.0f}", "-" if mfu is None else f"{100 * mfu:.0f}%",
+               f"{r['compile_s']:.0f}"]
+    lines.append(f"| {_label(e)} | {e['topology']} | {dtype} | {r['remat_used']} | "
+                 f"{r['dwconv_used']} | {mesh} ({r['params_sharding']}) | "
+                 + " | ".join(figures) + " |")
+  if missing:
+    lines += ["", f"Still missing ({len(missing)} of {len(todo)} rows, not yet compiled): "
+              + "; ".join(f"{_label(e)} {e['topology']} {e['dtype']}"
+                          + (f" remat={e['remat']}" if e["remat"] else "")
+                          + (f" dwconv={e['dwconv_impl']}" if e["dwconv_impl"] else "")
+                          for e in missing) + "."]
+  lines += ["", END]
+  return "\n".join(lines)
+
+
+def write_doc(doc: pathlib.Path, results: dict[str, Any]) -> None:
+  """Replaces the table between the markers (appends a section if there is none)."""
+  text = doc.read_text() if doc.exists() else ""
+  table = render(results)
+  if START in text and END in text:
+    head, rest = text.split(START, 1)
+    text = head + table + rest.split(END, 1)[1]
+  else:
+    text = text.rstrip("\n") + "\n\n## TPU preflight table\n\n" + table + "\n"
+  tmp = doc.with_suffix(".md.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, doc)
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--results", default=str(RESULTS), help="the JSON file of finished rows")
+  p.add_argument("--doc", default=str(DOC), help="the markdown file holding the table")
+  p.add_argument("--render", action="store_true", help="only rewrite the doc's table")
+  p.add_argument("--only", default="", help="compile only rows whose key contains this")
+  p.add_argument("--max_entries", type=int, default=0, help="stop after N rows (0 = all)")
+  p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+  p.add_argument("--retry_errors", action="store_true", help="recompile rows that failed")
+  args = p.parse_args(argv)
+  results_path, doc = pathlib.Path(args.results), pathlib.Path(args.doc)
+  results = load(results_path)
+  log = lambda s: print(s, flush=True)
+  done = 0
+  if not args.render:
+    for e in entries():
+      old = results.get(e["key"])
+      if (old is not None and not (args.retry_errors and "error" in old)) or \
+         args.only not in e["key"]:
+        continue
+      if args.max_entries and done >= args.max_entries:
+        break
+      log(f"{time.strftime('%H:%M:%S')} {e['key']}: compiling ...")
+      t0 = time.time()
+      results[e["key"]] = run_entry(e, args.timeout, log)
+      save(results_path, results)
+      write_doc(doc, results)
+      r = results[e["key"]]
+      log(f"  done in {time.time() - t0:.0f} s: "
+          + (r["error"] if "error" in r else
+             f"{_gib(r['hbm_used_bytes'])} GiB, fits={r['fits']}, "
+             f"bound {r.get('step_s_bound')} s ({r.get('binds')})"))
+      done += 1
+  write_doc(doc, results)
+
+
+if __name__ == "__main__":
+  main()

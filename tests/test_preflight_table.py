@@ -1,0 +1,84 @@
+"""The TPU table script: its rows, skipping what is done, saving each row, rendering the doc.
+
+No compile here (`run_entry` is replaced): the preflight itself is tests/test_preflight.py.
+"""
+
+import json
+
+import pytest
+
+from fcdm_jax import preflight_table as table
+
+
+def fake_row(e, hbm=20 * 2**30, fits=False):
+  return dict(e, date="2026-12-01", jax="0.10.2", remat_used="block", dwconv_used="xla",
+              mesh={"data": 1, "fsdp": 8}, params_sharding="fsdp", chips=8, hosts=2,
+              hbm_bytes=16 * 2**30, compile_s=250.0, fits=fits, margin_bytes=16 * 2**30 - hbm,
+              hbm_used_bytes=hbm, step_s_bound=0.5, binds="compute", img_per_s_bound=512.0,
+              mfu_bound=0.7, compute_s=0.5, memory_s=0.2)
+
+
+def test_rows_cover_the_issue():
+  es = table.entries()
+  keys = [e["key"] for e in es]
+  assert len(set(keys)) == len(keys) == 24 + 1 + 17
+  assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|None|None",
+                      "configs/s_256.py|v5e-8|256|bfloat16|None|None"]
+  sweep = [e for e in es if e["remat"] is not None]
+  assert {(e["dtype"], e["remat"], e["dwconv_impl"]) for e in sweep} | {
+      ("bfloat16", "block", "xla")} == {(d, r, w) for d in ("float32", "bfloat16")
+                                        for r in ("none", "block", "dots")
+                                        for w in ("xla", "shift", "shift_vjp")}
+  cmd = table.command(sweep[0], "/tmp/r.json")
+  assert "--programs=train" in cmd and "--batch=256" in cmd
+  assert "--config.model.remat=none" in cmd and "--config.model.dwconv_impl=xla" in cmd
+
+
+def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
+  es = table.entries()
+  results = tmp_path / "r.json"
+  doc = tmp_path / "perf.md"
+  doc.write_text("# Perf\n\nintro\n\n" + table.START + "\nold\n" + table.END + "\n\ntail\n")
+  done = {e["key"]: fake_row(e) for e in es[1:]}
+  results.write_text(json.dumps(done))
+  ran = []
+
+  def fake_run(e, timeout_s, log):
+    ran.append(e["key"])
+    return fake_row(e, hbm=8 * 2**30, fits=True)
+
+  monkeypatch.setattr(table, "run_entry", fake_run)
+  table.main(["--results", str(results), "--doc", str(doc)])
+  assert ran == [es[0]["key"]]  # only the missing row
+  saved = json.loads(results.read_text())
+  assert saved[es[0]["key"]]["fits"] is True and len(saved) == len(es)
+  text = doc.read_text()
+  assert text.startswith("# Perf\n\nintro\n\n") and text.endswith("\n\ntail\n")
+  assert "old" not in text and "Still missing" not in text
+  assert "| XL/512 | v5p-64 | bf16 | block | xla | fsdp8 (fsdp) | 8.0 of 16.0 | yes | 500.0 |" \
+      in text
+  table.main(["--results", str(results), "--doc", str(doc)])
+  assert len(ran) == 1  # a second sitting has nothing left to do
+
+
+def test_render_lists_missing_rows_and_failures():
+  es = table.entries()
+  results = {es[0]["key"]: fake_row(es[0]), es[1]["key"]: dict(es[1], error="timed out")}
+  text = table.render(results)
+  assert f"Still missing ({len(es) - 2} of {len(es)} rows" in text
+  assert "| **no** |" in text and "not compiled: timed out" in text
+  assert "not measurements" in text
+
+
+@pytest.mark.parametrize("retry, expected", [(False, 0), (True, 1)])
+def test_failed_rows_are_retried_only_when_asked(tmp_path, monkeypatch, retry, expected):
+  es = table.entries()
+  results = tmp_path / "r.json"
+  done = {e["key"]: fake_row(e) for e in es}
+  done[es[3]["key"]] = dict(es[3], error="exit 2: boom")
+  results.write_text(json.dumps(done))
+  ran = []
+  monkeypatch.setattr(table, "run_entry", lambda e, t, log: ran.append(e) or fake_row(e))
+  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md")]
+             + (["--retry_errors"] if retry else []))
+  assert len(ran) == expected
