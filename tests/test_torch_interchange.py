@@ -129,6 +129,16 @@ def assert_same_training_state(config, jax_state, model, ema, opt):
   assert steps == {float(adam.count)} == {float(jax_state.step)}
 
 
+def step_both_and_compare(config, state, torch_modules, batch):
+  """The two states agree; one step in each on the same batch; they still agree."""
+  model, ema, opt = torch_modules
+  assert_same_training_state(config, state, model, ema, opt)
+  torch_loss = torch_step(model, ema, opt, batch, config.ema_decay)
+  new_state, jax_loss = jax_step(config, state, batch)
+  assert jax_loss == pytest.approx(torch_loss, rel=1e-5)
+  assert_same_training_state(config, new_state, model, ema, opt)
+
+
 def published_modules(config, lr):
   model = torch_fcdm.from_config(config.model)
   ema = copy.deepcopy(model)
@@ -170,13 +180,7 @@ def test_exported_pt_resumes_in_the_published_training_step(trained_run, tmp_pat
   opt.load_state_dict(ckpt["opt"])
 
   state, _, _ = ckpt_lib.restore_on_host(workdir)
-  assert_same_training_state(config, state, model, ema, opt)  # the file is the state
-
-  batch = fixed_batch(config)
-  torch_loss = torch_step(model, ema, opt, batch, config.ema_decay)
-  new_state, jax_loss = jax_step(config, state, batch)
-  assert jax_loss == pytest.approx(torch_loss, rel=1e-5)
-  assert_same_training_state(config, new_state, model, ema, opt)
+  step_both_and_compare(config, state, (model, ema, opt), fixed_batch(config))
 
 
 @pytest.mark.slow
@@ -216,13 +220,7 @@ def test_init_from_takes_over_weights_ema_and_adamw(published_checkpoint):
   abstract = abstract_state(config)
   state = jax.device_get(torch_state.state_from_torch(path, config, abstract))
   assert int(state.step) == 3
-  assert_same_training_state(config, state, model, ema, opt)
-
-  batch = fixed_batch(config, seed=99)
-  torch_loss = torch_step(model, ema, opt, batch, config.ema_decay)
-  new_state, jax_loss = jax_step(config, state, batch)
-  assert jax_loss == pytest.approx(torch_loss, rel=1e-5)
-  assert_same_training_state(config, new_state, model, ema, opt)
+  step_both_and_compare(config, state, (model, ema, opt), fixed_batch(config, seed=99))
 
 
 @pytest.mark.slow
