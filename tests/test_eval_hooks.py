@@ -43,6 +43,7 @@ def scalars(workdir: str) -> dict:
   return out
 
 
+@pytest.mark.slow
 def test_fid_hook_writes_fid_to_tensorboard_every_n_steps(tmp_path):
   config = fid_run_config(tmp_path)
   workdir = str(tmp_path / "run")

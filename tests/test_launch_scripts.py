@@ -155,6 +155,7 @@ def test_gpu_bench_dry_run_lists_every_run():
   assert run("gpu_bench.sh", "--dry-run", "--impls=xla,conv").returncode == 2
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
   """No GPU here: the same script on the CPU with a tiny config (one formulation's training
   run of the three; the dry run above checks that all three are there by default)."""

@@ -75,6 +75,7 @@ def test_roofline_picks_the_binding_resource():
   assert r["binds"] == "HBM bandwidth" and r["step_s_bound"] == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_without_libtpu_one_line_and_nonzero_exit(tmp_path):
   """A Python that cannot find libtpu (a shadowing stub of importlib's finder)."""
   hide = tmp_path / "sitecustomize.py"
@@ -91,6 +92,7 @@ def test_without_libtpu_one_line_and_nonzero_exit(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_tiny_config_on_v5e_2x2(tmp_path):
   """Train step, guided sampling forward and preview sampler, compiled for 4 v5e chips."""
   proc, report = preflight_cli(tmp_path, "--topology=v5e:2x2", "--batch=16", "--sample_batch=6",
@@ -142,6 +144,7 @@ def test_tiny_config_on_v5e_2x2(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_model_beyond_hbm_does_not_fit(tmp_path):
   """Hidden size 2048: parameters, AdamW state and EMA alone exceed a v5e chip's 16 GiB."""
   proc, report = preflight_cli(tmp_path, "--topology=v5e:2x2", "--batch=8",

@@ -30,6 +30,7 @@ def demo_shaped_config():
   return config
 
 
+@pytest.mark.slow
 def test_cli_preview_and_eval_give_identical_images(tmp_path):
   config = demo_shaped_config()
   workdir, ema = make_workdir(tmp_path / "run", config, seed=2)
@@ -111,6 +112,7 @@ def _bytes_per_device_of_layout(layout) -> dict:
   return held
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
   """An FSDP run's EMA arrives sharded, nothing else of the state is read, and its images
   are those of a replicated restore."""
