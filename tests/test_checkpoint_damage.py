@@ -61,6 +61,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path, da
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, dataset):
   workdir = tmp_path / "run"
   loop.train_and_evaluate(config_of(dataset, 2), str(workdir))
@@ -70,6 +71,7 @@ def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, dataset):
     loop.train_and_evaluate(config_of(dataset, 4), str(workdir))
 
 
+@pytest.mark.slow
 def test_a_readable_checkpoint_of_other_shapes_is_refused_not_moved(tmp_path, dataset):
   workdir = tmp_path / "run"
   loop.train_and_evaluate(config_of(dataset, 2), str(workdir))

@@ -47,6 +47,7 @@ def files(tmp_path_factory):
               sigma=sigma)
 
 
+@pytest.mark.slow
 def test_evaluate_wires_features_into_adm_metrics(files, monkeypatch):
   # A 2048-d sqrtm takes about a minute on two cores; FID's math is checked against ADM in
   # test_metrics, so here a recording stand-in checks which statistics reach it.

@@ -183,6 +183,7 @@ def test_resume_recomputes_only_missing_parts(pixel_run):
                                 before[13, ..., 0])
 
 
+@pytest.mark.slow
 def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   """A latent model's weights from its workdir and from a published-layout .safetensors file
   are the same, and its images are the VAE decode of its latents divided by vae_scale."""

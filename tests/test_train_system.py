@@ -278,6 +278,7 @@ def test_unknown_variant_in_a_config_file(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_refused(tmp_path, dataset):
   config = load_config(**{"data.path": dataset, "num_train_steps": 2})
   loop.train_and_evaluate(config, str(tmp_path))
