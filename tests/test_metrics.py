@@ -1,4 +1,4 @@
-"""ADM's metric math against `../shared/reference/adm_metrics.npz` (computed by ADM's code)."""
+"""ADM's metric math against `tests/reference/adm_metrics.npz` (computed by ADM's code)."""
 
 import numpy as np
 import pytest
