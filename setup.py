@@ -31,6 +31,9 @@ setup(
         "pillow>=10.0",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        # Paths: etils.epath (what orbax and TFDS use) with gcsfs for gs:// URLs.
+        "etils[epath]>=1.15",
+        "gcsfs>=2026.10.1",
     ],
     extras_require={
         # The export and interchange tests load our checkpoints in PyTorch. torch 2.13.0 is
@@ -44,6 +47,8 @@ setup(
             # torchvision; 0.28.0 is the release that pairs with torch 2.13.0).
             "diffusers>=0.42.1", "pytorch-fid>=0.3.0", "torchvision==0.28.0",
             "zarr>=3.1",
+            # A GCS emulator on 127.0.0.1 for the cloud-storage tests.
+            "gcp-storage-emulator>=2026.7.19",
         ],
         "torch": ["torch>=2.2"],
         # The published PyTorch code's zarr latent store.

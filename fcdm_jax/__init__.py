@@ -14,4 +14,11 @@ pipelines), `sampling` (the one generator), `evaluation/` (in-training evaluator
 `adm_npz` (ADM's batch format), `settings` (recorded settings), `convert` (PyTorch weights).
 """
 
+import os as _os
+
+# Object-store URLs go through fsspec (gcsfs for gs://), the client the tests run against a
+# GCS emulator; TensorFlow's gfile (EPATH_USE_TF=1) has no emulator setting. Set before
+# etils.epath picks a backend (it decides once per process).
+_os.environ.setdefault("EPATH_USE_TF", "false")
+
 __version__ = "0.1.0"

@@ -5,7 +5,6 @@ that 50k images at 512 px need not fit in memory.
 
 from __future__ import annotations
 
-import os
 import zipfile
 from typing import Iterable, Iterator
 
@@ -50,11 +49,11 @@ class NpzImages:
   """An image array of an `.npz` batch, checked up front and read in slices."""
 
   def __init__(self, path: str, key: str = "arr_0"):
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
       raise FileNotFoundError(f"batch file not found: {path}")
     self.path, self.key = path, key
     try:
-      with zipfile.ZipFile(path) as z:
+      with fileio.open_read(path) as fh, zipfile.ZipFile(fh) as z:
         names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
         if key not in names:
           raise ValueError(f"{path} has no '{key}' array (it holds {sorted(names)}); an ADM "
@@ -90,7 +89,8 @@ class NpzImages:
 
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     per_image = int(np.prod(self.shape[1:]))
-    with zipfile.ZipFile(self.path) as z, z.open(f"{self.key}.npy") as f:
+    with fileio.open_read(self.path) as fh, zipfile.ZipFile(fh) as z, \
+         z.open(f"{self.key}.npy") as f:
       self._header(f)
       for start in range(0, len(self), batch_size):
         n = min(batch_size, len(self) - start)

@@ -255,18 +255,25 @@ def read_torch_file(path: str) -> dict:
   A damaged file, a pickle holding arbitrary Python objects and a file of another kind
   each get their own error naming the file.
   """
-  if not os.path.isfile(path):
+  path = os.fspath(path)
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
+  with fileio.local_file(path) as local:
+    return _read_local_torch_file(local, path)
+
+
+def _read_local_torch_file(local: str, path: str) -> dict:
+  """`read_torch_file` of a local copy `local`; errors name `path`."""
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     try:
-      return dict(load_file(path))
+      return dict(load_file(local))
     except Exception as e:  # safetensors raises its own SafetensorError
       raise ValueError(f"{path} is damaged (truncated?) or not a safetensors file: {e}") from e
   torch = _import_torch()
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
-      ckpt = torch.load(path, map_location="cpu", weights_only=True)
+      ckpt = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as e:
       if "Weights only load failed" in str(e):
         reason = next((line.strip() for line in str(e).splitlines()

@@ -14,7 +14,6 @@ by default) on all local devices; the metric math is `fcdm_jax.metrics`.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import zipfile
 from typing import Iterator, Sequence
@@ -22,7 +21,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from fcdm_jax import metrics
+from fcdm_jax import fileio, metrics
 from fcdm_jax.adm_npz import NpzImages
 from fcdm_jax.models import inception
 from fcdm_jax.train import sharding
@@ -68,7 +67,7 @@ class FeatureExtractor:
 
 def _given_statistics(ref: str, mu_key: str, sigma_key: str, dim: int):
   """(mu, sigma) stored in the reference batch, or None; checked against the feature size."""
-  with np.load(ref) as z:
+  with fileio.open_read(ref) as fh, np.load(fh) as z:
     if mu_key not in z.files or sigma_key not in z.files:
       return None
     mu, sigma = z[mu_key], z[sigma_key]
@@ -86,10 +85,10 @@ def evaluate(samples: str, ref: str, inception_path: str, batch_size: int = 256,
   if unknown:
     raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
   sample_images = NpzImages(samples)
-  if not os.path.isfile(ref):
+  if not fileio.isfile(ref):
     raise FileNotFoundError(f"reference batch not found: {ref}")
   try:
-    with np.load(ref) as z:
+    with fileio.open_read(ref) as fh, np.load(fh) as z:
       ref_keys = set(z.files)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise ValueError(f"{ref} is not an .npz reference batch: {e}") from e
@@ -207,9 +206,7 @@ def main(argv):
     if key in results:
       print(f"{label}: {results[key]}")
   if f.out:
-    with open(f.out, "w", encoding="utf-8") as fp:
-      json.dump(results, fp, indent=2)
-      fp.write("\n")
+    fileio.atomic_write_bytes(f.out, (json.dumps(results, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

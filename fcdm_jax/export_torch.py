@@ -24,6 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from fcdm_jax import fileio  # noqa: E402
+
 EXTENSIONS = (".pt", ".safetensors")
 
 
@@ -32,7 +34,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   if not out.endswith(EXTENSIONS):
     raise ValueError(f"--out must end in .pt (full training checkpoint) or .safetensors (EMA "
                      f"weights), got {out!r}")
-  if os.path.exists(out) and not overwrite:
+  if fileio.exists(out) and not overwrite:
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
   import jax
   from fcdm_jax import convert
@@ -45,7 +47,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
     state, config, step = checkpoint.restore_on_host(workdir, step)
     convert.save_torch_checkpoint(out, **torch_state.training_checkpoint(state, config))
     content = "model, EMA, AdamW state, args"
-  return {"out": out, "step": step, "content": content, "bytes": os.path.getsize(out)}
+  return {"out": out, "step": step, "content": content, "bytes": fileio.path(out).stat().length}
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).")

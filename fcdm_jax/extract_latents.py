@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 from concurrent import futures
 from typing import Any, NamedTuple
@@ -80,7 +79,7 @@ class FolderImages:
   """The ImageFolder layout: ROOT/CLASS/**/IMAGE, labels by sorted class-folder name."""
 
   def __init__(self, root: str):
-    self.root = os.path.abspath(root)
+    self.root = fileio.absolute(root)
     listing = images.list_image_folder(self.root)
     if not listing.files:
       raise ValueError(f"no image files ({', '.join(images.IMAGE_EXTENSIONS)}) under the "
@@ -96,7 +95,7 @@ class FolderImages:
     self.metadata = {"ignored_files": listing.ignored}
 
   def examples(self, start: int, end: int) -> list[RawExample]:
-    return [RawExample(os.path.join(self.root, self.files[i]), self.labels[i], self.files[i])
+    return [RawExample(fileio.join(self.root, self.files[i]), self.labels[i], self.files[i])
             for i in range(start, end)]
 
 
@@ -246,14 +245,14 @@ class PosteriorEncoder:
 
 def check_settings(out: str, settings: dict) -> None:
   """Refuse an --out whose shards were written with other settings; record ours if new."""
-  path = os.path.join(out, SETTINGS)
+  path = fileio.join(out, SETTINGS)
   saved = settings_lib.read(path)
   if saved is not None:
     settings_lib.refuse_changes(saved, settings, f"{out} holds latents extracted with other "
                                 "settings", f"use another --out, or delete {out} to start over")
     return
-  if os.path.exists(os.path.join(out, latents_lib.MANIFEST)) or any(
-      n.startswith("shard-") for n in os.listdir(out)):
+  if fileio.exists(fileio.join(out, latents_lib.MANIFEST)) or any(
+      n.startswith("shard-") for n in fileio.listdir(out)):
     raise ValueError(f"{out} already holds latent shards but no {SETTINGS}: they were not "
                      "written by this tool's current version; use another --out")
   if jax.process_index() == 0:
@@ -263,8 +262,8 @@ def check_settings(out: str, settings: dict) -> None:
 def _collect_skipped(writer: latents_lib.LatentShardWriter, num_shards: int) -> list[str]:
   names = []
   for i in range(num_shards):
-    with open(writer.shard_path(i).with_suffix(".json"), encoding="utf-8") as f:
-      names += json.load(f)["stats"].get("skipped_files", [])
+    info = json.loads(fileio.read_text(writer.shard_path(i).with_suffix(".json")))
+    names += info["stats"].get("skipped_files", [])
     if len(names) >= MAX_LISTED_SKIPS:
       return names[:MAX_LISTED_SKIPS]
   return names
@@ -310,7 +309,7 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
                   vae={"config": dataclasses.asdict(cfg),
                        "weights_sha256": fileio.sha256_file(weights_path)})
   settings = settings_lib.as_json(settings)
-  os.makedirs(out, exist_ok=True)
+  fileio.makedirs(out)
   check_settings(out, settings)
   distributed.barrier("extract_latents_settings")
 
@@ -350,7 +349,7 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
   distributed.barrier("extract_latents_shards")
   manifest = None
   if pid == 0:
-    metadata = dict(settings, tool="fcdm_jax.extract_latents", vae_path=os.path.abspath(vae),
+    metadata = dict(settings, tool="fcdm_jax.extract_latents", vae_path=fileio.absolute(vae),
                     class_names=src.class_names,
                     skipped_files=_collect_skipped(writer, num_shards), **src.metadata)
     manifest = writer.finalize(num_shards, metadata=metadata)

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fcdm_jax import fileio
+
 # What `decode_rgb` reports: the image was RGB, or it was converted from this kind.
 RGB, CMYK, GRAYSCALE, OTHER = "rgb", "cmyk", "grayscale", "other"
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -56,7 +58,7 @@ def decode_rgb(source: str | os.PathLike | bytes) -> DecodedImage:
   """A file path or encoded bytes -> uint8 RGB pixels and the mode it was converted from."""
   name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
   try:
-    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else fileio.open_read(source)
     with f, Image.open(f) as img:
       img.load()   # decodes everything now: a truncated file fails here
       mode = img.mode
@@ -91,18 +93,19 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
   """ImageFolder layout (root/CLASS/**/IMAGE): classes by sorted folder name, files sorted
   as torchvision's ImageFolder sorts them, so example i is ImageFolder's example i."""
   root = os.fspath(root)
-  if not os.path.isdir(root):
+  if not fileio.isdir(root):
     raise FileNotFoundError(f"image folder {root} does not exist")
-  classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  _, classes, _ = next(fileio.walk(root))
+  classes = sorted(classes)
   if not classes:
     raise ValueError(f"{root} has no class subfolders: the folder source expects the "
                      "ImageFolder layout ROOT/CLASS_NAME/IMAGE")
   files, labels, ignored = [], [], 0
   for label, name in enumerate(classes):
-    for folder, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+    for folder, _, fnames in sorted(fileio.walk(fileio.join(root, name))):
       for fname in sorted(fnames):
         if is_image_file(fname):
-          files.append(os.path.relpath(os.path.join(folder, fname), root).replace(os.sep, "/"))
+          files.append(fileio.relative(fileio.join(folder, fname), root))
           labels.append(label)
         else:
           ignored += 1

@@ -46,9 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
+import io
 import re
-import shutil
 import sys
 from typing import Any
 
@@ -59,12 +58,9 @@ from jax.sharding import Mesh
 
 from fcdm_jax import adm_npz, distributed, fileio, sampling
 from fcdm_jax import settings as settings_lib
+from fcdm_jax.sample_output import OUT_COMPLETE, SampleOutput, out_verdict
 from fcdm_jax.train import sharding
 
-SETTINGS = "sample_settings.json"
-PARTS = "parts"
-PNG_DIR = "png"
-OUT_READY, OUT_COMPLETE, OUT_REFUSED = 0, 1, -1  # host 0's verdict on --out, broadcast
 # config.sample fields the command line may override (None = keep the config's).
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
                     "clip_denoised")
@@ -81,21 +77,21 @@ def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
                      "(a published-layout .pt/.safetensors file, with --config)")
   if workdir:
     from fcdm_jax.train import checkpoint as ckpt_lib
-    if not os.path.isdir(workdir):
+    if not fileio.isdir(workdir):
       raise FileNotFoundError(f"workdir {workdir} does not exist")
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
-    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    if not fileio.isdir(ckpt_dir) or not any(n.isdigit() for n in fileio.listdir(ckpt_dir)):
       raise FileNotFoundError(f"no checkpoint in {workdir}: expected {ckpt_dir}/STEP written "
                               "by `python -m fcdm_jax.main`")
     saved, step = ckpt_lib.saved_config(workdir, step)
-    return (saved if config is None else config), {"workdir": os.path.abspath(workdir),
+    return (saved if config is None else config), {"workdir": fileio.absolute(workdir),
                                                    "step": int(step)}
   if config is None:
     raise ValueError("--torch_checkpoint needs --config (the run config the weights were "
                      "trained with, e.g. configs/xl_256.py)")
-  if not os.path.isfile(torch_checkpoint):
+  if not fileio.isfile(torch_checkpoint):
     raise FileNotFoundError(f"checkpoint file not found: {torch_checkpoint}")
-  return config, {"torch_checkpoint": os.path.abspath(torch_checkpoint),
+  return config, {"torch_checkpoint": fileio.absolute(torch_checkpoint),
                   "sha256": fileio.sha256_file(torch_checkpoint)}
 
 
@@ -143,11 +139,12 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*", spec):
     given = np.asarray([int(v) for v in spec.split(",")])
     labels = np.resize(given, num_samples)
-  elif os.path.isfile(spec):
+  elif fileio.isfile(spec):
+    data = io.BytesIO(fileio.read_bytes(spec))
     if spec.endswith(".npy"):
-      labels = np.load(spec, allow_pickle=False)
+      labels = np.load(data, allow_pickle=False)
     else:
-      labels = np.loadtxt(spec, dtype=np.int64, ndmin=1)
+      labels = np.loadtxt(data, dtype=np.int64, ndmin=1)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f"--labels file {spec} must hold a 1-D array of integers, got "
                        f"{labels.dtype} {labels.shape}")
@@ -171,84 +168,6 @@ def load_decoder(vae_dir: str, config, mesh: Mesh):
   identity = {"config": settings_lib.as_json(dataclasses.asdict(decoder.model.config)),
               "weights_sha256": fileio.sha256_file(weights)}
   return decoder, identity
-
-
-# --------------------------------------------------------------------------------- files
-
-
-def _save_part(path: str, images: np.ndarray, labels: np.ndarray) -> None:
-  with open(path, "wb") as f:   # a file object: np.savez would append .npz to a name
-    np.savez(f, images=images, labels=labels)
-
-
-def _pngs_from_batch(npz: str, folder: str, channels: int) -> None:
-  """PNGs of a finished batch that has none yet (--png added on a rerun)."""
-  os.makedirs(folder, exist_ok=True)
-  index = 0
-  for batch in adm_npz.NpzImages(npz).batches(256):
-    for image in batch:
-      path = os.path.join(folder, f"{index:06d}.png")
-      if not os.path.exists(path):
-        fileio.write_png(path, image[..., :channels])
-      index += 1
-
-
-def out_verdict(out: str, settings: dict, final: str) -> int:
-  """OUT_READY or OUT_COMPLETE, as host 0 judges --out; every host learns the verdict, so
-  that a refusal stops them all instead of leaving the others waiting at a collective."""
-  verdict, refusal = OUT_READY, None
-  if jax.process_index() == 0:
-    try:
-      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
-    except ValueError as e:
-      verdict, refusal = OUT_REFUSED, e
-  verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))
-  if verdict == OUT_REFUSED:
-    raise refusal or ValueError(f"host 0 refused --out {out} (its log says why)")
-  return verdict
-
-
-def part_path(out: str, start: int, end: int) -> str:
-  return os.path.join(out, PARTS, f"part-{start:08d}-{end:08d}.npz")
-
-
-def check_out(out: str, settings: dict, final: str) -> bool:
-  """True when `out` already holds the finished batch of these settings; refuses others."""
-  if not os.path.isdir(out):
-    if os.path.exists(out):
-      raise ValueError(f"--out {out} exists and is not a directory")
-    return False
-  saved = settings_lib.read(os.path.join(out, SETTINGS))
-  finished = [n for n in os.listdir(out) if n.startswith("samples_") and n.endswith(".npz")]
-  if saved is None:
-    if finished or os.path.isdir(os.path.join(out, PARTS)):
-      raise ValueError(f"{out} already holds samples ({', '.join(finished) or PARTS + '/'}) "
-                       f"without {SETTINGS}: refusing to overwrite them; use another --out")
-    return False
-  what = (f"a finished sample batch ({', '.join(finished)})" if finished
-          else "unfinished sample parts")
-  settings_lib.refuse_changes(saved, settings, f"{out} holds {what} made with different "
-                              "settings", "refusing to overwrite; use another --out")
-  return os.path.exists(os.path.join(out, final))
-
-
-def assemble(out: str, final: str, ranges, labels: np.ndarray, shape) -> str:
-  """Streams the checked parts into `final` (ADM layout, RGB), never all images at once."""
-  height, width, channels = shape
-
-  def images():
-    for start, end in ranges:
-      with np.load(part_path(out, start, end), allow_pickle=False) as part:
-        images, part_labels = part["images"], part["labels"]
-      if images.shape != (end - start, height, width, channels) or \
-         not np.array_equal(part_labels, labels[start:end]):
-        raise ValueError(f"{part_path(out, start, end)} does not hold samples {start}.."
-                         f"{end - 1} of these settings; delete it and rerun")
-      yield np.repeat(images, 3, axis=-1) if channels == 1 else images
-
-  path = os.path.join(out, final)
-  adm_npz.write_batch(path, (len(labels), height, width), images(), labels)
-  return path
 
 
 # ---------------------------------------------------------------------------------- main
@@ -276,116 +195,79 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   config, weights = resolve_model(workdir, torch_checkpoint, config, step)
   mesh = sharding.create_mesh(config)
   sample_cfg = sample_settings(config, overrides)
-  latent = sampling.is_latent(config)
-  channels = int(config.model.in_channels)
-  decoder = vae_identity = None
-  if latent:
-    if not vae:
-      raise ValueError(f"the model samples SD-VAE latents (config.data.source="
-                       f"{config.data.source!r}): pass --vae=DIR to decode them")
-    decoder, vae_identity = load_decoder(vae, config, mesh)
-  else:
-    if vae:
-      raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
-                       "--vae is for latent models only")
-    if channels not in (1, 3):
-      raise ValueError(f"a pixel-space model with {channels} channels cannot be saved as "
-                       "images (1 or 3 expected)")
+  decoder, vae_identity = _decoder_for(config, vae, mesh)
   generator = sampling.Generator(config, sample_cfg, mesh, decoder)  # checks the sampler
   label_values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
-
   size = int(config.latent_size)
   factor = decoder.model.config.downsample_factor if decoder else 1
-  image_shape = (size * factor, size * factor, 3 if latent else channels)
-  final = adm_npz.npz_name(num_samples, image_shape[0], image_shape[1])
+  image_shape = (size * factor, size * factor,
+                 3 if decoder else int(config.model.in_channels))
   settings = settings_lib.as_json({
       "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
       "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
       "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,
       "labels": {"spec": labels if labels in ("random", "balanced") else "given",
                  "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
-      "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if latent else None,
+      "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if decoder else None,
       "image_shape": image_shape})
 
   batch = generator.padded_size(batch_size)
   ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
-  is_host0 = jax.process_index() == 0
-  summary = {"npz": os.path.join(out, final), "num_samples": num_samples,
-             "image_shape": image_shape, "batch_size": batch, "generated": [], "kept": []}
+  final = adm_npz.npz_name(num_samples, image_shape[0], image_shape[1])
+  output = SampleOutput(out, final, ranges, label_values, image_shape, png)
+  summary = {"npz": output.npz, "num_samples": num_samples, "image_shape": image_shape,
+             "batch_size": batch, "generated": [], "kept": []}
   if out_verdict(out, settings, final) == OUT_COMPLETE:
-    logging.info("%s is already complete", summary["npz"])
-    if png and is_host0:
-      _pngs_from_batch(summary["npz"], os.path.join(out, PNG_DIR), channels=image_shape[2])
+    logging.info("%s is already complete", output.npz)
+    output.pngs_of_finished()
     return summary
 
   params = load_model(config, weights, mesh)
-  if is_host0:   # only now: weights that fail to load leave --out as it was
-    os.makedirs(out, exist_ok=True)
-    settings_lib.record(os.path.join(out, SETTINGS), settings)
-    os.makedirs(os.path.join(out, PARTS), exist_ok=True)
-    if png:
-      os.makedirs(os.path.join(out, PNG_DIR), exist_ok=True)
-  distributed.barrier("sample_settings")
-
-  exists = np.asarray([is_host0 and os.path.exists(part_path(out, s, e)) for s, e in ranges],
-                      np.int32)
-  exists = distributed.broadcast_from_host0(exists).astype(bool)
-  todo = [b for b in range(len(ranges)) if not exists[b]]
-  summary["kept"] = [b for b in range(len(ranges)) if exists[b]]
+  output.start(settings)
+  summary["kept"] = output.finished_batches()
+  output.pngs_of_resumed(summary["kept"])
+  todo = [b for b in range(len(ranges)) if b not in summary["kept"]]
   logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
                num_samples, image_shape, len(ranges), batch, len(summary["kept"]), mesh.size)
-
-  def write_pngs(start, images):
-    if png:
-      for j, image in enumerate(images):
-        path = os.path.join(out, PNG_DIR, f"{start + j:06d}.png")
-        if not os.path.exists(path):
-          fileio.write_png(path, image)
-
-  if is_host0 and png:   # resumed parts whose PNGs were not asked for then
-    for b in summary["kept"]:
-      start, end = ranges[b]
-      if not all(os.path.exists(os.path.join(out, PNG_DIR, f"{i:06d}.png"))
-                 for i in range(start, end)):
-        with np.load(part_path(out, start, end), allow_pickle=False) as part:
-          write_pngs(start, part["images"])
-
-  def finish(b, result):
-    start, end = ranges[b]
-    images = sampling.fetch(result[0])[: end - start]
-    if is_host0:
-      write_pngs(start, images)
-      fileio.atomic_write(part_path(out, start, end), lambda tmp: _save_part(
-          tmp, images, label_values[start:end]))
-    summary["generated"].append(b)
-    bar.update(end - start)
-
   from tqdm import tqdm
   resumed = sum(ranges[b][1] - ranges[b][0] for b in summary["kept"])
   with tqdm(total=num_samples, initial=resumed, desc="sampling", unit="img", file=sys.stderr,
-            disable=not progress or not is_host0) as bar:
+            disable=not progress or jax.process_index() != 0) as bar:
     pending = None
-    for b in todo:
-      start, end = ranges[b]
-      indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
-      batch_labels = np.zeros(batch, np.int32)
-      batch_labels[: end - start] = label_values[start:end]
-      # Runs while the previous batch is written.
-      result = generator(params, seed, indices, batch_labels)
+    for b in todo + [None]:
+      if b is not None:   # dispatched before the previous batch is fetched and written
+        start, end = ranges[b]
+        batch_labels = np.zeros(batch, np.int32)
+        batch_labels[: end - start] = label_values[start:end]
+        indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
+        result = generator(params, seed, indices, batch_labels)
       if pending is not None:
-        finish(*pending)
-      pending = (b, result)
-    if pending is not None:
-      finish(*pending)
-
-  distributed.barrier("sample_parts")
-  if is_host0:
-    assemble(out, final, ranges, label_values.astype(np.int64), image_shape)
-    if not keep_parts:
-      shutil.rmtree(os.path.join(out, PARTS))
-    logging.info("wrote %s", summary["npz"])
-  distributed.barrier("sample_done")
+        done, images = pending
+        n = ranges[done][1] - ranges[done][0]
+        output.write_batch(done, sampling.fetch(images)[:n])
+        summary["generated"].append(done)
+        bar.update(n)
+      pending = None if b is None else (b, result[0])
+  output.assemble(keep_parts)
+  logging.info("wrote %s", output.npz)
   return summary
+
+
+def _decoder_for(config, vae: str | None, mesh: Mesh):
+  """(decoder, its identity) for a latent model, (None, None) for a pixel model; checks
+  that --vae is given exactly when it is needed."""
+  if sampling.is_latent(config):
+    if not vae:
+      raise ValueError(f"the model samples SD-VAE latents (config.data.source="
+                       f"{config.data.source!r}): pass --vae=DIR to decode them")
+    return load_decoder(vae, config, mesh)
+  if vae:
+    raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
+                     "--vae is for latent models only")
+  if int(config.model.in_channels) not in (1, 3):
+    raise ValueError(f"a pixel-space model with {config.model.in_channels} channels cannot be "
+                     "saved as images (1 or 3 expected)")
+  return None, None
 
 
 def _define_flags():

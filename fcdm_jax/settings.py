@@ -9,7 +9,6 @@ the demo classifier's cache (`meta.json`'s recipe).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable, Mapping
 
 from fcdm_jax import fileio
@@ -39,10 +38,9 @@ def refuse_changes(saved: Mapping, now: Mapping, what: str, advice: str,
 
 def read(path: str) -> dict | None:
   """The settings recorded at `path`, or None when there are none."""
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(path))
 
 
 def record(path: str, settings: Mapping) -> None:

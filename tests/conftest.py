@@ -39,3 +39,31 @@ def pytest_configure(config):
       "markers", "slow: starts subprocesses or trains for many steps (the demo command, "
       "signals, two-process jax.distributed, command lines); `pytest -m \"not slow\"` is the "
       "quick loop")
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS emulator on 127.0.0.1 with bucket `bucket`; every client of this process and of
+  the subprocesses the tests start is pointed at it (tests/gcs_emulator.py). Yields a
+  function giving a fresh `gs://bucket/<test>-<n>` prefix per call."""
+  from gcs_emulator import Emulator, client_env
+  root = tmp_path_factory.mktemp("gcs")
+  (root / "data").mkdir()
+  emulator = Emulator(str(root / "data")).start()
+  saved = {k: os.environ.get(k) for k in client_env(emulator.url)}
+  os.environ.update(client_env(emulator.url))
+  counter = iter(range(1 << 30))
+
+  def prefix(name: str = "t") -> str:
+    return f"gs://{emulator.bucket}/{name}-{next(counter)}"
+
+  prefix.emulator = emulator
+  try:
+    yield prefix
+  finally:
+    emulator.stop()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

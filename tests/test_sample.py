@@ -13,7 +13,7 @@ from PIL import Image
 
 import jax
 
-from fcdm_jax import config_base, convert, evaluate, sample, sampling
+from fcdm_jax import config_base, convert, evaluate, sample, sample_output, sampling
 from fcdm_jax.models import FCDM, inception
 from fcdm_jax.models import vae as vae_lib
 from fcdm_jax.train import checkpoint as ckpt_lib
@@ -302,11 +302,11 @@ def test_out_refused_on_host0_stops_every_host(pixel_run, tmp_path, monkeypatch)
   monkeypatch.setattr(sample.distributed, "broadcast_from_host0", broadcast)
   with pytest.raises(ValueError, match="refusing to overwrite"):
     sample.sample(str(foreign), 3, workdir=workdir, progress=False)
-  assert shared == [sample.OUT_REFUSED]
+  assert shared == [sample_output.OUT_REFUSED]
 
   # Another host: it never reads --out and gets host 0's verdict.
   monkeypatch.setattr(sample.distributed, "broadcast_from_host0",
-                      lambda value: np.int32(sample.OUT_REFUSED))
+                      lambda value: np.int32(sample_output.OUT_REFUSED))
   monkeypatch.setattr(sample.jax, "process_index", lambda: 1)
   out = tmp_path / "other_host"
   with pytest.raises(ValueError, match="host 0 refused --out .*other_host"):

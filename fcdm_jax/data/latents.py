@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
+import io
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -78,7 +78,7 @@ def shard_name(index: int) -> str:
   return f"shard-{index:05d}.npy"
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
+def _write_atomic(path, write) -> None:
   """`write(file_object)` through `fileio.atomic_write`: readers never see half a file."""
   def to_path(tmp):
     with open(tmp, "wb") as f:
@@ -86,15 +86,19 @@ def _write_atomic(path: pathlib.Path, write) -> None:
   fileio.atomic_write(path, to_path)
 
 
-def _read_npy_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype, int]:
-  """(shape, dtype, data offset) of a .npy file without reading its data."""
-  with open(path, "rb") as f:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-      shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-      shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return shape, dtype, f.tell()
+def read_npy_header(path) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, data offset) of a .npy file, reading only its first bytes."""
+  head = fileio.read_ranges([path], [0], [_HEADER_BYTES])[0]
+  f = io.BytesIO(head)
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+  else:
+    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+  return shape, dtype, f.tell()
+
+
+_HEADER_BYTES = 4096  # np.lib.format pads headers to 64 bytes; ours are ~150
 
 
 class LatentShardWriter:
@@ -104,7 +108,7 @@ class LatentShardWriter:
                vae_scale: float = 0.18215, dtype: str = "float16"):
     if len(shape) != 3:
       raise ValueError(f"latent shape must be (H, W, C), got {tuple(shape)}")
-    self.directory = pathlib.Path(directory)
+    self.directory = fileio.path(directory)
     self.directory.mkdir(parents=True, exist_ok=True)
     self.shape = tuple(int(d) for d in shape)
     self.num_classes = int(num_classes)
@@ -112,7 +116,7 @@ class LatentShardWriter:
     self.dtype = dtype
     self.record = record_dtype(self.shape, dtype)
 
-  def shard_path(self, index: int) -> pathlib.Path:
+  def shard_path(self, index: int):
     return self.directory / shard_name(index)
 
   def is_complete(self, index: int) -> bool:
@@ -120,7 +124,7 @@ class LatentShardWriter:
     npy, meta = self.shard_path(index), self.shard_path(index).with_suffix(".json")
     if not (npy.exists() and meta.exists()):
       return False
-    shape, dtype, _ = _read_npy_header(npy)
+    shape, dtype, _ = read_npy_header(npy)
     info = json.loads(meta.read_text())
     return dtype == self.record and shape == (info["count"],)
 
@@ -193,7 +197,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
   if not directory:
     raise FileNotFoundError("config.data.path is empty: set it to a latent dataset directory "
                             "(written by fcdm_jax.extract_latents)")
-  directory = pathlib.Path(directory)
+  directory = fileio.path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"latent dataset directory {directory} does not exist")
   path = directory / MANIFEST
@@ -213,8 +217,8 @@ class LatentDataset:
   """Random access to the posterior (mean, std) of any example, for either flip."""
 
   def __init__(self, directory: str | os.PathLike):
-    self.directory = pathlib.Path(directory)
     self.manifest = m = read_manifest(directory)
+    self.directory = fileio.path(directory)
     self.shape = tuple(m["shape"])
     self.num_classes = int(m["num_classes"])
     self.vae_scale = float(m["vae_scale"])
@@ -224,7 +228,7 @@ class LatentDataset:
       path = self.directory / s["file"]
       if not path.exists():
         raise FileNotFoundError(f"{path} is listed in the manifest but missing")
-      shape, dtype, offset = _read_npy_header(path)
+      shape, dtype, offset = read_npy_header(path)
       if dtype != self.record or shape != (s["count"],):
         raise ValueError(f"{path}: holds {shape} records of {dtype}, the manifest says "
                          f"{s['count']} of {self.record}")
@@ -247,17 +251,12 @@ class LatentDataset:
     indices = np.asarray(indices, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= self.count):
       raise IndexError(f"example index out of range [0, {self.count})")
-    out = np.empty(len(indices), self.record)
     shard = np.searchsorted(self.starts, indices, side="right") - 1
     size = self.record.itemsize
-    for s in np.unique(shard):
-      sel = np.flatnonzero(shard == s)
-      sel = sel[np.argsort(indices[sel])]  # sequential reads within a shard
-      with open(self.files[s], "rb") as f:
-        for j in sel:
-          f.seek(self.offsets[s] + (indices[j] - self.starts[s]) * size)
-          out[j] = np.frombuffer(f.read(size), self.record, count=1)[0]
-    return out
+    starts = [self.offsets[s] + (i - self.starts[s]) * size for s, i in zip(shard, indices)]
+    chunks = fileio.read_ranges([self.files[s] for s in shard], starts,
+                                [a + size for a in starts])
+    return np.frombuffer(bytearray(b"".join(chunks)), self.record, count=len(indices))
 
 
 class LatentSource(pipeline.Source):

@@ -17,10 +17,11 @@ Nothing is downloaded: a dataset that is not prepared in data_dir is an error.
 from __future__ import annotations
 
 import logging
-import os
+
 
 import numpy as np
 
+from fcdm_jax import fileio
 from fcdm_jax.data import pipeline
 from fcdm_jax.data.embedded import to_model_range
 from fcdm_jax.data.preprocess import center_crop_arr
@@ -29,7 +30,7 @@ from fcdm_jax.data.preprocess import center_crop_arr
 def _load_builder(name: str, data_dir: str):
   if not name:
     raise ValueError("config.data.tfds_name is empty: name the TFDS dataset (e.g. 'mnist')")
-  if data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
+  if data_dir and not fileio.isdir(data_dir):
     raise FileNotFoundError(f"config.data.data_dir {data_dir} does not exist")
   import tensorflow_datasets as tfds
   where = f"TFDS dataset {name!r} in data_dir {data_dir or '(TFDS default)'}"

@@ -22,12 +22,14 @@ The zarr source needs the optional `zarr` package.
 
 from __future__ import annotations
 
+import io
 import logging
-import pathlib
 
 import numpy as np
 
+from fcdm_jax import fileio
 from fcdm_jax.data import pipeline
+from fcdm_jax.data.latents import read_npy_header
 
 
 def _nchw_shape(shape, where: str) -> tuple[int, int, int]:
@@ -47,17 +49,22 @@ def _check(hwc, expected_shape, num_classes_config, labels, where):
   pipeline.check_labels(labels, num_classes_config, where)
 
 
+def _load_npy(path) -> np.ndarray:
+  """One .npy file, local or remote, never unpickled."""
+  return np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False)
+
+
 def _flip(x: np.ndarray, flips: np.ndarray) -> np.ndarray:
   x[flips] = x[flips, :, ::-1]
   return x
 
 
-def resolve_feature_dirs(path: str, labels_path: str = "") -> tuple[pathlib.Path, pathlib.Path]:
+def resolve_feature_dirs(path: str, labels_path: str = ""):
   """(features dir, labels dir) from config.data.path / labels_path (see module docstring)."""
   if not path:
     raise FileNotFoundError("config.data.path is empty: set it to the published features "
                             "folder (holding imagenet256_features/ and imagenet256_labels/)")
-  root = pathlib.Path(path)
+  root = fileio.path(path)
   if not root.is_dir():
     raise FileNotFoundError(f"features folder {root} does not exist")
   subdirs = sorted(p for p in root.glob("*_features") if p.is_dir())
@@ -69,7 +76,7 @@ def resolve_feature_dirs(path: str, labels_path: str = "") -> tuple[pathlib.Path
   else:
     features = root
   if labels_path:
-    labels = pathlib.Path(labels_path)
+    labels = fileio.path(labels_path)
   elif features.name.endswith("_features"):
     labels = features.with_name(features.name[:-len("_features")] + "_labels")
   else:
@@ -99,9 +106,9 @@ class TorchFeatureSource(pipeline.Source):
                        f"labels only: {only_l})")
     self.feature_files = [features_dir / n for n in names]
     self.num_workers = num_workers
-    c, h, w = _nchw_shape(np.load(self.feature_files[0], mmap_mode="r").shape, where)
+    c, h, w = _nchw_shape(read_npy_header(self.feature_files[0])[0], where)
     # Every label up front: checked before any work, and then batches read features only.
-    labels = pipeline.parallel_map(lambda n: np.load(labels_dir / n).reshape(-1),
+    labels = pipeline.parallel_map(lambda n: _load_npy(labels_dir / n).reshape(-1),
                                    names, max(num_workers, 8))
     bad = [n for n, l in zip(names, labels) if l.size != 1]
     if bad:
@@ -112,7 +119,7 @@ class TorchFeatureSource(pipeline.Source):
                      num_examples=len(names), description=where, **kwargs)
 
   def _read(self, i):
-    x = np.load(self.feature_files[i])
+    x = _load_npy(self.feature_files[i])
     return np.transpose(x.reshape(x.shape[-3:]), (1, 2, 0))
 
   def _load(self, indices, flips, rngs):
@@ -128,7 +135,7 @@ class TorchZarrSource(pipeline.Source):
                num_classes: int, **kwargs):
     if not path:
       raise FileNotFoundError("config.data.path is empty: set it to the published .zarr store")
-    if not pathlib.Path(path).exists():
+    if not fileio.exists(path):
       raise FileNotFoundError(f"zarr store {path} does not exist")
     try:
       import zarr

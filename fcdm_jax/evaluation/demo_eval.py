@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
@@ -303,13 +302,12 @@ class Judge:
 
 def _load_cache(directory: str, recipe: dict, fingerprint: str, module) -> tuple[Any, dict]:
   """(params, info) from the cache; raises ValueError saying why it cannot be used."""
-  meta_path = os.path.join(directory, META_FILE)
-  params_path = os.path.join(directory, PARAMS_FILE)
-  if not os.path.exists(meta_path) or not os.path.exists(params_path):
+  meta_path = fileio.join(directory, META_FILE)
+  params_path = fileio.join(directory, PARAMS_FILE)
+  if not fileio.exists(meta_path) or not fileio.exists(params_path):
     raise ValueError("no cached classifier")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(fileio.read_text(meta_path))
     if not isinstance(meta, dict):
       raise ValueError(f"{META_FILE} holds {type(meta).__name__}, not an object")
   except (OSError, ValueError) as e:
@@ -318,8 +316,7 @@ def _load_cache(directory: str, recipe: dict, fingerprint: str, module) -> tuple
                           "the classifier recipe changed", "retraining")
   if meta.get("data_sha256") != fingerprint:
     raise ValueError("the embedded data changed since the classifier was trained")
-  with open(params_path, "rb") as f:
-    blob = f.read()
+  blob = fileio.read_bytes(params_path)
   if hashlib.sha256(blob).hexdigest() != meta.get("params_sha256"):
     raise ValueError(f"{params_path} does not match the sha256 in {META_FILE} (corrupt)")
   template = _init_params(module, recipe["seed"])
@@ -341,7 +338,7 @@ def load_or_train_classifier(workdir: str, recipe: dict | None = None) -> Judge:
   `recipe` overrides `RECIPE` fields (tests use a shorter training).
   """
   recipe = _recipe(recipe)
-  directory = os.path.join(workdir, CLASSIFIER_DIR)
+  directory = fileio.join(workdir, CLASSIFIER_DIR)
   fingerprint = data_fingerprint()
   module = _module(recipe)
   try:
@@ -350,18 +347,18 @@ def load_or_train_classifier(workdir: str, recipe: dict | None = None) -> Judge:
                  info["test_accuracy"])
     return Judge(params, info, recipe, trained=False, directory=directory)
   except (OSError, ValueError) as e:
-    if os.path.isdir(directory):
+    if fileio.isdir(directory):
       logging.warning("eval classifier: retraining; the cache in %s is not usable: %s",
                       directory, e)
     else:
       logging.info("eval classifier: none cached in %s; training one", directory)
   params, info = train_classifier(recipe)
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
     blob = flax.serialization.to_bytes(jax.device_get(params))
     info = dict(info, data_sha256=fingerprint, params_sha256=hashlib.sha256(blob).hexdigest())
-    fileio.atomic_write_bytes(os.path.join(directory, PARAMS_FILE), blob)
-    fileio.atomic_write_bytes(os.path.join(directory, META_FILE), json.dumps(info, indent=2).encode())
+    fileio.atomic_write_bytes(fileio.join(directory, PARAMS_FILE), blob)
+    fileio.atomic_write_bytes(fileio.join(directory, META_FILE),
+                              json.dumps(info, indent=2).encode())
   return Judge(params, info, recipe, trained=True, directory=directory)
 
 
@@ -485,7 +482,8 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
     scalars["eval/unguided_frechet_distance"] = results["unguided"]["frechet_distance"]
   writer.write_scalars(step, scalars)
   if jax.process_index() == 0:
-    fileio.atomic_write_bytes(os.path.join(workdir, EVAL_FILE), json.dumps(summary, indent=2).encode())
+    fileio.atomic_write_bytes(fileio.join(workdir, EVAL_FILE),
+                              json.dumps(summary, indent=2).encode())
   return summary
 
 

@@ -10,13 +10,12 @@ when the run starts; every call samples the same labels from the same noise (con
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 from absl import logging
 
-from fcdm_jax import evaluate, sampling
+from fcdm_jax import evaluate, fileio, sampling
 from fcdm_jax.evaluation.hooks import check_count, sample_settings
 
 WHICH = ("fid", "sfid", "is")
@@ -33,7 +32,7 @@ class FidEvaluator:
     self.every_steps = int(ev.every_steps)
     self.seed = int(config.seed)
     for name in ("inception", "reference"):
-      if not ev[name] or not os.path.isfile(ev[name]):
+      if not ev[name] or not fileio.isfile(ev[name]):
         raise FileNotFoundError(f"config.eval.{name}={ev[name]!r} is not a file; the FID "
                                 "evaluation needs the FID-Inception weights and a reference "
                                 "batch .npz (or set config.eval.enabled=False)")
@@ -52,7 +51,7 @@ class FidEvaluator:
     model, variables = inception.load_inception(ev.inception)
     self.extract = evaluate.FeatureExtractor(model, variables, self.batch)
     self.reference = ev.reference
-    with np.load(ev.reference) as z:
+    with fileio.open_read(ev.reference) as fh, np.load(fh) as z:
       has_images = "arr_0" in z.files
     self.ref_feats = None   # the reference's features, once (its statistics at the first call)
     if has_images:

@@ -33,7 +33,6 @@ to half a source pixel at 256 -> 299), because no real weights can be downloaded
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from fcdm_jax import fileio
 from fcdm_jax.models import torch_weights
 
 INPUT_SIZE = 299
@@ -316,7 +316,7 @@ def load_inception(path: str, preprocess: str = "adm",
   """(model, variables) from pytorch-fid's `pt_inception-2015-12-05-*.pth` (or the same
   state_dict as `.safetensors`); `.pth` files are read with `weights_only=True`."""
   from fcdm_jax.convert import load_torch_state_dict
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(
         f"Inception weights not found: {path}. Pass pytorch-fid's FID Inception file "
         "(pt_inception-2015-12-05-6726825d.pth from the pytorch-fid releases); it cannot be "

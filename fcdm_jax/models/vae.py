@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Mapping, NamedTuple
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from fcdm_jax import fileio
 from fcdm_jax.models import torch_weights
 
 Dtype = Any
@@ -96,8 +96,7 @@ class VAEConfig:
 
   @classmethod
   def from_json(cls, path: str) -> "VAEConfig":
-    with open(path, encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(json.loads(fileio.read_text(path)))
 
   @property
   def downsample_factor(self) -> int:
@@ -369,19 +368,19 @@ def params_from_torch(state_dict: Mapping[str, Any], model: AutoencoderKL,
 
 def find_vae_files(path: str) -> tuple[str, str]:
   """(config.json, weights file) of a diffusers VAE directory (or a pipeline's `vae/`)."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"VAE directory not found: {path} (expected a local diffusers "
+  if not fileio.isdir(path):
+    raise FileNotFoundError(f"VAE directory not found: {path} (expected a diffusers "
                             f"directory with {CONFIG_NAME} and {WEIGHT_NAMES[0]})")
-  if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and \
-     os.path.isfile(os.path.join(path, "vae", CONFIG_NAME)):
-    path = os.path.join(path, "vae")
-  config = os.path.join(path, CONFIG_NAME)
-  if not os.path.isfile(config):
+  if not fileio.isfile(fileio.join(path, CONFIG_NAME)) and \
+     fileio.isfile(fileio.join(path, "vae", CONFIG_NAME)):
+    path = fileio.join(path, "vae")
+  config = fileio.join(path, CONFIG_NAME)
+  if not fileio.isfile(config):
     raise FileNotFoundError(f"{config} not found: the VAE directory needs a diffusers "
                             f"{CONFIG_NAME}")
   for name in WEIGHT_NAMES:
-    if os.path.isfile(os.path.join(path, name)):
-      return config, os.path.join(path, name)
+    if fileio.isfile(fileio.join(path, name)):
+      return config, fileio.join(path, name)
   raise FileNotFoundError(f"no VAE weights in {path}: expected {' or '.join(WEIGHT_NAMES)}")
 
 

@@ -13,16 +13,14 @@ only its shards.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
-from fcdm_jax import distributed
+from fcdm_jax import distributed, fileio
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"  # beside CHECKPOINT_DIR: damaged steps, set aside
@@ -30,8 +28,7 @@ DAMAGED_DIR = "checkpoints_damaged"  # beside CHECKPOINT_DIR: damaged steps, set
 
 def checkpoint_dir(workdir: str) -> str:
   """Orbax needs absolute paths; gs:// and other URLs are kept as given."""
-  path = os.path.join(workdir, CHECKPOINT_DIR)
-  return path if "://" in path else os.path.abspath(path)
+  return fileio.absolute(fileio.join(workdir, CHECKPOINT_DIR))
 
 
 class Checkpointer:
@@ -116,17 +113,17 @@ class Checkpointer:
 
   def _set_aside(self, step: int, error: Exception) -> str:
     """Moves a damaged step folder out of orbax's view (host 0; every host then re-reads)."""
-    source = epath.Path(self.directory) / str(step)
-    target = epath.Path(self.directory).parent / DAMAGED_DIR / f"{step}-{int(time.time())}"
+    source = fileio.join(self.directory, str(step))
+    target = fileio.join(fileio.path(self.directory).parent, DAMAGED_DIR,
+                         f"{step}-{int(time.time())}")
     logging.error("checkpoint at step %d (%s) cannot be read: %s: %s. Moving it aside to %s "
                   "and trying the previous one.", step, source, type(error).__name__,
                   str(error).splitlines()[0][:300] if str(error) else "", target)
-    if jax.process_index() == 0 and source.exists():
-      target.parent.mkdir(parents=True, exist_ok=True)
-      source.rename(target)
+    if jax.process_index() == 0 and fileio.exists(source):
+      fileio.move(source, target)
     distributed.barrier(f"checkpoint_set_aside_{step}")
     self.manager.reload()
-    return str(target)
+    return target
 
   def restore_parts(self, step: int, abstract_parts: dict[str, Any]) -> dict[str, Any]:
     """Only the named fields of the saved state (e.g. {'ema_params': tree}), each leaf read

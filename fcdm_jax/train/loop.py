@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -26,14 +25,14 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 
 from fcdm_jax import data as data_lib
-from fcdm_jax import compilation_cache, distributed, settings
+from fcdm_jax import compilation_cache, distributed, fileio, settings
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import checkpoint as ckpt_lib
-from fcdm_jax.train import sharding, torch_state
+from fcdm_jax.train import events, sharding, torch_state
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
@@ -99,15 +98,11 @@ class PreemptionFlag:
 
 
 def check_workdir(workdir: str) -> None:
-  """A clear error now rather than a failed checkpoint hours later."""
-  if "://" in workdir:
-    return  # remote storage: orbax reports access problems itself
+  """A clear error now rather than a failed checkpoint hours later (local or gs:// alike)."""
+  probe = fileio.join(workdir, f".write_test_{jax.process_index()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    fileio.atomic_write_bytes(probe, b"ok")
+    fileio.remove(probe)
   except OSError as e:
     raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
 
@@ -202,7 +197,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
 
   train_step = jit_train_step(make_train_step(config, model, objective, tx), mesh,
                               shardings, config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_host0)
+  writer = events.create_writer(workdir, is_host0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
   hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -267,6 +262,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
       if save:
         checkpointer.save(step, state, {"data_position": step, "config": settings.as_json(config),
                                         "jax_version": jax.__version__})
+        writer.flush()   # the events up to a checkpoint are in the workdir with it
       if preview is not None and (step % config.preview.every_steps == 0 or last):
         preview.write(step, state.ema_params)
       for evaluate in evaluators:
@@ -278,7 +274,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
   checkpointer.wait()
   if evaluators and summary["stopped_by"] == "completed":
     summary["eval"] = [evaluate(step, state.ema_params, writer) for evaluate in evaluators]
-  writer.flush()
+  writer.close()
   summary.update(end_step=step, first_step_seconds=first_step_seconds)
   if preview is not None:
     summary["last_preview"] = preview.last_path

@@ -7,7 +7,6 @@ Pixel-space models are shown as images; latent models are decoded with the VAE w
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
@@ -40,7 +39,7 @@ class PreviewWriter:
     if sampling.is_latent(config) and pc.vae_dir:
       self.decoder = sampling.load_decoder(pc.vae_dir, config, mesh)
     self.generator = sampling.Generator(config, sample_settings(config), mesh, self.decoder)
-    self.folder = os.path.join(workdir, SAMPLES_DIR)
+    self.folder = fileio.join(workdir, SAMPLES_DIR)
     self.writer = writer
     self.last_path = None
 
@@ -56,9 +55,8 @@ class PreviewWriter:
     images = self.images(ema_params)
     if jax.process_index() != 0:
       return None
-    os.makedirs(self.folder, exist_ok=True)
     grid = image_grid(images, self.rows)
-    path = os.path.join(self.folder, f"step_{step:08d}.png")
+    path = fileio.join(self.folder, f"step_{step:08d}.png")
     fileio.write_png(path, grid)
     self.writer.write_images(step, {"samples": grid[None]})
     self.last_path = path

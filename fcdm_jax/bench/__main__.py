@@ -1,0 +1,66 @@
+"""`python -m fcdm_jax.bench`: the command line (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from fcdm_jax.bench.dwconv_study import dwconv_study
+from fcdm_jax.bench.machine import machine_info
+from fcdm_jax.bench.report import DTYPES, MODES, run
+
+
+def main(argv=None):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "config file (configs/*.py); fields overridable as --config.x=y")
+  flags.DEFINE_integer("batch", 8, "global batch size")
+  flags.DEFINE_enum("mode", "both", ["train", "sample", "both", "dwconv"],
+                    "what to time; 'dwconv' = the depthwise conv formulation study")
+  flags.DEFINE_enum("dtype", None, sorted(DTYPES), "compute dtype (default: the config's)")
+  flags.DEFINE_string("remat", None, "none | block | dots | dots_no_batch (default: config's)")
+  flags.DEFINE_string("dwconv_impl", None, "auto | xla | shift | shift_vjp (default: config's)")
+  flags.DEFINE_integer("repeats", 5, "timed steps (median, min, max)")
+  flags.DEFINE_integer("warmup", 3, "untimed steps after compilation (PyTorch on a CPU "
+                       "needs a few before its allocator and kernels settle)")
+  flags.DEFINE_bool("vs_torch", False, "also time the PyTorch module, alternating A/B")
+  flags.DEFINE_alias("vs-torch", "vs_torch")
+  flags.DEFINE_float("peak_tflops", None, "peak TFLOP/s for MFU (default: table / CPU estimate)")
+  flags.DEFINE_bool("compile_only", False, "compile and count FLOPs only (no state allocated)")
+  flags.DEFINE_bool("count_flops", True, "count model and XLA FLOPs")
+  flags.DEFINE_integer("num_devices", 0, "use the first N devices (0 = all)")
+  flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default)")
+  flags.DEFINE_string("json", None, "write the report here as JSON")
+  FLAGS = flags.FLAGS
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if config_flag.value is None:
+      raise app.UsageError("--config is required")
+    if FLAGS.mode == "dwconv":
+      report = dwconv_study(config_flag.value, batch=FLAGS.batch, repeats=FLAGS.repeats)
+      report["machine"] = machine_info(__import__("jax").devices())
+      report["command"] = " ".join(["python -m fcdm_jax.bench"] + sys.argv[1:])
+      if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+          json.dump(report, f, indent=1, default=str)
+      return
+    modes = MODES if FLAGS.mode == "both" else (FLAGS.mode,)
+    report = run(config_flag.value, batch=FLAGS.batch, modes=modes, dtype=FLAGS.dtype,
+                 remat=FLAGS.remat, dwconv_impl=FLAGS.dwconv_impl, repeats=FLAGS.repeats,
+                 warmup=FLAGS.warmup, vs_torch=FLAGS.vs_torch, peak_tflops=FLAGS.peak_tflops,
+                 compile_only=FLAGS.compile_only, count_flops=FLAGS.count_flops,
+                 num_devices=FLAGS.num_devices, torch_threads=FLAGS.torch_threads)
+    report["command"] = " ".join(["python -m fcdm_jax.bench"] + sys.argv[1:])
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+
+  app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,93 @@
+"""How a step is measured: timing with the other processes' load, summaries, XLA's memory
+plan and FLOP count."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+from fcdm_jax.bench.machine import busy_seconds, cpu_count, peak_rss_bytes
+
+QUIET = 0.1  # a step is quiet when other processes used under 10% of the cores
+
+
+def summarize(times: list[float], batch: int, others: list | None = None) -> dict[str, Any]:
+  """Median / min / max of step seconds and the images/s they give, and the same over
+  the quiet steps (see `timed_with_load`)."""
+  med = statistics.median(times)
+  out = dict(step_s=dict(median=med, min=min(times), max=max(times)),
+             img_per_s=dict(median=batch / med, min=batch / max(times), max=batch / min(times)),
+             repeats=len(times))
+  if others and all(o is not None for o in others):
+    out["other_load"] = [round(o, 3) for o in others]
+    quiet = [t for t, o in zip(times, others) if o < QUIET]
+    out["quiet_steps"] = len(quiet)
+    out["quiet_step_s_median"] = statistics.median(quiet) if quiet else None
+  return out
+
+
+def xla_memory(compiled) -> dict[str, int] | None:
+  """XLA's plan of the executable's memory per device (bytes), or None where the backend
+  has no analysis. `total` = arguments + outputs - aliased (donated) + temporaries +
+  generated code: what the device must hold while the program runs."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    ma = None
+  if ma is None:
+    return None
+  out = dict(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
+             alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes),
+             code=int(ma.generated_code_size_in_bytes))
+  out["planned"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  out["total"] = out["planned"] + out["code"]
+  return out
+
+
+def jax_memory(device, compiled) -> dict[str, Any]:
+  """Device peak where the runtime reports it; XLA's planned bytes of the executable; and,
+  on a CPU, the process peak RSS (which is the memory the step really took there)."""
+  out: dict[str, Any] = {}
+  stats = None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    stats = None
+  if stats and "peak_bytes_in_use" in stats:
+    out.update(peak_bytes=int(stats["peak_bytes_in_use"]), source="device memory_stats")
+  else:
+    out.update(peak_bytes=peak_rss_bytes(), source="process peak RSS")
+  planned = xla_memory(compiled)
+  out["xla_planned_bytes"] = planned["planned"] if planned else None
+  out["xla_temp_bytes"] = planned["temp"] if planned else None  # None: the backend has no analysis
+  return out
+
+
+def lowered_flops(lowered) -> float | None:
+  from fcdm_jax.flops import cost_analysis
+  ca = cost_analysis(lowered)
+  return float(ca["flops"]) if "flops" in ca else None
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  return timed_with_load(fn)[0]
+
+
+def timed_with_load(fn: Callable[[], Any]) -> tuple[float, float | None]:
+  """(seconds, share of this process's cores that other processes kept busy meanwhile).
+
+  On a shared machine the second number says which steps ran undisturbed: thread
+  pools that synchronise often (OpenMP) slow down far more than others when a core is
+  taken, so ratios are only fair over quiet steps.
+  """
+  busy0, own0 = busy_seconds(), sum(os.times()[:2])
+  t0 = time.perf_counter()
+  fn()
+  dt = time.perf_counter() - t0
+  busy1, own1 = busy_seconds(), sum(os.times()[:2])
+  if busy0 is None or busy1 is None:
+    return dt, None
+  others = (busy1 - busy0) - (own1 - own0)
+  return dt, max(0.0, min(1.0, others / (dt * cpu_count())))

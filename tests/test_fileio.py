@@ -1,0 +1,61 @@
+"""The path layer against a local folder and the GCS emulator alike."""
+
+import numpy as np
+import pytest
+
+from fcdm_jax import fileio
+
+
+@pytest.fixture(params=["local", "gcs"])
+def root(request, tmp_path):
+  if request.param == "local":
+    return str(tmp_path / "root")
+  return request.getfixturevalue("gcs")("fileio")
+
+
+def test_urls_keep_their_scheme():
+  assert fileio.join("gs://b/x", "y", "z.npy") == "gs://b/x/y/z.npy"
+  assert fileio.is_remote("gs://b/x") and not fileio.is_remote("/tmp/x")
+  assert fileio.absolute("gs://b/x") == "gs://b/x"
+  with pytest.raises(ValueError, match="unsupported URL scheme"):
+    fileio.path("ftp://host/x")
+  with pytest.raises(ValueError, match="empty path"):
+    fileio.path("")
+
+
+def test_write_read_list_move(root):
+  target = fileio.join(root, "a", "b.bin")
+  fileio.atomic_write_bytes(target, b"one")
+  assert fileio.read_bytes(target) == b"one"
+  fileio.atomic_write_bytes(target, b"two")           # replaced whole
+  assert fileio.read_bytes(target) == b"two"
+  assert fileio.listdir(fileio.join(root, "a")) == ["b.bin"]  # no temporary left behind
+  with fileio.open_read(target) as f:
+    f.seek(1)
+    assert f.read(2) == b"wo"
+  with fileio.local_file(target) as local:
+    assert open(local, "rb").read() == b"two"
+  img = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+  fileio.write_png(fileio.join(root, "a", "img.png"), img)
+  fileio.makedirs(fileio.join(root, "tree", "sub"))
+  fileio.atomic_write_bytes(fileio.join(root, "tree", "sub", "f"), b"x")
+  fileio.atomic_write_bytes(fileio.join(root, "tree", "g"), b"y")
+  fileio.move(fileio.join(root, "tree"), fileio.join(root, "aside", "tree"))
+  assert not fileio.exists(fileio.join(root, "tree"))
+  assert fileio.read_bytes(fileio.join(root, "aside", "tree", "sub", "f")) == b"x"
+  assert fileio.read_bytes(fileio.join(root, "aside", "tree", "g")) == b"y"
+
+
+def test_failed_write_keeps_the_old_file(root):
+  target = fileio.join(root, "keep.txt")
+  fileio.atomic_write_bytes(target, b"old")
+
+  def broken(tmp):
+    with open(tmp, "wb") as f:
+      f.write(b"half")
+    raise RuntimeError("disk full")
+
+  with pytest.raises(RuntimeError, match="disk full"):
+    fileio.atomic_write(target, broken)
+  assert fileio.read_bytes(target) == b"old"
+  assert fileio.listdir(root) == ["keep.txt"]
