@@ -81,8 +81,14 @@ def makedirs(p: PathLike) -> None:
 
 
 def listdir(p: PathLike) -> list[str]:
-  """Names (not paths) in directory `p`, sorted."""
-  return sorted(c.name for c in path(p).iterdir())
+  """Names (not paths) in directory `p`, sorted. On an object store a folder is only a
+  name prefix: one that holds nothing lists as empty instead of missing."""
+  try:
+    return sorted(c.name for c in path(p).iterdir())
+  except FileNotFoundError:
+    if is_remote(p):
+      return []
+    raise
 
 
 def walk(p: PathLike):
