@@ -6,12 +6,18 @@ Entry points (`python -m fcdm_jax.NAME --help`):
   sample           sample a run or a published checkpoint into an ADM `.npz`
   evaluate         FID / sFID / IS / precision / recall of an ADM `.npz`
   extract_latents  SD-VAE latents of an image folder or TFDS dataset
-  bench            compile time, throughput, memory and MFU of a config
+  export_torch     a run's checkpoint as a published-layout `.pt` / `.safetensors`
+  bench            compile time, throughput, memory and MFU of a config (a package)
+  preflight        compile a config for a TPU slice here: fits or not, roofline bound
+  preflight_table  the TPU table of docs/performance.md (resumable)
+
+Every path they take may be local or `gs://` (`fileio`, the one path layer).
 
 Library: `models/` (FCDM, SD-VAE, Inception), `diffusion/` (objectives and samplers),
 `train/` (state, step, sharding, checkpoints, previews, the loop), `data/` (input
-pipelines), `sampling` (the one generator), `evaluation/` (in-training evaluators),
-`adm_npz` (ADM's batch format), `settings` (recorded settings), `convert` (PyTorch weights).
+pipelines), `sampling` (the one generator), `sample_output` (the sampling CLI's output
+folder), `evaluation/` (in-training evaluators), `adm_npz` (ADM's batch format), `settings`
+(recorded settings), `convert` (PyTorch weights), `fileio` (paths), `tpu_topology`.
 """
 
 import os as _os

@@ -50,7 +50,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from fcdm_jax import tpu_topology
+from fcdm_jax import fileio, tpu_topology
 
 PROGRAMS = ("train", "sample", "preview")
 SAMPLE_BATCH = 64  # fcdm_jax.sample's default --batch_size
@@ -375,8 +375,7 @@ def main(argv=None):
       sys.exit(2)
     report["command"] = " ".join(["python -m fcdm_jax.preflight"] + sys.argv[1:])
     if FLAGS.json:
-      with open(FLAGS.json, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+      fileio.atomic_write_bytes(FLAGS.json, json.dumps(report, indent=1, default=str).encode())
     sys.exit(0 if report["fits"] else 1)
 
   app.run(_main, argv=argv)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
+from fcdm_jax import fileio
 from fcdm_jax.bench.dwconv_study import dwconv_study
 from fcdm_jax.bench.machine import machine_info
 from fcdm_jax.bench.report import DTYPES, MODES, run
+
+
+def _write_json(path: str | None, report: dict) -> None:
+  """The report with the command that made it, at `path` (local or gs://), if given."""
+  report["command"] = " ".join(["python -m fcdm_jax.bench"] + sys.argv[1:])
+  if path:
+    fileio.atomic_write_bytes(path, json.dumps(report, indent=1, default=str).encode())
 
 
 def main(argv=None):
@@ -43,10 +51,7 @@ def main(argv=None):
     if FLAGS.mode == "dwconv":
       report = dwconv_study(config_flag.value, batch=FLAGS.batch, repeats=FLAGS.repeats)
       report["machine"] = machine_info(__import__("jax").devices())
-      report["command"] = " ".join(["python -m fcdm_jax.bench"] + sys.argv[1:])
-      if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-          json.dump(report, f, indent=1, default=str)
+      _write_json(FLAGS.json, report)
       return
     modes = MODES if FLAGS.mode == "both" else (FLAGS.mode,)
     report = run(config_flag.value, batch=FLAGS.batch, modes=modes, dtype=FLAGS.dtype,
@@ -54,10 +59,7 @@ def main(argv=None):
                  warmup=FLAGS.warmup, vs_torch=FLAGS.vs_torch, peak_tflops=FLAGS.peak_tflops,
                  compile_only=FLAGS.compile_only, count_flops=FLAGS.count_flops,
                  num_devices=FLAGS.num_devices, torch_threads=FLAGS.torch_threads)
-    report["command"] = " ".join(["python -m fcdm_jax.bench"] + sys.argv[1:])
-    if FLAGS.json:
-      with open(FLAGS.json, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    _write_json(FLAGS.json, report)
 
   app.run(_main, argv=argv)
 
