@@ -12,7 +12,7 @@ topologies such as v5e:4x4, v4:2x2x1), multi-host slices included.
 The programs compiled are the run's own, over the run's mesh (`config.mesh`) and
 shardings (`config.sharding`):
   train    the training step of `fcdm_jax.main` (`make_train_step`, `state_layout`,
-           `CompiledTrainStep`) at the global batch (`--batch`, default config.batch_size);
+           `jit_train_step`) at the global batch (`--batch`, default config.batch_size);
   sample   the sampling forward, classifier-free guided at config.sample.cfg_scale, at the
            batch `fcdm_jax.sample` uses (`--sample_batch`, rounded up to the device count);
   preview  the training preview sampler (its whole loop), when config.preview.every_steps > 0.
