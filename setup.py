@@ -47,6 +47,8 @@ setup(
             # torchvision; 0.28.0 is the release that pairs with torch 2.13.0).
             "diffusers>=0.42.1", "pytorch-fid>=0.3.0", "torchvision==0.28.0",
             "zarr>=3.1",
+            # The input benchmark's comparison reader (bench --mode=input).
+            "grain>=0.2.18",
             # A GCS emulator on 127.0.0.1 for the cloud-storage tests.
             "gcp-storage-emulator>=2026.7.19",
         ],

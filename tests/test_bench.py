@@ -129,3 +129,47 @@ def test_dwconv_study_fields():
     for impl in impls:
       for what in ("fwd", "bwd", "chain"):
         assert 0 < row[impl][what]["min_ms"] <= row[impl][what]["median_ms"]
+
+
+def test_input_mode_times_every_source_kind(tmp_path):
+  """Synthetic datasets of each kind at the config's shape, the config's own data, and
+  grain's reader beside ours on the latent shards (the same records)."""
+  pytest.importorskip("grain")
+  from train_helpers import make_latent_dataset
+  config = tiny_config()
+  config.model.in_channels = 4
+  config.model.num_classes = 4
+  config.data.update(source="latents", path=make_latent_dataset(tmp_path / "own", count=40))
+  kinds = ["latents", "torch_features", "torch_zarr", "embedded"]
+  report = bench.run_input(config, batch=8, steps=3, warmup=1, sources=["config", *kinds],
+                           num_examples=64, log=lambda s: None)
+  assert list(report["results"]) == ["config:latents", *kinds]
+  for name, r in report["results"].items():
+    assert r["examples_per_s"] > 0 and r["batch"] == 8 and r["steps"] == 3
+    assert 0 < r["batch_s_min"] <= r["batch_s_median"] and r["cores_used"] >= 0
+  for name in ("config:latents", "latents"):
+    g = report["results"][name]["grain"]
+    assert g["examples_per_s"] > 0 and g["threads"] >= 1
+    ratio = g["examples_per_s"] / report["results"][name]["examples_per_s"]
+    assert report["results"][name]["grain_speed_ratio"] == pytest.approx(ratio)
+  assert "config:latents" in report["results"] and "own" in \
+      report["results"]["config:latents"]["description"]
+  with pytest.raises(ValueError, match="unknown input source"):
+    bench.run_input(config, batch=8, sources=["parquet"], log=lambda s: None)
+
+
+def test_grain_reads_the_records_our_source_reads(tmp_path):
+  """The grain side of the comparison does the same work: each example's flip posterior."""
+  pytest.importorskip("grain")
+  import numpy as np
+  from fcdm_jax.bench.input import grain_latent_batches
+  from fcdm_jax.data import LatentDataset
+  from train_helpers import make_latent_dataset
+  ds = LatentDataset(make_latent_dataset(tmp_path / "d", count=16))
+  batch = grain_latent_batches(ds, 4, 2, 0.5)(0)
+  assert batch["x"].shape == batch["x_std"].shape == (4, 8, 8, 4)
+  np.testing.assert_allclose(batch["x_std"], 0.05, rtol=1e-6)   # std 0.1 x vae_scale 0.5
+  rec = ds.read(np.arange(16))
+  means = rec["latent"][:, :, 0] * 0.5                            # (16, flip, H, W, C)
+  for x in batch["x"]:
+    assert np.any(np.all(np.isclose(means, x), axis=(2, 3, 4)))

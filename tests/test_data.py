@@ -1,5 +1,5 @@
 """Input pipelines (fcdm_jax/data): every source on tiny data made here, the deterministic
-and resumable order, host splits, flips, latent noise, the latent writer, and bad input."""
+and resumable order, host splits, flips, latent posteriors, the latent writer, and bad input."""
 
 import json
 import os
@@ -141,29 +141,44 @@ def test_latent_writer_rejects_bad_shards(tmp_path, change, match):
   assert not (tmp_path / "shard-00000.npy").exists()
 
 
-def test_latent_source_samples_the_posterior_of_the_chosen_flip(latent_dir):
+def test_latent_source_hands_over_the_posterior_of_the_chosen_flip(latent_dir):
   mean, std = latent_arrays(12, seed=0)
   labels = np.arange(12) % CLASSES
   src = make_source(make_config(batch_size=12, path=str(latent_dir), random_flip=True))
-  seen_flips, eps_by_step = set(), []
+  seen_flips = set()
   for step in range(3):  # a global batch of 12 = one epoch of the 12 examples
     idx, flips = src.indices(step), src.flips(step)
     b = src.batch(step)
     np.testing.assert_array_equal(b["y"], labels[idx])
-    m, s = mean[idx, flips.astype(int)], std[idx, flips.astype(int)]
-    # latent = (mean + std * eps) * vae_scale, mean of the example and flip chosen.
-    eps = (b["x"] / 0.5 - m) / s
-    assert np.all(np.abs(eps) < 6)
-    assert np.abs(eps[1:] - eps[:-1]).mean() > 0.5  # each example its own noise
-    eps_by_step.append((eps, eps[np.argsort(idx)]))  # by position, by example id
+    # mean and std of the example and flip chosen, times vae_scale (stored as float32 here).
+    np.testing.assert_allclose(b["x"], mean[idx, flips.astype(int)] * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(b["x_std"], std[idx, flips.astype(int)] * 0.5, rtol=1e-6)
     seen_flips.update(flips.tolist())
   assert seen_flips == {True, False}
-  eps_all = np.concatenate([e for e, _ in eps_by_step])
-  assert abs(eps_all.mean()) < 0.1 and abs(eps_all.std() - 1) < 0.1
-  # Every visit of an example draws fresh noise, and no step repeats another's draws.
-  for a, b in ((0, 1), (0, 2), (1, 2)):
-    for k in range(2):
-      assert np.abs(eps_by_step[a][k] - eps_by_step[b][k]).mean() > 0.5
+
+
+def test_the_step_draws_the_posterior_by_step_and_position():
+  """eps ~ N(0, 1), its own per example, fresh per step, and the same whatever the device
+  layout of the batch (so whatever the number of hosts)."""
+  import jax
+  from fcdm_jax.train import sharding
+  from fcdm_jax.train.step import posterior_sample
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(16,) + SHAPE).astype(np.float32),
+           "x_std": np.exp(rng.normal(size=(16,) + SHAPE)).astype(np.float32)}
+  draw = jax.jit(posterior_sample)
+  keys = [jax.random.fold_in(jax.random.key(0), step) for step in range(3)]
+  eps = [(np.asarray(draw(batch, k)) - batch["x"]) / batch["x_std"] for k in keys]
+  all_eps = np.concatenate(eps)
+  assert abs(all_eps.mean()) < 0.1 and abs(all_eps.std() - 1) < 0.1
+  assert np.abs(eps[0][1:] - eps[0][:-1]).mean() > 0.5      # each example its own noise
+  assert np.abs(eps[0] - eps[1]).mean() > 0.5                # each step fresh noise
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8, 1), ("data", "fsdp"))
+  sharded = draw(sharding.global_batch(batch, mesh), keys[0])
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(draw(batch, keys[0])))
+  # Without x_std (a pixel or pre-sampled source) the batch is taken as it is.
+  np.testing.assert_array_equal(np.asarray(draw({"x": batch["x"]}, keys[0])), batch["x"])
 
 
 def test_latents_without_flip_use_the_unmirrored_posterior(latent_dir):

@@ -28,11 +28,16 @@ frameworks then get the same core, and OpenMP's synchronisation does not collaps
 another process takes a core (docs/performance.md). Each step also records how busy
 other processes kept the machine, and ratios over quiet steps are reported.
 
-Layout: `report.run` (one benchmark and its table), `jax_side.JaxBench`, `torch_side.TorchBench`,
+`--mode=input` times the host side of the data sources instead (`input.py`): examples/s
+per host at the run's batch and the cores used, for the config's data or synthetic
+datasets of every kind, with grain's reader beside ours on the latent shards.
+
+Layout: `report.run` (one benchmark and its table), `input.run_input`, `jax_side.JaxBench`, `torch_side.TorchBench`,
 `measure` (timing, memory, FLOPs), `machine` (peaks, load), `dwconv_study`, `__main__` (CLI).
 """
 
 from fcdm_jax.bench.dwconv_study import STUDY_IMPLS, dwconv_study
+from fcdm_jax.bench.input import run_input
 from fcdm_jax.bench.jax_side import JaxBench
 from fcdm_jax.bench.machine import PEAK_TFLOPS, chip_peak_tflops, cpu_peak, machine_info
 from fcdm_jax.bench.measure import QUIET, jax_memory, lowered_flops, summarize, xla_memory
@@ -41,4 +46,5 @@ from fcdm_jax.bench.torch_side import TorchBench
 
 __all__ = ["DTYPES", "JaxBench", "MODES", "PEAK_TFLOPS", "QUIET", "STUDY_IMPLS", "TorchBench",
            "apply_overrides", "chip_peak_tflops", "cpu_peak", "dwconv_study", "format_report",
-           "jax_memory", "lowered_flops", "machine_info", "run", "summarize", "xla_memory"]
+           "jax_memory", "lowered_flops", "machine_info", "run", "run_input", "summarize",
+           "xla_memory"]

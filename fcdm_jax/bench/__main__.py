@@ -7,6 +7,7 @@ import sys
 
 from fcdm_jax import fileio
 from fcdm_jax.bench.dwconv_study import dwconv_study
+from fcdm_jax.bench.input import run_input
 from fcdm_jax.bench.machine import machine_info
 from fcdm_jax.bench.report import DTYPES, MODES, run
 
@@ -24,9 +25,17 @@ def main(argv=None):
 
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "config file (configs/*.py); fields overridable as --config.x=y")
-  flags.DEFINE_integer("batch", 8, "global batch size")
-  flags.DEFINE_enum("mode", "both", ["train", "sample", "both", "dwconv"],
-                    "what to time; 'dwconv' = the depthwise conv formulation study")
+  flags.DEFINE_integer("batch", 8, "global batch size (--mode=input: the host's batch, "
+                       "default config.batch_size)")
+  flags.DEFINE_enum("mode", "both", ["train", "sample", "both", "dwconv", "input"],
+                    "what to time; 'dwconv' = the depthwise conv formulation study; 'input' "
+                    "= the host side of the data sources (--repeats batches each)")
+  flags.DEFINE_list("input_sources", ["config"], "--mode=input: 'config' (the config's own "
+                    "data), 'all', or some of latents,torch_features,torch_zarr,tfds,embedded "
+                    "(synthetic datasets at the config's shape, in a temporary folder)")
+  flags.DEFINE_integer("input_examples", 4096, "--mode=input: examples per synthetic dataset")
+  flags.DEFINE_integer("grain_threads", 0, "--mode=input: grain's reader threads for the "
+                       "latent comparison (0 = the cores; -1 = no grain comparison)")
   flags.DEFINE_enum("dtype", None, sorted(DTYPES), "compute dtype (default: the config's)")
   flags.DEFINE_string("remat", None, "none | block | dots | dots_no_batch (default: config's)")
   flags.DEFINE_string("dwconv_impl", None, "auto | xla | shift | shift_vjp (default: config's)")
@@ -48,6 +57,14 @@ def main(argv=None):
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if config_flag.value is None:
       raise app.UsageError("--config is required")
+    if FLAGS.mode == "input":
+      config = config_flag.value
+      batch = FLAGS.batch if FLAGS["batch"].present else int(config.batch_size)
+      report = run_input(config, batch=batch, steps=FLAGS.repeats, warmup=FLAGS.warmup,
+                         sources=FLAGS.input_sources, num_examples=FLAGS.input_examples,
+                         grain_threads=FLAGS.grain_threads)
+      _write_json(FLAGS.json, report)
+      return
     if FLAGS.mode == "dwconv":
       report = dwconv_study(config_flag.value, batch=FLAGS.batch, repeats=FLAGS.repeats)
       report["machine"] = machine_info(__import__("jax").devices())

@@ -43,6 +43,8 @@ class JaxBench:
     self.abstract_batch = dict(
         x=jax.ShapeDtypeStruct((batch,) + self.input_shape, jnp.float32, sharding=bs),
         y=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs))
+    if config.data.source == "latents":   # the step samples the posterior on the device
+      self.abstract_batch["x_std"] = self.abstract_batch["x"]
     self.abstract_t = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=bs)
     self.batch_arrays = self.t = None
     self.state = None
@@ -58,6 +60,8 @@ class JaxBench:
     rng = np.random.default_rng(0)
     local = dict(x=rng.standard_normal((self.batch,) + self.input_shape).astype(np.float32),
                  y=rng.integers(0, self.config.model.num_classes, self.batch).astype(np.int32))
+    if "x_std" in self.abstract_batch:
+      local["x_std"] = np.full_like(local["x"], 0.1)
     self.batch_arrays = sharding.global_batch(local, self.mesh)
     self.t = sharding.global_batch(
         {"t": rng.uniform(0, 999, self.batch).astype(np.float32)}, self.mesh)["t"]

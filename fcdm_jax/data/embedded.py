@@ -72,7 +72,7 @@ class EmbeddedSource(pipeline.Source):
     super().__init__(element_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
                      num_examples=len(self.labels), description=where, **kwargs)
 
-  def _load(self, indices, flips, rngs):
+  def _load(self, indices, flips):
     x = to_model_range(self.images[indices])
     x[flips] = x[flips, :, ::-1]
-    return x, self.labels[indices]
+    return {"x": x, "y": self.labels[indices]}

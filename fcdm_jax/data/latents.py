@@ -260,9 +260,8 @@ class LatentDataset:
 
 
 class LatentSource(pipeline.Source):
-  """Training batches from our latent format: a fresh posterior sample per visit."""
-
-  needs_noise = True
+  """Training batches from our latent format: the posterior (mean, std) of each example's
+  chosen flip, scaled; the training step draws a fresh sample of it on the device."""
 
   def __init__(self, path: str, *, vae_scale: float, expected_shape, num_classes: int,
                **kwargs):
@@ -283,10 +282,9 @@ class LatentSource(pipeline.Source):
     super().__init__(element_shape=ds.shape, num_classes=ds.num_classes,
                      num_examples=len(ds), description=where, **kwargs)
 
-  def _load(self, indices, flips, rngs):
+  def _load(self, indices, flips):
     rec = self.dataset.read(indices)
     pick = flips.astype(np.int64)
     stats = rec["latent"][np.arange(len(indices)), pick].astype(np.float32)  # (n, 2, H, W, C)
-    eps = np.stack([r.standard_normal(self.element_shape, np.float32) for r in rngs])
-    x = (stats[:, 0] + stats[:, 1] * eps) * np.float32(self.vae_scale)
-    return x, rec["label"]
+    scale = np.float32(self.vae_scale)
+    return {"x": stats[:, 0] * scale, "x_std": stats[:, 1] * scale, "y": rec["label"]}

@@ -10,8 +10,11 @@ batch of step s is therefore a function of (seed, s) alone, the local one of
 (seed, s, p, P): the P hosts' slices are disjoint and make up the global batch, and a run
 restarted with another number of hosts still trains on the same global batches.
 
-Randomness per example (flip, latent noise) is drawn from generators keyed by
-(seed, step, position in the global batch), never by host, for the same reason.
+Randomness per example is keyed by (seed, step, position in the global batch), never by
+host, for the same reason: the flips here, and the latent posterior's noise on the device
+(a latent source hands over the posterior's mean `x` and std `x_std`, and the training step
+draws `x + x_std * eps`, eps keyed by (step, position): `train/step.py`), which keeps
+the host's work to reading records.
 
 Resuming. The data position saved in a checkpoint is just the training step:
 `source.iterate(start_step=s)` yields exactly the batches an uninterrupted run would
@@ -40,18 +43,15 @@ SOURCES = ("latents", "tfds", "embedded", "torch_features", "torch_zarr")
 PIXEL_SOURCES = ("tfds", "embedded")
 
 # Stream tags: independent random streams derived from the same data seed.
-_TAG_PERMUTATION, _TAG_FLIP, _TAG_NOISE = 0, 1, 2
+_TAG_PERMUTATION, _TAG_FLIP = 0, 1
 
 
 class Source:
   """Random access to N examples plus the deterministic, resumable batch stream.
 
   Subclasses set the dataset facts and implement `_load`; everything about order,
-  host split, flips, noise keys and prefetch lives here.
+  host split, flips and prefetch lives here.
   """
-
-  # True when `_load` needs per-example generators (latent sources draw eps).
-  needs_noise = False
 
   def __init__(self, *, element_shape: Sequence[int], num_classes: int, num_examples: int,
                global_batch: int, process_index: int, process_count: int,
@@ -74,9 +74,9 @@ class Source:
     self._perm_lock = threading.Lock()
 
   # --- what a subclass provides -------------------------------------------------------
-  def _load(self, indices: np.ndarray, flips: np.ndarray,
-            rngs: list[np.random.Generator] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Examples `indices` (flipped where `flips`): x float32 (n, H, W, C), y int (n,)."""
+  def _load(self, indices: np.ndarray, flips: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples `indices` (flipped where `flips`): {'x': float (n, H, W, C), 'y': int (n,)},
+    and for a posterior to be sampled on the device its std as 'x_std' (x is the mean)."""
     raise NotImplementedError
 
   # --- the order -----------------------------------------------------------------------
@@ -120,25 +120,21 @@ class Source:
     coin = np.random.default_rng([*self.seed, _TAG_FLIP, step]).random(self.global_batch)
     return coin[np.asarray(positions)] < 0.5
 
-  def noise_rngs(self, step: int, positions: np.ndarray) -> list[np.random.Generator]:
-    """One generator per example, keyed by (seed, step, position in the global batch)."""
-    return [np.random.default_rng([*self.seed, _TAG_NOISE, step, int(p)]) for p in positions]
-
   # --- batches -------------------------------------------------------------------------
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's batch of global step `step`: {'x': float32 NHWC, 'y': int32}."""
+    """This process's batch of global step `step`: {'x': float32 NHWC, 'y': int32} and,
+    from latent sources, 'x_std' float32 NHWC (the posterior the step samples from)."""
     positions = self.local_positions(step)
     idx = self.indices(step, positions)
-    flips = self.flips(step, positions)
-    rngs = self.noise_rngs(step, positions) if self.needs_noise else None
-    x, y = self._load(idx, flips, rngs)
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.asarray(y).astype(np.int32)
-    if x.shape != (len(idx), *self.element_shape):
-      raise RuntimeError(f"{self.description}: loaded x of shape {x.shape}, expected "
-                         f"{(len(idx), *self.element_shape)}")
-    check_labels(y, self.num_classes, f"{self.description} (step {step})")
-    return {"x": x, "y": y}
+    loaded = self._load(idx, self.flips(step, positions))
+    out = {"y": np.asarray(loaded["y"]).astype(np.int32)}
+    for key in ("x", "x_std")[: 1 + ("x_std" in loaded)]:
+      out[key] = np.ascontiguousarray(loaded[key], np.float32)
+      if out[key].shape != (len(idx), *self.element_shape):
+        raise RuntimeError(f"{self.description}: loaded {key} of shape {out[key].shape}, "
+                           f"expected {(len(idx), *self.element_shape)}")
+    check_labels(out["y"], self.num_classes, f"{self.description} (step {step})")
+    return out
 
   def iterate(self, start_step: int = 0) -> "BatchIterator":
     """Endless batches of steps start_step, start_step + 1, ... (prefetched in a thread).

@@ -116,7 +116,7 @@ class TfdsSource(pipeline.Source):
   def _example(self, ex):
     return center_crop_arr(np.asarray(ex[self.image_key]), self.size), ex[self.label_key]
 
-  def _load(self, indices, flips, rngs):
+  def _load(self, indices, flips):
     if self.data is not None:
       examples = self.data.__getitems__([int(i) for i in indices])
       pairs = pipeline.parallel_map(self._example, examples, self.num_workers)
@@ -126,4 +126,4 @@ class TfdsSource(pipeline.Source):
       images, labels = self.images[indices], self.labels[indices]
     x = to_model_range(images)
     x[flips] = x[flips, :, ::-1]
-    return x, labels
+    return {"x": x, "y": labels}

@@ -122,10 +122,10 @@ class TorchFeatureSource(pipeline.Source):
     x = _load_npy(self.feature_files[i])
     return np.transpose(x.reshape(x.shape[-3:]), (1, 2, 0))
 
-  def _load(self, indices, flips, rngs):
+  def _load(self, indices, flips):
     x = np.stack(pipeline.parallel_map(self._read, [int(i) for i in indices],
                                        self.num_workers)).astype(np.float32)
-    return _flip(x, flips), self.labels[indices]
+    return {"x": _flip(x, flips), "y": self.labels[indices]}
 
 
 class TorchZarrSource(pipeline.Source):
@@ -168,11 +168,11 @@ class TorchZarrSource(pipeline.Source):
     super().__init__(element_shape=(h, w, c), num_classes=num_classes, num_examples=n,
                      description=where, **kwargs)
 
-  def _load(self, indices, flips, rngs):
+  def _load(self, indices, flips):
     if isinstance(self.latents, np.ndarray):
       x = self.latents[indices]
     else:
       uniq, inverse = np.unique(indices, return_inverse=True)
       x = np.asarray(self.latents.oindex[uniq]).reshape(len(uniq), *self.chw)[inverse]
     x = np.transpose(x, (0, 2, 3, 1)).astype(np.float32)
-    return _flip(x, flips), self.labels[indices]
+    return {"x": _flip(x, flips), "y": self.labels[indices]}

@@ -16,9 +16,29 @@ from fcdm_jax.train import sharding
 from fcdm_jax.train.state import TrainState, learning_rate_fn
 
 
+# fold_in tag of the posterior noise: the loss and label-dropout keys stay what they were.
+_POSTERIOR_TAG = 0x9057
+
+
+def posterior_sample(batch: dict, key: jax.Array) -> jax.Array:
+  """`x`, or with a posterior batch (`x_std` present: `x` is its mean) `x + x_std * eps`.
+
+  eps of the example at position p of the global batch is `normal(fold_in(key, p))`: the
+  same whatever the number of hosts or devices, and, with `key` derived from the step,
+  the same again when a resumed run repeats the step.
+  """
+  x = batch["x"]
+  if "x_std" not in batch:
+    return x
+  draw = lambda p: jax.random.normal(jax.random.fold_in(key, p), x.shape[1:], x.dtype)
+  eps = jax.vmap(draw)(jnp.arange(x.shape[0], dtype=jnp.uint32))
+  return x + batch["x_std"] * eps
+
+
 def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The pure step function. `batch` = {'x': NHWC float32, 'y': int32 labels}.
+  """The pure step function. `batch` = {'x': NHWC float32, 'y': int32 labels}, plus
+  'x_std' for latent posteriors (`posterior_sample`).
 
   `metrics['finite']` says whether loss and gradient were finite: the training loop
   checks it for every step before each checkpoint save and stops at the first bad step,
@@ -31,12 +51,13 @@ def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransforma
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss_rng, dropout_rng = jax.random.split(step_rng)
+    x0 = posterior_sample(batch, jax.random.fold_in(step_rng, _POSTERIOR_TAG))
 
     def loss_fn(params):
       def model_fn(x_t, t):
         return model.apply({"params": params}, x_t, t, batch["y"], train=True,
                            rngs={"label_dropout": dropout_rng})
-      terms = objective.loss(model_fn, batch["x"], loss_rng)
+      terms = objective.loss(model_fn, x0, loss_rng)
       terms = {k: jnp.mean(v) for k, v in terms.items()}
       return terms["loss"], terms
 
