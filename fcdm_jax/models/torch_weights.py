@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -35,17 +36,42 @@ def _describe(keys: Sequence[str], limit: int = 8) -> str:
 
 def nest_from_torch(layout: Mapping[str, tuple[tuple[str, ...], Any]],
                     given: Mapping[str, Any]) -> dict:
-  """`layout` maps each PyTorch key to (Flax path, shape). Conv kernels OIHW -> HWIO,
-  linear weights transposed, everything else as is; float32."""
+  """`layout` maps each PyTorch key to (Flax path, shape). Kernels change layout (conv
+  OIHW -> HWIO, linear transposed); everything else, embedding tables included (Flax's
+  `embedding` is PyTorch's (num, dim) weight), is copied as is; float32."""
   tree: dict = {}
   for key, (names, _) in layout.items():
     a = np.asarray(given[key], np.float32)
-    if a.ndim == 4:
+    if names[-1] == "kernel" and a.ndim == 4:
       a = a.transpose(2, 3, 1, 0)
-    elif a.ndim == 2:
+    elif names[-1] == "kernel" and a.ndim == 2:
       a = a.T
     node = tree
     for n in names[:-1]:
       node = node.setdefault(n, {})
     node[names[-1]] = jnp.asarray(a)
   return tree
+
+
+def find_model_files(path: str, what: str, config_name: str, weight_names: Sequence[str],
+                     subfolder: str) -> tuple[str, str]:
+  """(config file, first weights file present) of a local Hugging Face-format folder, or of
+  its `subfolder` when `path` is a pipeline folder; nothing is downloaded, so each missing
+  piece gets a FileNotFoundError naming what was looked for and where."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what} directory not found: {path} (expected a local folder "
+                            f"with {config_name} and {weight_names[0]}; nothing is downloaded)")
+  sub = os.path.join(path, subfolder)
+  if not os.path.isfile(os.path.join(path, config_name)) and \
+     os.path.isfile(os.path.join(sub, config_name)):
+    path = sub
+  config = os.path.join(path, config_name)
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f"{config} not found: the {what} directory needs its {config_name}")
+  for name in weight_names:
+    if os.path.isfile(os.path.join(path, name)):
+      return config, os.path.join(path, name)
+  sharded = sorted(n for n in os.listdir(path) if n.endswith(".index.json"))
+  more = f" ({sharded[0]} lists sharded weights, which are not read)" if sharded else ""
+  raise FileNotFoundError(f"no {what} weights in {path}: expected "
+                          f"{' or '.join(weight_names)}{more}")
