@@ -31,6 +31,8 @@ setup(
         "pillow>=10.0",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        # The CLIP tokenizer's word pattern needs Unicode classes (\p{L}, \p{N}).
+        "regex>=2026.11.19",
     ],
     extras_require={
         # The export and interchange tests load our checkpoints in PyTorch. torch 2.13.0 is
@@ -44,6 +46,8 @@ setup(
             # torchvision; 0.28.0 is the release that pairs with torch 2.13.0).
             "diffusers>=0.42.1", "pytorch-fid>=0.3.0", "torchvision==0.28.0",
             "zarr>=3.1",
+            # The CLIP text encoder and tokenizer tests compare with transformers' models.
+            "transformers>=5.24.0",
         ],
         "torch": ["torch>=2.2"],
         # The published PyTorch code's zarr latent store.
