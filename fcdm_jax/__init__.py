@@ -8,7 +8,7 @@ Entry points (`python -m fcdm_jax.NAME --help`):
   extract_latents  SD-VAE latents of an image folder or TFDS dataset
   bench            compile time, throughput, memory and MFU of a config
 
-Library: `models/` (FCDM, SD-VAE, Inception), `diffusion/` (objectives and samplers),
+Library: `models/` (FCDM, SD-VAE, Inception, CLIP text), `diffusion/` (objectives and samplers),
 `train/` (state, step, sharding, checkpoints, previews, the loop), `data/` (input
 pipelines), `sampling` (the one generator), `evaluation/` (in-training evaluators),
 `adm_npz` (ADM's batch format), `settings` (recorded settings), `convert` (PyTorch weights).
