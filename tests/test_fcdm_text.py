@@ -95,19 +95,20 @@ def test_the_embedding_enters_where_the_class_row_does():
 
 def test_guided_forward_mixes_caption_and_empty_caption(mlp_model):
   model, params, forward = mlp_model
-  x, t, y = inputs(4, seed=2)
-  empty = jnp.broadcast_to(jax.random.normal(jax.random.key(9), (TEXT_DIM,)), (2, TEXT_DIM))
-  y = jnp.concatenate([y[:2], empty])          # [captions; empty caption]
-  t = jnp.concatenate([t[:2], t[:2]])
+  x, t, y = inputs(2, seed=2)
+  empty = jax.random.normal(jax.random.key(9), (1, TEXT_DIM))
+  y = jnp.concatenate([y[:1], empty])          # [caption; empty caption]
+  t = jnp.concatenate([t[:1], t[:1]])
   scale = 3.0
   guided = jax.jit(lambda p: model.apply({"params": p}, x, t, y, scale,
                                          method=FCDM.forward_with_cfg))(params)
-  raw = forward(params, jnp.concatenate([x[:2], x[:2]]), t, y)
-  cond, uncond = raw[:2], raw[2:]
+  raw = forward(params, jnp.concatenate([x[:1], x[:1]]), t, y)   # both halves on x[0]
+  cond, uncond = raw[:1], raw[1:]
   mixed = uncond[..., :3] + scale * (cond[..., :3] - uncond[..., :3])
-  np.testing.assert_allclose(guided[:2, ..., :3], mixed, atol=1e-5)
-  np.testing.assert_allclose(guided[2:, ..., :3], mixed, atol=1e-5)
+  np.testing.assert_allclose(guided[:1, ..., :3], mixed, atol=1e-5)
+  np.testing.assert_allclose(guided[1:, ..., :3], mixed, atol=1e-5)
   np.testing.assert_array_equal(guided[..., 3:], raw[..., 3:])
+  assert np.abs(np.asarray(cond - uncond)).max() > 1e-3     # the empty caption matters
 
 
 def test_guidance_needs_no_null_class_for_text():
