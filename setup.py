@@ -34,6 +34,8 @@ setup(
         # Paths: etils.epath (what orbax and TFDS use) with gcsfs for gs:// URLs.
         "etils[epath]>=1.15",
         "gcsfs>=2026.10.1",
+        # The CLIP tokenizer's word pattern needs Unicode classes (\p{L}, \p{N}).
+        "regex>=2026.11.19",
     ],
     extras_require={
         # The export and interchange tests load our checkpoints in PyTorch. torch 2.13.0 is
@@ -51,6 +53,8 @@ setup(
             "grain>=0.2.18",
             # A GCS emulator on 127.0.0.1 for the cloud-storage tests.
             "gcp-storage-emulator>=2026.7.19",
+            # The CLIP text encoder and tokenizer tests compare with transformers' models.
+            "transformers>=5.24.0",
         ],
         "torch": ["torch>=2.2"],
         # The published PyTorch code's zarr latent store.

@@ -13,7 +13,7 @@ Entry points (`python -m fcdm_jax.NAME --help`):
 
 Every path they take may be local or `gs://` (`fileio`, the one path layer).
 
-Library: `models/` (FCDM, SD-VAE, Inception), `diffusion/` (objectives and samplers),
+Library: `models/` (FCDM, SD-VAE, Inception, CLIP text), `diffusion/` (objectives and samplers),
 `train/` (state, step, sharding, checkpoints, previews, the loop), `data/` (input
 pipelines), `sampling` (the one generator), `sample_output` (the sampling CLI's output
 folder), `evaluation/` (in-training evaluators), `adm_npz` (ADM's batch format), `settings`

@@ -51,6 +51,12 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       num_classes=fields["num_classes"],
       # SiT-style flow matching predicts velocity only.
       learn_sigma=objective == "ddpm",
+      # 'class' (published: y is an ImageNet label) or 'text': y is a pooled text embedding
+      # of width text_dim (CLIP ViT-L/14: 768), projected per level by text_embedder
+      # ('linear' or 'mlp'); caption dropout is then done outside the model.
+      condition="class",
+      text_dim=768,
+      text_embedder="linear",
       # How it runs: compute dtype ('float32' or 'bfloat16'; params stay float32),
       # per-block rematerialisation ('none', 'block', 'dots', 'dots_no_batch'),
       # depthwise conv formulation ('auto', 'xla', 'shift', 'shift_vjp'), unrolled block scan.

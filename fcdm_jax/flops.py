@@ -110,6 +110,6 @@ def fcdm_forward_macs(model: nn.Module, latent_size: int, batch: int = 1) -> flo
   model = model.clone(dwconv_impl="xla")
   x = jnp.zeros((batch, latent_size, latent_size, model.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.float32)
-  y = jnp.zeros((batch,), jnp.int32)
+  y = model.example_y(batch)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, t, y)["params"]))
   return matmul_macs(lambda p: model.apply({"params": p}, x, t, y), params)

@@ -34,6 +34,7 @@ REMAT_POLICIES = {
 LEVEL_NAMES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2",
                "decoder_level_1")
 LEVEL_OF_STAGE = (1, 2, 3, 2, 1)  # width multiplier exponent + 1 of each stage
+CONDITIONS = ("class", "text")
 
 
 def activation_constraint(x):
@@ -123,10 +124,17 @@ class FinalLayer(nn.Module):
 
 
 class FCDM(nn.Module):
-  """The FCDM U-net. Fields 1-7 are the published constructor's; the rest choose how it runs.
+  """The FCDM U-net. Fields 1-7 are the published constructor's, 8-10 choose the condition,
+  the rest how it runs.
 
   Call: `apply({'params': p}, x, t, y, train=False, force_drop_ids=None)` with x NHWC
-  (N, H, W, in_channels), t (N,) float timesteps, y (N,) int labels (num_classes = null).
+  (N, H, W, in_channels), t (N,) float timesteps, and y:
+  - condition='class' (published): (N,) int labels (num_classes = null), dropped to the
+    null label at train time with probability class_dropout_prob;
+  - condition='text': (N, text_dim) float pooled text embeddings (CLIP's, say), projected
+    per level by `text_embedder` ('linear' or 'mlp') where the class rows would be added.
+    The module takes them as given: caption dropout is the caller's (the empty caption's
+    embedding in place of the caption's), so num_classes and class_dropout_prob are unused.
   """
   in_channels: int = 4
   hidden_size: int = 128
@@ -135,6 +143,10 @@ class FCDM(nn.Module):
   class_dropout_prob: float = 0.1
   num_classes: int = 1000
   learn_sigma: bool = True
+  # What conditions it (defaults: the published class-conditional model).
+  condition: str = "class"
+  text_dim: int = 768
+  text_embedder: str = "linear"
   # How it runs (no effect on the numbers beyond floating-point rounding).
   dtype: Dtype = jnp.float32
   remat: str = "none"
@@ -149,8 +161,16 @@ class FCDM(nn.Module):
   def has_null_class(self) -> bool:
     return self.class_dropout_prob > 0
 
+  def example_y(self, batch: int):
+    """Zeros of the y this model takes, for init and shape-only tracing."""
+    if self.condition == "text":
+      return jnp.zeros((batch, self.text_dim), jnp.float32)
+    return jnp.zeros((batch,), jnp.int32)
+
   def check_inputs(self, x, t, y):
     """Clear errors for inputs the network cannot take (labels checked when concrete)."""
+    if self.condition not in CONDITIONS:
+      raise ValueError(f"unknown condition {self.condition!r}; expected one of {CONDITIONS}")
     if len(self.depth) != 5:
       raise ValueError(f"depth must list 5 stage depths [e1, e2, mid, d2, d1], got {self.depth}")
     if x.ndim != 4:
@@ -161,6 +181,9 @@ class FCDM(nn.Module):
                        f"{self.in_channels} (x is NHWC, shape {x.shape})")
     if h % 4 or w % 4:
       raise ValueError(f"spatial size {h}x{w} must be divisible by 4 (two 2x downsamplings)")
+    if self.condition == "text":
+      self.check_text_inputs(t, y, n)
+      return
     if t.shape != (n,) or y.shape != (n,):
       raise ValueError(f"t and y must have shape ({n},), got {t.shape} and {y.shape}")
     if not isinstance(y, jax.core.Tracer):
@@ -171,16 +194,32 @@ class FCDM(nn.Module):
         raise ValueError(f"labels {bad[:8]} out of range [0, {hi - 1}] (num_classes="
                          f"{self.num_classes}{', null label = ' + str(self.num_classes) if self.has_null_class else ''})")
 
+  def check_text_inputs(self, t, y, n: int):
+    """condition='text': t (N,) and y (N, text_dim) floats."""
+    if t.shape != (n,):
+      raise ValueError(f"t must have shape ({n},), got {t.shape}")
+    if y.shape != (n, self.text_dim) or not jnp.issubdtype(y.dtype, jnp.floating):
+      hint = " (class labels? this model has condition='text')" if y.ndim == 1 else ""
+      raise ValueError(f"condition='text' takes y as ({n}, text_dim={self.text_dim}) float "
+                       f"pooled text embeddings, got {y.dtype} of shape {y.shape}{hint}")
+
   @nn.compact
   def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
     self.check_inputs(x, t, y)
+    if self.condition == "text" and force_drop_ids is not None:
+      raise ValueError("force_drop_ids applies to class labels; a text-conditioned model "
+                       "drops captions by being given the empty caption's embedding")
     dtype = jnp.dtype(self.dtype)
     widths = [self.hidden_size * 2 ** k for k in range(3)]
     conds = []
     for k, width in enumerate(widths, start=1):
       t_emb = layers.TimestepEmbedder(width, dtype=dtype, name=f"t_embedder_{k}")(t)
-      y_emb = layers.LabelEmbedder(self.num_classes, width, self.class_dropout_prob,
-                                   name=f"y_embedder_{k}")(y, train, force_drop_ids)
+      if self.condition == "text":
+        y_emb = layers.TextEmbedder(width, self.text_embedder, dtype=dtype,
+                                    name=f"text_embedder_{k}")(y)
+      else:
+        y_emb = layers.LabelEmbedder(self.num_classes, width, self.class_dropout_prob,
+                                     name=f"y_embedder_{k}")(y, train, force_drop_ids)
       conds.append((t_emb + y_emb.astype(t_emb.dtype)).astype(dtype))
 
     def stage(index, h):
@@ -218,8 +257,9 @@ class FCDM(nn.Module):
     first half's x, and `u + s * (c - u)` is applied to the first 3 output channels
     (published behaviour) or, with `guide_all_eps`, to all in_channels epsilon
     channels. Both halves receive the guided value; other channels pass through.
+    For condition='text' the second half of y carries the empty caption's embedding.
     """
-    if not self.has_null_class:
+    if self.condition == "class" and not self.has_null_class:
       raise ValueError("classifier-free guidance needs a null class: this model was built "
                        "with class_dropout_prob=0")
     if x.shape[0] % 2:

@@ -27,6 +27,7 @@ zeros = nn.initializers.zeros_init()
 normal_002 = nn.initializers.normal(stddev=0.02)
 
 DWCONV_IMPLS = ("xla", "shift", "shift_vjp", "auto")
+TEXT_EMBEDDERS = ("linear", "mlp")
 
 
 def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
@@ -300,3 +301,29 @@ class LabelEmbedder(nn.Module):
       drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
       labels = jnp.where(drop, self.num_classes, labels)
     return jnp.take(table, labels, axis=0)
+
+
+class TextEmbedder(nn.Module):
+  """A pooled text embedding (N, text_dim) -> the level's width, in place of the label table.
+
+  'linear': one Linear (`proj`); 'mlp': Linear -> SiLU -> Linear (`mlp_0`, `mlp_2`, named
+  as in the timestep embedder). Kernels start at N(0, 0.02) as the timestep and label
+  embedders' do, biases at zero. The embedding is taken as given: caption dropout (the
+  empty caption's embedding in place of the caption's) is the caller's.
+  """
+  hidden_size: int
+  kind: str = "linear"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, embedding):
+    if self.kind not in TEXT_EMBEDDERS:
+      raise ValueError(f"unknown text_embedder {self.kind!r}; expected one of {TEXT_EMBEDDERS}")
+    h = embedding.astype(self.dtype)
+    if self.kind == "linear":
+      return dense(self.hidden_size, ("text_embed", "cond_embed"), self.dtype, "proj",
+                   kernel_init=normal_002)(h)
+    h = dense(self.hidden_size, ("text_embed", "cond_embed"), self.dtype, "mlp_0",
+              kernel_init=normal_002)(h)
+    return dense(self.hidden_size, ("cond_embed", "cond_embed_out"), self.dtype, "mlp_2",
+                 kernel_init=normal_002)(nn.silu(h))

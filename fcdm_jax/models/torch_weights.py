@@ -7,6 +7,8 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from fcdm_jax import fileio
+
 
 def check_state_dict(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
                      what: str) -> None:
@@ -35,17 +37,42 @@ def _describe(keys: Sequence[str], limit: int = 8) -> str:
 
 def nest_from_torch(layout: Mapping[str, tuple[tuple[str, ...], Any]],
                     given: Mapping[str, Any]) -> dict:
-  """`layout` maps each PyTorch key to (Flax path, shape). Conv kernels OIHW -> HWIO,
-  linear weights transposed, everything else as is; float32."""
+  """`layout` maps each PyTorch key to (Flax path, shape). Kernels change layout (conv
+  OIHW -> HWIO, linear transposed); everything else, embedding tables included (Flax's
+  `embedding` is PyTorch's (num, dim) weight), is copied as is; float32."""
   tree: dict = {}
   for key, (names, _) in layout.items():
     a = np.asarray(given[key], np.float32)
-    if a.ndim == 4:
+    if names[-1] == "kernel" and a.ndim == 4:
       a = a.transpose(2, 3, 1, 0)
-    elif a.ndim == 2:
+    elif names[-1] == "kernel" and a.ndim == 2:
       a = a.T
     node = tree
     for n in names[:-1]:
       node = node.setdefault(n, {})
     node[names[-1]] = jnp.asarray(a)
   return tree
+
+
+def find_model_files(path: str, what: str, config_name: str, weight_names: Sequence[str],
+                     subfolder: str) -> tuple[str, str]:
+  """(config file, first weights file present) of a local Hugging Face-format folder, or of
+  its `subfolder` when `path` is a pipeline folder; nothing is downloaded, so each missing
+  piece gets a FileNotFoundError naming what was looked for and where."""
+  if not fileio.isdir(path):
+    raise FileNotFoundError(f"{what} directory not found: {path} (expected a folder with "
+                            f"{config_name} and {weight_names[0]}; nothing is downloaded)")
+  sub = fileio.join(path, subfolder)
+  if not fileio.isfile(fileio.join(path, config_name)) and \
+     fileio.isfile(fileio.join(sub, config_name)):
+    path = sub
+  config = fileio.join(path, config_name)
+  if not fileio.isfile(config):
+    raise FileNotFoundError(f"{config} not found: the {what} directory needs its {config_name}")
+  for name in weight_names:
+    if fileio.isfile(fileio.join(path, name)):
+      return config, fileio.join(path, name)
+  sharded = [n for n in fileio.listdir(path) if n.endswith(".index.json")]
+  more = f" ({sharded[0]} lists sharded weights, which are not read)" if sharded else ""
+  raise FileNotFoundError(f"no {what} weights in {path}: expected "
+                          f"{' or '.join(weight_names)}{more}")

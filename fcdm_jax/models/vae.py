@@ -368,20 +368,7 @@ def params_from_torch(state_dict: Mapping[str, Any], model: AutoencoderKL,
 
 def find_vae_files(path: str) -> tuple[str, str]:
   """(config.json, weights file) of a diffusers VAE directory (or a pipeline's `vae/`)."""
-  if not fileio.isdir(path):
-    raise FileNotFoundError(f"VAE directory not found: {path} (expected a diffusers "
-                            f"directory with {CONFIG_NAME} and {WEIGHT_NAMES[0]})")
-  if not fileio.isfile(fileio.join(path, CONFIG_NAME)) and \
-     fileio.isfile(fileio.join(path, "vae", CONFIG_NAME)):
-    path = fileio.join(path, "vae")
-  config = fileio.join(path, CONFIG_NAME)
-  if not fileio.isfile(config):
-    raise FileNotFoundError(f"{config} not found: the VAE directory needs a diffusers "
-                            f"{CONFIG_NAME}")
-  for name in WEIGHT_NAMES:
-    if fileio.isfile(fileio.join(path, name)):
-      return config, fileio.join(path, name)
-  raise FileNotFoundError(f"no VAE weights in {path}: expected {' or '.join(WEIGHT_NAMES)}")
+  return torch_weights.find_model_files(path, "VAE", CONFIG_NAME, WEIGHT_NAMES, "vae")
 
 
 def load_vae(path: str, dtype: Dtype = jnp.float32) -> tuple[AutoencoderKL, dict]:

@@ -1,0 +1,353 @@
+"""The CLIP text encoder (OpenAI CLIP's text tower) in Flax, loaded from a local Hugging Face
+folder, for conditioning FCDM on captions.
+
+Why our own: transformers no longer ships Flax models, and the encoder is small and fixed.
+It computes what transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` compute:
+token + position embeddings, pre-LayerNorm residual blocks with causal self-attention and a
+QuickGELU (or GELU) MLP, a final LayerNorm, the pooled state at the end-of-text token, and
+the optional bias-free `text_projection`. Parameter names mirror the PyTorch state_dict
+(`encoder.layers.3.mlp.fc1.weight` is `encoder/layers_3/mlp/fc1/kernel`), so loading is a
+walk plus transposes. Nothing is downloaded:
+
+    model, params = load_clip_text("/path/to/clip-vit-large-patch14")
+    ids = load_clip_tokenizer("/path/to/clip-vit-large-patch14")(["a photo of a cat"])
+    out = model.apply(params, ids)   # out.pooled (N, 768); out.text_embeds (N, 768) projected
+
+The folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`, read with
+`weights_only=True`) of a `CLIPTextModel`, a `CLIPTextModelWithProjection` or a whole
+`CLIPModel` (its `text_model.*` and `text_projection` are taken), or is a diffusers pipeline
+whose `text_encoder/` holds them. Matmuls use XLA's default precision (see `vae.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from fcdm_jax import fileio
+from fcdm_jax.models import torch_weights
+
+Dtype = Any
+
+CONFIG_NAME = "config.json"
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+PIPELINE_SUBFOLDER = "text_encoder"
+PREFIX = "text_model."
+PROJECTION_KEY = "text_projection.weight"
+# A buffer that older transformers versions saved with the weights; not a parameter.
+POSITION_IDS_KEY = "embeddings.position_ids"
+# Configs written before transformers PR #24773 say eos_token_id=2; transformers then pools
+# at the largest id of each row (OpenAI's rule: end-of-text is the last id of the vocab).
+LEGACY_EOS_TOKEN_ID = 2
+
+HIDDEN_ACTS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+}
+
+# transformers' CLIPTextConfig defaults: what it builds when config.json leaves a field out.
+HF_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                   num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
+                   hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407)
+HF_DEFAULT_PROJECTION_DIM = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+  """The fields that shape the network; the defaults are CLIP ViT-L/14's text tower.
+  `projection_dim=None` builds no `text_projection` (a `CLIPTextModel`)."""
+  vocab_size: int = 49408
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  max_position_embeddings: int = 77
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  eos_token_id: int = 49407
+  projection_dim: int | None = 768
+
+  def __post_init__(self):
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "max_position_embeddings")
+    bad = {k: getattr(self, k) for k in sizes if not _positive_int(getattr(self, k))}
+    if self.projection_dim is not None and not _positive_int(self.projection_dim):
+      bad["projection_dim"] = self.projection_dim
+    if bad:
+      raise ValueError(f"CLIP text config: {bad} must be positive integers")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"CLIP text config: hidden_size {self.hidden_size} is not divisible "
+                       f"by num_attention_heads {self.num_attention_heads}")
+    if self.hidden_act not in HIDDEN_ACTS:
+      raise ValueError(f"CLIP text config: hidden_act {self.hidden_act!r} is not supported; "
+                       f"expected one of {sorted(HIDDEN_ACTS)}")
+    if isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int):
+      raise ValueError(f"CLIP text config: pooling needs one integer eos_token_id, got "
+                       f"{self.eos_token_id!r}")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], with_projection: bool = True) -> "CLIPTextConfig":
+    """From a transformers config.json: a `CLIPTextConfig` one, or a `CLIPModel` one (its
+    `text_config`, with the top-level `projection_dim`). Missing fields take transformers'
+    defaults, as transformers would."""
+    if "text_config" in d:
+      text, projection = d["text_config"] or {}, d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
+    else:
+      model_type = d.get("model_type", "clip_text_model")
+      if model_type != "clip_text_model":
+        raise ValueError(f"config is for a {model_type!r} model, not a CLIP text model "
+                         "('clip_text_model') or a CLIPModel ('clip' with a text_config)")
+      text, projection = d, d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
+    kw = {k: text.get(k, default) for k, default in HF_DEFAULTS.items()}
+    eos = kw["eos_token_id"]
+    if isinstance(eos, list) and len(eos) == 1:
+      kw["eos_token_id"] = eos[0]
+    return cls(**kw, projection_dim=projection if with_projection else None)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+class CLIPTextOutput(NamedTuple):
+  """`last_hidden_state` (N, L, width) after the final LayerNorm; `pooled` (N, width), its
+  row at the end-of-text token; `text_embeds` (N, projection_dim), `pooled` projected, or
+  None for a model without `text_projection`."""
+  last_hidden_state: jax.Array
+  pooled: jax.Array
+  text_embeds: jax.Array | None
+
+
+def pool_positions(input_ids, eos_token_id: int):
+  """Where transformers pools each row: the largest id (legacy configs, eos_token_id == 2),
+  else the first position holding eos_token_id (0 when a row has none)."""
+  if eos_token_id == LEGACY_EOS_TOKEN_ID:
+    return jnp.argmax(input_ids, axis=-1)
+  return jnp.argmax(input_ids == eos_token_id, axis=-1)
+
+
+def _layer_norm(config: CLIPTextConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False,
+                      name=name)
+
+
+class Embeddings(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids):
+    cfg = self.config
+    tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                      name="token_embedding")(input_ids)
+    positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                         name="position_embedding")(jnp.arange(input_ids.shape[-1]))
+    return tokens + positions[None]
+
+
+class SelfAttention(nn.Module):
+  """Multi-head attention over the keys that `keep` (N or 1, 1, L, L) allows.
+
+  Masked scores are set to float32's lowest value rather than having it added, so that a
+  row with no visible key gets uniform weights instead of NaN."""
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, keep):
+    cfg = self.config
+    n, length, width = x.shape
+    proj = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
+    heads = lambda h: h.reshape(n, length, cfg.num_attention_heads, cfg.head_dim)
+    q, k, v = heads(proj("q_proj")(x)), heads(proj("k_proj")(x)), heads(proj("v_proj")(x))
+    scores = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) * cfg.head_dim ** -0.5
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, length, width)
+    return proj("out_proj")(out)
+
+
+class MLP(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
+    h = HIDDEN_ACTS[cfg.hidden_act](h)
+    return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(h)
+
+
+class EncoderLayer(nn.Module):
+  """x + attn(LN1(x)), then + mlp(LN2(.)): the pre-LN residual block."""
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, keep):
+    cfg, d = self.config, self.dtype
+    x = x + SelfAttention(cfg, d, name="self_attn")(_layer_norm(cfg, d, "layer_norm1")(x), keep)
+    return x + MLP(cfg, d, name="mlp")(_layer_norm(cfg, d, "layer_norm2")(x))
+
+
+class Encoder(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, keep):
+    for i in range(self.config.num_hidden_layers):
+      x = EncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x, keep)
+    return x
+
+
+class CLIPTextModel(nn.Module):
+  """`apply(params, input_ids, attention_mask=None)` -> CLIPTextOutput.
+
+  input_ids (N, L) integers with L <= max_position_embeddings (the tokenizer pads to 77);
+  attention_mask (N, L), 1 for tokens and 0 for padding, masks keys on top of the causal
+  mask, as transformers does (the usual call, Stable Diffusion's included, passes none).
+  """
+  config: CLIPTextConfig = CLIPTextConfig()
+  dtype: Dtype = jnp.float32
+
+  def check_inputs(self, input_ids, attention_mask):
+    cfg = self.config
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids must be (batch, length) integers, got {input_ids.dtype} "
+                       f"of shape {input_ids.shape}")
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(f"input_ids have {input_ids.shape[1]} positions but the model has "
+                       f"{cfg.max_position_embeddings} (max_position_embeddings)")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
+                       f"{input_ids.shape}; they must match")
+    if not isinstance(input_ids, jax.core.Tracer):
+      ids = np.asarray(input_ids).ravel()
+      bad = ids[(ids < 0) | (ids >= cfg.vocab_size)].tolist()
+      if bad:
+        raise ValueError(f"token ids {bad[:8]} out of range [0, {cfg.vocab_size - 1}] "
+                         f"(vocab_size={cfg.vocab_size}): ids from another tokenizer?")
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None) -> CLIPTextOutput:
+    input_ids = jnp.asarray(input_ids)
+    self.check_inputs(input_ids, attention_mask)
+    cfg, d = self.config, self.dtype
+    length = input_ids.shape[1]
+    keep = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if attention_mask is not None:
+      keep = keep & (jnp.asarray(attention_mask) != 0)[:, None, None, :]
+
+    h = Embeddings(cfg, d, name="embeddings")(input_ids)
+    h = Encoder(cfg, d, name="encoder")(h, keep)
+    h = _layer_norm(cfg, d, "final_layer_norm")(h)
+    rows = jnp.arange(h.shape[0])
+    pooled = h[rows, pool_positions(input_ids, cfg.eos_token_id)]
+    embeds = None
+    if cfg.projection_dim is not None:
+      embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=d,
+                        name="text_projection")(pooled).astype(jnp.float32)
+    return CLIPTextOutput(h.astype(jnp.float32), pooled.astype(jnp.float32), embeds)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def torch_layout(config: CLIPTextConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+  """PyTorch key (without the `text_model.` prefix) -> (Flax param path, PyTorch shape)."""
+  w, f = config.hidden_size, config.intermediate_size
+  layout: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+
+  def linear(key, path, out_features, in_features, bias=True):
+    layout[f"{key}.weight"] = (path + ("kernel",), (out_features, in_features))
+    if bias:
+      layout[f"{key}.bias"] = (path + ("bias",), (out_features,))
+
+  def norm(key, path):
+    layout[f"{key}.weight"] = (path + ("scale",), (w,))
+    layout[f"{key}.bias"] = (path + ("bias",), (w,))
+
+  for table, rows in (("token_embedding", config.vocab_size),
+                      ("position_embedding", config.max_position_embeddings)):
+    layout[f"embeddings.{table}.weight"] = (("embeddings", table, "embedding"), (rows, w))
+  for i in range(config.num_hidden_layers):
+    key, path = f"encoder.layers.{i}", ("encoder", f"layers_{i}")
+    norm(f"{key}.layer_norm1", path + ("layer_norm1",))
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      linear(f"{key}.self_attn.{proj}", path + ("self_attn", proj), w, w)
+    norm(f"{key}.layer_norm2", path + ("layer_norm2",))
+    linear(f"{key}.mlp.fc1", path + ("mlp", "fc1"), f, w)
+    linear(f"{key}.mlp.fc2", path + ("mlp", "fc2"), w, f)
+  norm("final_layer_norm", ("final_layer_norm",))
+  if config.projection_dim is not None:
+    linear("text_projection", ("text_projection",), config.projection_dim, w, bias=False)
+  return layout
+
+
+def text_state_dict(state_dict: Mapping[str, Any], whole_clip: bool = False) -> dict[str, Any]:
+  """The text encoder's weights under `torch_layout`'s keys: `text_model.` dropped (the
+  transformers v4 and CLIPModel layout; v5 saves a CLIPTextModel without it), the saved
+  `position_ids` buffer dropped, and of a whole CLIPModel only the text tower's keys."""
+  out = {}
+  for key, value in state_dict.items():
+    if whole_clip and not (key.startswith(PREFIX) or key == PROJECTION_KEY):
+      continue
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if key != POSITION_IDS_KEY:
+      out[key] = value
+  return out
+
+
+def params_from_torch(state_dict: Mapping[str, Any], config: CLIPTextConfig,
+                      source: str = "state_dict") -> dict:
+  """`text_state_dict` output -> Flax {'params': ...}; one ValueError naming every missing,
+  unexpected and misshapen key when the weights do not fit `config`."""
+  layout = torch_layout(config)
+  torch_weights.check_state_dict(
+      state_dict, {k: shape for k, (_, shape) in layout.items()},
+      f"{source} does not hold CLIP text encoder weights for this config (width "
+      f"{config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}, "
+      f"projection {config.projection_dim})")
+  return {"params": torch_weights.nest_from_torch(layout, state_dict)}
+
+
+def find_clip_text_files(path: str) -> tuple[str, str]:
+  """(config.json, weights file) of a transformers CLIP folder (or a pipeline's `text_encoder/`)."""
+  return torch_weights.find_model_files(path, "CLIP text encoder", CONFIG_NAME, WEIGHT_NAMES,
+                                        PIPELINE_SUBFOLDER)
+
+
+def load_clip_text(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPTextModel, dict]:
+  """(model, params) from a local transformers CLIP folder (no download). The model has a
+  `text_projection` when the weights hold one or config.json names a model with it."""
+  from fcdm_jax.convert import read_torch_file
+  config_path, weights_path = find_clip_text_files(path)
+  try:
+    raw = json.loads(fileio.read_text(config_path))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path} is not a readable JSON config: {e}") from e
+  whole_clip = "text_config" in raw
+  weights = text_state_dict(read_torch_file(weights_path), whole_clip)
+  with_projection = (whole_clip or PROJECTION_KEY in weights
+                     or any(a.endswith("WithProjection") for a in raw.get("architectures") or []))
+  try:
+    config = CLIPTextConfig.from_dict(raw, with_projection)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
+  model = CLIPTextModel(config, dtype=dtype)
+  return model, params_from_torch(weights, config, source=weights_path)
