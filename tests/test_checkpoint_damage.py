@@ -82,3 +82,17 @@ def test_a_readable_checkpoint_of_other_shapes_is_refused_not_moved(tmp_path, da
   with pytest.raises(ValueError, match="holds a train state of other shapes"):
     loop.train_and_evaluate(config, str(workdir))
   assert state_dir.is_dir() and not (workdir / ckpt_lib.DAMAGED_DIR).exists()
+
+
+def test_resume_checks_the_network_fields_old_configs_lack():
+  """A config saved before the text-conditioning fields existed still resumes with a class
+  model; a text model, or any other network field, is refused."""
+  from fcdm_jax import settings
+  config = load_config()
+  saved = settings.as_json(config)
+  for key in ("condition", "text_dim", "text_embedder"):
+    del saved["model"][key]
+  ckpt_lib.check_same_model(saved, config, "use a new --workdir")
+  config.model.condition = "text"
+  with pytest.raises(ValueError, match="other model fields.*condition"):
+    ckpt_lib.check_same_model(saved, config, "use a new --workdir")

@@ -180,13 +180,17 @@ def _config_dict(saved: dict):
 PARAM_FIELDS = ("ema", "params")
 # The config fields that decide the params' tree and shapes (the rest is how they run).
 ARCHITECTURE = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes", "learn_sigma",
-                "class_dropout_prob")
+                "class_dropout_prob", "condition", "text_dim", "text_embedder")
 
 
 def check_same_model(saved_config: dict, config, advice: str) -> None:
   """Refuses, naming the differing fields, a config whose network is not the checkpoint's."""
+  import dataclasses
   from fcdm_jax import settings
-  arch = lambda c, model: dict({k: model.get(k) for k in ARCHITECTURE},
+  from fcdm_jax.models import FCDM
+  # Fields a config saved before they existed holds the defaults of.
+  defaults = {f.name: f.default for f in dataclasses.fields(FCDM) if f.name in ARCHITECTURE}
+  arch = lambda c, model: dict({k: model.get(k, defaults.get(k)) for k in ARCHITECTURE},
                                objective=c.get("objective"))
   now = settings.as_json(config)
   settings.refuse_changes(arch(saved_config, saved_config.get("model", {})),
