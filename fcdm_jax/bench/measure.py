@@ -21,8 +21,8 @@ def summarize(times: list[float], batch: int, others: list | None = None) -> dic
              img_per_s=dict(median=batch / med, min=batch / max(times), max=batch / min(times)),
              repeats=len(times))
   if others and all(o is not None for o in others):
-    out["other_load"] = [round(o, 3) for o in others]
-    quiet = [t for t, o in zip(times, others) if o < QUIET]
+    out["other_load"] = [round(o, 3) for o in others]   # quiet is judged on what is reported
+    quiet = [t for t, o in zip(times, out["other_load"]) if o < QUIET]
     out["quiet_steps"] = len(quiet)
     out["quiet_step_s_median"] = statistics.median(quiet) if quiet else None
   return out
