@@ -84,10 +84,15 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       split="train",      # tfds / embedded ('train' or 'test')
       random_flip=True,   # latents: the stored posterior of the mirrored image
       vae_scale=VAE_SCALE,
-      shuffle_seed=0,     # with config.seed, seeds order, flips and latent noise
+      shuffle_seed=0,     # with config.seed, seeds order, flips and caption draws
       prefetch=2,         # batches kept ready by a background thread
       num_workers=4,      # threads decoding per-example files (tfds, torch_features)
       max_in_memory_gb=8.0,  # tfrecord TFDS splits and zarr stores up to this are held in RAM
+      # model.condition='text': the caption folder (fcdm_jax/data/captions.py) of the
+      # dataset, and how often a step trains on the empty caption instead (for guidance).
+      captions="",
+      caption_dropout=0.1,
+      text_pooling="pooled",   # 'pooled' (end-of-text state) or 'projected' (text_projection)
   ))
 
   # --- objective -------------------------------------------------------------------

@@ -41,8 +41,28 @@ class Entry(NamedTuple):
   layer: int | None    # index on the stacked 'layers' axis, None for unstacked params
 
 
-def torch_layout(depth: Sequence[int]) -> list[Entry]:
-  """Every published state_dict key, in the published order, with its Flax location."""
+def _linear_entries(key: str, path: tuple[str, ...]) -> list[Entry]:
+  return [Entry(f"{key}.weight", path + ("kernel",), "linear", None),
+          Entry(f"{key}.bias", path + ("bias",), "vector", None)]
+
+
+def condition_entries(k: int, text_embedder: str | None) -> list[Entry]:
+  """Level k's condition embedder: the published label table, or for a text-conditioned
+  model (ours; the published code has none) `text_embedder_{k}.proj.*` ('linear') or
+  `text_embedder_{k}.mlp.0.*` / `.mlp.2.*` ('mlp'), nn.Linear layouts."""
+  if text_embedder is None:
+    return [Entry(f"y_embedder_{k}.embedding_table.weight", (f"y_embedder_{k}", "embedding_table"),
+                  "table", None)]
+  name = f"text_embedder_{k}"
+  if text_embedder == "linear":
+    return _linear_entries(f"{name}.proj", (name, "proj"))
+  return _linear_entries(f"{name}.mlp.0", (name, "mlp_0")) + \
+      _linear_entries(f"{name}.mlp.2", (name, "mlp_2"))
+
+
+def torch_layout(depth: Sequence[int], text_embedder: str | None = None) -> list[Entry]:
+  """Every published state_dict key, in the published order, with its Flax location
+  (`text_embedder` 'linear' / 'mlp': a text-conditioned model's keys instead of the tables)."""
   entries: list[Entry] = []
   for k in (1, 2, 3):
     entries += [
@@ -50,9 +70,7 @@ def torch_layout(depth: Sequence[int]) -> list[Entry]:
         Entry(f"t_embedder_{k}.mlp.0.bias", (f"t_embedder_{k}", "mlp_0", "bias"), "vector", None),
         Entry(f"t_embedder_{k}.mlp.2.weight", (f"t_embedder_{k}", "mlp_2", "kernel"), "linear", None),
         Entry(f"t_embedder_{k}.mlp.2.bias", (f"t_embedder_{k}", "mlp_2", "bias"), "vector", None),
-        Entry(f"y_embedder_{k}.embedding_table.weight", (f"y_embedder_{k}", "embedding_table"),
-              "table", None),
-    ]
+    ] + condition_entries(k, text_embedder)
   entries += [Entry("x_embedder.weight", ("x_embedder", "kernel"), "conv", None),
               Entry("x_embedder.bias", ("x_embedder", "bias"), "vector", None)]
 
@@ -130,19 +148,26 @@ def infer_depth(keys) -> tuple[int, ...]:
 
 def infer_model(state_dict: Mapping[str, Any], **overrides) -> FCDM:
   """The FCDM (published fields) whose parameters have these shapes."""
-  need = ("x_embedder.weight", "y_embedder_1.embedding_table.weight",
-          "encoder_level_1.0.pwconv1.weight", "final_layer.conv.weight")
+  text = {}
+  for kind, key in (("linear", "text_embedder_1.proj.weight"), ("mlp", "text_embedder_1.mlp.0.weight")):
+    if key in state_dict:
+      text = dict(condition="text", text_embedder=kind,
+                  text_dim=int(_as_numpy(state_dict[key]).shape[1]))
+  need = ("x_embedder.weight", "encoder_level_1.0.pwconv1.weight", "final_layer.conv.weight")
+  if not text:
+    need += ("y_embedder_1.embedding_table.weight",)
   missing = [k for k in need if k not in state_dict]
   if missing:
     raise ValueError(f"not an FCDM state_dict: missing keys {missing}")
   x_w = _as_numpy(state_dict[need[0]])
-  rows = _as_numpy(state_dict[need[1]]).shape[0]
   hidden, in_ch = x_w.shape[0], x_w.shape[1]
-  mlp = _as_numpy(state_dict[need[2]]).shape[0]
-  out_ch = _as_numpy(state_dict[need[3]]).shape[0]
+  mlp = _as_numpy(state_dict[need[1]]).shape[0]
+  out_ch = _as_numpy(state_dict[need[2]]).shape[0]
   fields = dict(in_channels=in_ch, hidden_size=hidden, depth=infer_depth(state_dict.keys()),
-                mlp_ratio=mlp / hidden, class_dropout_prob=0.1, num_classes=rows - 1,
-                learn_sigma=out_ch == 2 * in_ch)
+                mlp_ratio=mlp / hidden, learn_sigma=out_ch == 2 * in_ch, **text)
+  if not text:
+    rows = _as_numpy(state_dict[need[3]]).shape[0]
+    fields.update(class_dropout_prob=0.1, num_classes=rows - 1)
   fields.update(overrides)
   return FCDM(**fields)
 
@@ -153,8 +178,9 @@ def expected_shapes(model: FCDM) -> dict[tuple[str, ...], tuple[int, ...]]:
   import jax.numpy as jnp
   import flax.linen as nn
   x = jnp.zeros((1, 8, 8, model.in_channels))
-  z = jnp.zeros((1,), jnp.int32)
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, z, z)["params"]))
+  t = jnp.zeros((1,), jnp.float32)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x, t,
+                                                      model.example_y(1))["params"]))
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return {tuple(p.key for p in path): tuple(s.shape) for path, s in flat}
 
@@ -171,7 +197,7 @@ def params_from_torch(state_dict: Mapping[str, Any], model: FCDM | None = None) 
   keys are all listed in one error.
   """
   model = model or infer_model(state_dict)
-  layout = torch_layout(model.depth)
+  layout = torch_layout(model.depth, model.text_embedder if model.condition == "text" else None)
   shapes = expected_shapes(model)
   torch_weights.check_state_dict(
       state_dict, {e.torch_key: _torch_shape(e, shapes[e.flax_path]) for e in layout},
@@ -197,8 +223,10 @@ def params_to_torch(params: Mapping[str, Any]) -> "collections.OrderedDict[str, 
   Values may be transposed views of the params; the file writers copy them.
   """
   depth = tuple(_get(params, (level, "dwconv", "bias")).shape[0] for level in LEVEL_NAMES)
+  text = params.get("text_embedder_1")
+  text_embedder = None if text is None else ("linear" if "proj" in text else "mlp")
   out = collections.OrderedDict()
-  for entry in torch_layout(depth):
+  for entry in torch_layout(depth, text_embedder):
     value = np.asarray(_get(params, entry.flax_path))
     if entry.layer is not None:
       value = value[entry.layer]

@@ -157,6 +157,58 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   return sampling.ClassLabels(num_classes, None).check(np.asarray(labels, np.int64))
 
 
+def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_samples: int,
+                    seed: int):
+  """(int64 labels for the batch's arr_1, the generator's conditions, their settings record,
+  the empty caption's embedding or None). Text models: sample i gets prompt i mod P, its
+  arr_1 entry is i mod P; class models: `make_labels`."""
+  if config.model.get("condition", "class") != "text":
+    if prompts:
+      raise ValueError("--prompt/--prompts are for text-conditioned models; this model is "
+                       "class-conditional (use --labels)")
+    values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
+    record = {"spec": labels if labels in ("random", "balanced") else "given",
+              "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
+    return values, values, record, None
+  if not prompts:
+    raise ValueError("a text-conditioned model samples from captions: pass --prompt=TEXT "
+                     "(repeatable) or --prompts=FILE (one a line)")
+  if labels not in ("random", None, ""):
+    raise ValueError("--labels is for class-conditional models; this one takes --prompt")
+  encoder_dir = text_encoder or _recorded_text_encoder(config)
+  from fcdm_jax.models.text_encoder import load_text_encoder
+  encoder = load_text_encoder(encoder_dir, config.data.get("text_pooling", "pooled"))
+  if encoder.dim != int(config.model.text_dim):
+    raise ValueError(f"the text encoder in {encoder_dir} gives {encoder.dim}-dimensional "
+                     f"embeddings; the model takes text_dim={config.model.text_dim}")
+  prompts = [str(p) for p in prompts]
+  index = np.arange(num_samples) % len(prompts)
+  embeddings = encoder.encode(prompts)[index]
+  record = {"prompts": prompts, "encoder": encoder.identity}
+  return index.astype(np.int64), embeddings, record, encoder.empty()
+
+
+def _recorded_text_encoder(config) -> str:
+  """The text encoder a run's captions were encoded with (their manifest records it)."""
+  import json
+  path = config.data.get("captions", "")
+  manifest = fileio.join(path, "captions.json") if path else ""
+  if manifest and fileio.isfile(manifest):
+    recorded = json.loads(fileio.read_text(manifest)).get("encoder", {}).get("path")
+    if recorded and fileio.isdir(recorded):
+      return recorded
+  raise ValueError("pass --text_encoder=DIR (the CLIP folder the run's captions were encoded "
+                   f"with); none is recorded where config.data.captions={path!r} says")
+
+
+def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
+  """--prompt values, then the non-empty lines of --prompts."""
+  out = list(prompt or [])
+  if prompts_file:
+    out += [line.strip() for line in fileio.read_text(prompts_file).splitlines() if line.strip()]
+  return out
+
+
 # ---------------------------------------------------------------------------- generation
 
 
@@ -177,9 +229,12 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
            torch_checkpoint: str | None = None, config=None, step: int | None = None,
            vae: str | None = None, labels: str = "random", seed: int = 0,
            batch_size: int = 64, png: bool = False, keep_parts: bool = False,
-           progress: bool = True, **overrides) -> dict:
+           progress: bool = True, prompts=None, text_encoder: str | None = None,
+           **overrides) -> dict:
   """Writes (or finishes) the sample batch in `out`; returns a summary.
 
+  `prompts` (a list of captions, cycled over the samples) and `text_encoder` (the CLIP
+  folder that encodes them) are for text-conditioned models, `labels` for class ones.
   `overrides`: config.sample fields from SAMPLE_OVERRIDES (None = the config's).
   """
   unknown = set(overrides) - set(SAMPLE_OVERRIDES)
@@ -196,8 +251,10 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   mesh = sharding.create_mesh(config)
   sample_cfg = sample_settings(config, overrides)
   decoder, vae_identity = _decoder_for(config, vae, mesh)
-  generator = sampling.Generator(config, sample_cfg, mesh, decoder)  # checks the sampler
-  label_values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
+  label_values, conditions, condition_settings, empty = make_conditions(
+      config, labels, prompts, text_encoder, num_samples, seed)
+  generator = sampling.Generator(config, sample_cfg, mesh, decoder,   # checks the sampler
+                                 empty_embedding=empty)
   size = int(config.latent_size)
   factor = decoder.model.config.downsample_factor if decoder else 1
   image_shape = (size * factor, size * factor,
@@ -206,8 +263,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
       "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
       "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
       "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,
-      "labels": {"spec": labels if labels in ("random", "balanced") else "given",
-                 "sha256": hashlib.sha256(label_values.tobytes()).hexdigest()},
+      "labels": condition_settings,
       "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if decoder else None,
       "image_shape": image_shape})
 
@@ -237,10 +293,9 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
     for b in todo + [None]:
       if b is not None:   # dispatched before the previous batch is fetched and written
         start, end = ranges[b]
-        batch_labels = np.zeros(batch, np.int32)
-        batch_labels[: end - start] = label_values[start:end]
+        batch_conditions = generator.condition.pad(conditions[start:end], batch)
         indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
-        result = generator(params, seed, indices, batch_labels)
+        result = generator(params, seed, indices, batch_conditions)
       if pending is not None:
         done, images = pending
         n = ranges[done][1] - ranges[done][0]
@@ -307,6 +362,13 @@ def _define_flags():
                        "only on (seed, i).")
   flags.DEFINE_integer("batch_size", 64, "Samples per step over all devices (rounded up to a "
                        "multiple of the device count); the unit of resuming.")
+  flags.DEFINE_multi_string("prompt", None, "Text-conditioned models: a caption to sample "
+                            "from (repeatable; sample i takes prompt i mod P).")
+  flags.DEFINE_string("prompts", None, "Text-conditioned models: a file of captions, one a "
+                      "line (after any --prompt).")
+  flags.DEFINE_string("text_encoder", None, "Text-conditioned models: the local CLIP folder "
+                      "(weights + tokenizer) that encodes the prompts; default: the one the "
+                      "run's captions record.")
   flags.DEFINE_bool("png", False, "Also write png/{index:06d}.png.")
   flags.DEFINE_bool("keep_parts", False, "Keep parts/ after the .npz is written.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
@@ -328,7 +390,9 @@ def main(argv):
     summary = sample(f.out, f.num_samples, workdir=f.workdir,
                      torch_checkpoint=f.torch_checkpoint, config=config, step=f.step,
                      vae=f.vae, labels=f.labels, seed=f.seed, batch_size=f.batch_size,
-                     png=f.png, keep_parts=f.keep_parts, **overrides)
+                     png=f.png, keep_parts=f.keep_parts,
+                     prompts=read_prompts(f.prompt, f.prompts), text_encoder=f.text_encoder,
+                     **overrides)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:

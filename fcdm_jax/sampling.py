@@ -14,8 +14,8 @@ sample is traced alone (`vmap` over the batch), which is what makes its randomne
 
 Conditions. A condition kind says how one sample's condition is given, what guidance
 replaces it with (its null) and how a padded slot is filled. `ClassLabels` is the kind
-of the class-conditional FCDM; text embeddings would be another kind with the same
-three answers.
+of the class-conditional FCDM (the null class), `TextEmbeddings` that of a text-conditioned
+one (pooled caption embeddings; the empty caption's embedding is the null).
 
 Weights are arguments of every call, already placed in their shardings (replicated, or
 FSDP-sharded as `train/checkpoint.load_ema_params` restores them); the batch is split
@@ -25,6 +25,7 @@ over the mesh's data-parallel axes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -93,6 +94,51 @@ class ClassLabels:
     return out
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextEmbeddings:
+  """Text conditioning: one pooled text embedding (text_dim,) per sample; guidance uses the
+  empty caption's embedding `null` (what the model was trained with for dropped captions)."""
+  dim: int
+  null: np.ndarray
+
+  @classmethod
+  def of(cls, model, empty_embedding) -> "TextEmbeddings":
+    null = np.asarray(empty_embedding, np.float32)
+    if null.shape != (int(model.text_dim),):
+      raise ValueError(f"the empty caption's embedding has shape {null.shape}; the model takes "
+                       f"text_dim={model.text_dim}")
+    return cls(int(model.text_dim), null)
+
+  def check(self, values) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 2 or values.shape[1] != self.dim or \
+       not np.issubdtype(values.dtype, np.floating):
+      raise ValueError(f"text conditions must be float embeddings of shape (N, {self.dim}), "
+                       f"got {values.dtype} {values.shape}")
+    if not np.all(np.isfinite(values)):
+      raise ValueError("text embeddings have non-finite values")
+    return values.astype(np.float32)
+
+  def pad(self, values: np.ndarray, size: int) -> np.ndarray:
+    out = np.broadcast_to(self.null, (size, self.dim)).copy()
+    out[:len(values)] = values
+    return out
+
+  def key(self) -> str:
+    return hashlib.sha256(self.null.tobytes()).hexdigest()
+
+
+def condition_of(model, empty_embedding=None):
+  """The condition kind of `model` (FCDM): class labels, or text embeddings whose null is
+  `empty_embedding` (required for condition='text')."""
+  if model.condition == "text":
+    if empty_embedding is None:
+      raise ValueError("a text-conditioned model samples with the empty caption's embedding "
+                       "as its guidance null: pass empty_embedding (the run's captions hold it)")
+    return TextEmbeddings.of(model, empty_embedding)
+  return ClassLabels.of(model)
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoder:
   """An SD-VAE that turns latents / `scale` into images in [-1, 1]; params placed already."""
@@ -131,11 +177,12 @@ class Generator:
   settings (a config.sample-like mapping). Invalid sampler settings raise here.
   """
 
-  def __init__(self, config, sample_cfg, mesh: Mesh, decoder: Decoder | None = None):
+  def __init__(self, config, sample_cfg, mesh: Mesh, decoder: Decoder | None = None,
+               empty_embedding=None):
     from fcdm_jax.diffusion.objectives import make_objective
     from fcdm_jax.models import FCDM
     self.model = FCDM(**config.model)
-    self.condition = ClassLabels.of(self.model)
+    self.condition = condition_of(self.model, empty_embedding)
     size = int(config.latent_size)
     self.shape = (size, size, int(self.model.in_channels))
     self.mesh, self.decoder = mesh, decoder
@@ -146,6 +193,7 @@ class Generator:
                       settings.as_json(config.diffusion), settings.as_json(config.flow),
                       settings.as_json(sample_cfg), self.shape,
                       None if decoder is None else decoder.key(),
+                      getattr(self.condition, "key", lambda: None)(),
                       [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
                      sort_keys=True, default=str)
     if key not in _COMPILED:
@@ -177,12 +225,15 @@ class Generator:
     """The program that samples `n` samples, lowered on abstract weights (leaves with their
     shardings) without running it: what `fcdm_jax.preflight` compiles for a TPU slice."""
     size = self.padded_size(n)
-    vector = lambda dtype: jax.ShapeDtypeStruct((size,), dtype, sharding=self.batch_sharding)
+    vector = lambda dtype, *rest: jax.ShapeDtypeStruct((size, *rest), dtype,
+                                                       sharding=self.batch_sharding)
     key = jax.eval_shape(lambda: stream_key(0, STREAM_NOISE))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
     decoder_params = None if self.decoder is None else self.decoder.params
+    conditions = (vector(jnp.float32, self.condition.dim)
+                  if isinstance(self.condition, TextEmbeddings) else vector(jnp.int32))
     return self._images.lower(abstract_params, decoder_params, key, vector(jnp.uint32),
-                              vector(jnp.int32))
+                              conditions)
 
   def padded_size(self, n: int) -> int:
     """The batch `n` samples run as: a multiple of the data-parallel size."""

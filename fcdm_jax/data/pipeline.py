@@ -70,6 +70,7 @@ class Source:
     self.random_flip = bool(random_flip)
     self.prefetch = int(prefetch)
     self.description = description
+    self.captions = None   # a CaptionTable for text-conditioned runs: y = caption embeddings
     self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
     self._perm_lock = threading.Lock()
 
@@ -127,13 +128,18 @@ class Source:
     positions = self.local_positions(step)
     idx = self.indices(step, positions)
     loaded = self._load(idx, self.flips(step, positions))
-    out = {"y": np.asarray(loaded["y"]).astype(np.int32)}
+    if self.captions is not None:   # a text-conditioned run: this step's caption of each
+      rows = self.captions.rows(idx, step, positions, self.seed, self.global_batch)
+      out = {"y": self.captions.embed(rows)}
+    else:
+      out = {"y": np.asarray(loaded["y"]).astype(np.int32)}
     for key in ("x", "x_std")[: 1 + ("x_std" in loaded)]:
       out[key] = np.ascontiguousarray(loaded[key], np.float32)
       if out[key].shape != (len(idx), *self.element_shape):
         raise RuntimeError(f"{self.description}: loaded {key} of shape {out[key].shape}, "
                            f"expected {(len(idx), *self.element_shape)}")
-    check_labels(out["y"], self.num_classes, f"{self.description} (step {step})")
+    if self.captions is None:
+      check_labels(out["y"], self.num_classes, f"{self.description} (step {step})")
     return out
 
   def iterate(self, start_step: int = 0) -> "BatchIterator":
@@ -313,5 +319,10 @@ def make_source(config, *, process_index: int = 0, process_count: int = 1) -> So
     from fcdm_jax.data import torch_latents
     src = torch_latents.TorchZarrSource(
         data.path, max_in_memory_gb=float(data.get("max_in_memory_gb", 8.0)), **common)
+  if config.model.get("condition", "class") == "text":
+    from fcdm_jax.data.captions import CaptionTable
+    src.captions = CaptionTable(data.get("captions", ""), num_examples=src.num_examples,
+                                dim=int(config.model.text_dim),
+                                dropout=float(data.get("caption_dropout", 0.1)))
   logging.info("data: %r", src)
   return src

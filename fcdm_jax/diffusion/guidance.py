@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 PUBLISHED_GUIDED_CHANNELS = 3  # the published code guides out[:, :3] only
 
@@ -38,12 +39,21 @@ def check_guidance(cfg_scale, null_label, interval=None):
   return cfg_scale, interval
 
 
+def null_like(y, null_label):
+  """The unconditional condition for every row of `y`: the null class index for class
+  labels (N,), or the empty caption's embedding (D,) for text embeddings (N, D)."""
+  if np.ndim(null_label) == 0:
+    return jnp.full_like(y, null_label)
+  return jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
+
+
 def guided_model(model_fn, y, *, cfg_scale, null_label, guide_all_eps: bool = False,
                  interval=None):
-  """`model_fn(x, t, y)` -> `f(x, t)` for labels y, classifier-free guided when cfg_scale != 1.
+  """`model_fn(x, t, y)` -> `f(x, t)` for conditions y, classifier-free guided when
+  cfg_scale != 1.
 
-  Guidance runs the batch [x; x] with labels [y; null] (the published sampling recipe)
-  and returns the conditional half. `interval = (low, high)` guides only where
+  Guidance runs the batch [x; x] with conditions [y; null] (the published sampling recipe;
+  `null_like`) and returns the conditional half. `interval = (low, high)` guides only where
   low <= t <= high, in the time the model is called with (DDPM: original step index;
   flow: t in [0, 1]); elsewhere the output is the conditional one.
   """
@@ -53,7 +63,7 @@ def guided_model(model_fn, y, *, cfg_scale, null_label, guide_all_eps: bool = Fa
 
   def guided(x, t):
     n = x.shape[0]
-    labels = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
+    labels = jnp.concatenate([y, null_like(y, null_label)], axis=0)
     out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), labels)
     mixed = combine_cfg(out, cfg_scale, guided_channels(x.shape[-1], guide_all_eps))[:n]
     if interval is None:

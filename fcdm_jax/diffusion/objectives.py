@@ -41,9 +41,14 @@ def _positive_steps(sample_cfg) -> int:
 
 def _guidance_kwargs(sample_cfg, null_label) -> dict:
   """Guidance settings of a sample config, checked against the model's null label now."""
-  if null_label is not None and (isinstance(null_label, bool) or int(null_label) != null_label
-                                 or null_label < 0):
-    raise ValueError(f"null_label must be a non-negative integer or None, got {null_label!r}")
+  if null_label is not None and np.ndim(null_label) == 1:
+    null_label = np.asarray(null_label, np.float32)   # the empty caption's text embedding
+    if not np.all(np.isfinite(null_label)):
+      raise ValueError("the null text embedding has non-finite values")
+  elif null_label is not None and (np.ndim(null_label) != 0 or isinstance(null_label, bool)
+                                   or int(null_label) != null_label or null_label < 0):
+    raise ValueError(f"null_label must be a non-negative integer (a class), a 1-D text "
+                     f"embedding, or None; got {null_label!r}")
   cfg_scale, interval = guidance.check_guidance(
       sample_cfg.get("cfg_scale", 1.0), null_label, sample_cfg.get("cfg_interval", None))
   return dict(cfg_scale=cfg_scale, null_label=null_label, interval=interval,

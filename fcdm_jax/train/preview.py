@@ -1,15 +1,17 @@
 """Sample grids from the EMA params during training: fixed classes, fixed seed, PNG + TensorBoard.
 
-One row per class (`config.preview.num_classes_shown` classes, `per_class` samples each).
+One row per class (`config.preview.num_classes_shown` classes, `per_class` samples each);
+for a text-conditioned model one row per caption: the first caption of each of the first
+`num_classes_shown` examples of the run's caption folder (its texts are logged).
 Pixel-space models are shown as images; latent models are decoded with the VAE when
 `config.preview.vae_dir` names one, else their first three latent channels are shown.
 """
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
+from absl import logging
 
 from fcdm_jax import fileio, sampling
 
@@ -32,13 +34,25 @@ class PreviewWriter:
 
   def __init__(self, config, mesh, workdir, writer):
     pc = config.preview
-    self.rows = min(pc.num_classes_shown, config.model.num_classes)
-    self.labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
     self.seed = int(config.seed)
     self.decoder = None
     if sampling.is_latent(config) and pc.vae_dir:
       self.decoder = sampling.load_decoder(pc.vae_dir, config, mesh)
-    self.generator = sampling.Generator(config, sample_settings(config), mesh, self.decoder)
+    empty = None
+    if config.model.condition == "text":
+      from fcdm_jax.data.captions import CaptionTable
+      table = CaptionTable(config.data.captions, dim=int(config.model.text_dim))
+      first = table.offsets[:-1][:pc.num_classes_shown]
+      self.rows = len(first)
+      self.labels = np.repeat(table.embeddings[first], pc.per_class, axis=0)
+      empty = table.empty
+      texts = table.texts()
+      logging.info("preview rows: %s", [texts[i] for i in first])
+    else:
+      self.rows = min(pc.num_classes_shown, config.model.num_classes)
+      self.labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
+    self.generator = sampling.Generator(config, sample_settings(config), mesh, self.decoder,
+                                        empty_embedding=empty)
     self.folder = fileio.join(workdir, SAMPLES_DIR)
     self.writer = writer
     self.last_path = None

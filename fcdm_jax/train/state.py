@@ -68,7 +68,7 @@ def _init_boxed(model: FCDM, tx, rng, input_shape) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32)
+  y = model.example_y(1)
   params = model.init({"params": init_rng}, x, t, y)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params, rng=state_rng)

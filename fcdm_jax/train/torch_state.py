@@ -100,7 +100,8 @@ def _moments_from_torch(opt: Mapping, model: FCDM) -> tuple[int, Any, Any]:
     raise ValueError("the checkpoint's 'opt' is not a torch optimizer state_dict "
                      "(no 'state' / 'param_groups')")
   groups = opt["param_groups"]
-  keys = [e.torch_key for e in convert.torch_layout(model.depth)]
+  keys = [e.torch_key for e in convert.torch_layout(
+      model.depth, model.text_embedder if model.condition == "text" else None)]
   indices = [i for g in groups for i in g["params"]]
   if len(groups) != 1 or sorted(indices) != list(range(len(keys))):
     raise ValueError(f"the checkpoint's optimizer has {len(groups)} param group(s) over "
