@@ -46,6 +46,7 @@ def test_kernel_grad_matches_its_definition():
   np.testing.assert_allclose(layers.depthwise_kernel_grad(x, g, 7, 7), want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_low_precision_accumulates_in_float32():
   """bf16 in and out, float32 accumulation: closer to the float32 result than bf16 sums."""
   x = jax.random.normal(jax.random.key(3), (1, 8, 8, 4))
@@ -77,7 +78,7 @@ def test_model_with_shift_vjp_matches_published_fixture(reference_dir):
   assert float(jnp.max(jnp.abs(out - nhwc(ref["out_ddpm"])))) < 1e-4
 
 
-@pytest.mark.parametrize("remat", ["none", "block"])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "block"])
 def test_scanned_blocks_gradients_match_grouped_conv(remat):
   """The hand-written backward inside nn.scan and (with 'block') jax.checkpoint."""
   dim = 16

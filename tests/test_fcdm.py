@@ -34,8 +34,8 @@ def tiny(reference_dir):
 
 
 @pytest.mark.parametrize("dwconv_impl,remat,unroll", [
-    ("xla", "none", False), ("shift", "none", False), ("shift", "block", True),
-    ("xla", "dots", False)])
+    ("xla", "none", False), ("shift", "none", False),
+    pytest.param("shift", "block", True, marks=pytest.mark.slow), ("xla", "dots", False)])
 def test_parity_with_published_forward(tiny, dwconv_impl, remat, unroll):
   ref, sd, params = tiny
   model = convert.infer_model(sd).clone(dwconv_impl=dwconv_impl, remat=remat,
@@ -57,6 +57,7 @@ def test_parity_with_published_forward(tiny, dwconv_impl, remat, unroll):
   np.testing.assert_allclose(out, ref["out_cfg"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_guidance_on_all_eps_channels(tiny):
   ref, sd, params = tiny
   model = convert.infer_model(sd)
@@ -123,6 +124,7 @@ def _fans_torch(shape):
   return shape[1] * receptive, shape[0] * receptive
 
 
+@pytest.mark.slow
 def test_init_distributions():
   """Weight variances match their formulas within sampling error (published layouts)."""
   model = FCDM(**dict(get_variant("S"), num_classes=1000))

@@ -214,6 +214,7 @@ def published_checkpoint(tmp_path_factory, dataset):
   return config, path, (model, ema, opt)
 
 
+@pytest.mark.slow
 def test_init_from_takes_over_weights_ema_and_adamw(published_checkpoint):
   config, path, (model, ema, opt) = published_checkpoint
   config = flow_config(config.data.path, init_from=path)
