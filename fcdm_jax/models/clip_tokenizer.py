@@ -179,13 +179,8 @@ def read_merges(path: str) -> list[tuple[str, str]]:
 
 def find_tokenizer_folder(path: str) -> str:
   """The folder holding vocab.json and merges.txt: `path` itself or a pipeline's `tokenizer/`."""
-  if not fileio.isdir(path):
-    raise FileNotFoundError(f"CLIP tokenizer folder not found: {path} (expected a local "
-                            f"folder with {VOCAB_NAME} and {MERGES_NAME}; nothing is downloaded)")
-  sub = fileio.join(path, PIPELINE_SUBFOLDER)
-  if not fileio.isfile(fileio.join(path, VOCAB_NAME)) and \
-     fileio.isfile(fileio.join(sub, VOCAB_NAME)):
-    path = sub
+  from fcdm_jax.models.torch_weights import model_folder
+  path = model_folder(path, "CLIP tokenizer folder", VOCAB_NAME, MERGES_NAME, PIPELINE_SUBFOLDER)
   missing = [n for n in (VOCAB_NAME, MERGES_NAME) if not fileio.isfile(fileio.join(path, n))]
   if missing:
     raise FileNotFoundError(f"{path} lacks {' and '.join(missing)}: the CLIP tokenizer reads "

@@ -54,18 +54,24 @@ def nest_from_torch(layout: Mapping[str, tuple[tuple[str, ...], Any]],
   return tree
 
 
+def model_folder(path: str, what: str, marker: str, other: str, subfolder: str) -> str:
+  """`path`, or its `subfolder` when only that holds `marker` (a pipeline folder); a clear
+  FileNotFoundError when `path` is no folder at all."""
+  if not fileio.isdir(path):
+    raise FileNotFoundError(f"{what} not found: {path} (expected a folder with {marker} and "
+                            f"{other}; nothing is downloaded)")
+  sub = fileio.join(path, subfolder)
+  if not fileio.isfile(fileio.join(path, marker)) and fileio.isfile(fileio.join(sub, marker)):
+    return sub
+  return path
+
+
 def find_model_files(path: str, what: str, config_name: str, weight_names: Sequence[str],
                      subfolder: str) -> tuple[str, str]:
   """(config file, first weights file present) of a local Hugging Face-format folder, or of
   its `subfolder` when `path` is a pipeline folder; nothing is downloaded, so each missing
   piece gets a FileNotFoundError naming what was looked for and where."""
-  if not fileio.isdir(path):
-    raise FileNotFoundError(f"{what} directory not found: {path} (expected a folder with "
-                            f"{config_name} and {weight_names[0]}; nothing is downloaded)")
-  sub = fileio.join(path, subfolder)
-  if not fileio.isfile(fileio.join(path, config_name)) and \
-     fileio.isfile(fileio.join(sub, config_name)):
-    path = sub
+  path = model_folder(path, f"{what} directory", config_name, weight_names[0], subfolder)
   config = fileio.join(path, config_name)
   if not fileio.isfile(config):
     raise FileNotFoundError(f"{config} not found: the {what} directory needs its {config_name}")
