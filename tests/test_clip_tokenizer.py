@@ -1,9 +1,6 @@
 """Our CLIP tokenizer against transformers' CLIPTokenizer on a small BPE vocabulary learned
 here (no download): the same ids, truncation and padding, and clear errors."""
 
-import collections
-import json
-import re
 
 import numpy as np
 import pytest
@@ -32,54 +29,11 @@ PROMPTS = [
 
 
 def learn_bpe(corpus, num_merges):
-  """A small real BPE: the most frequent adjacent pair of the corpus' words, merged in turn."""
-  symbols = ct.byte_symbols()
-  words = collections.Counter()
-  for line in corpus:
-    for word in re.findall(r"\w+|[^\w\s]+", line.lower()):
-      chars = "".join(symbols[b] for b in word.encode("utf-8"))
-      words[tuple(chars[:-1]) + (chars[-1] + "</w>",)] += 1
-  merges = []
-  for _ in range(num_merges):
-    pairs = collections.Counter()
-    for word, count in words.items():
-      for pair in zip(word, word[1:]):
-        pairs[pair] += count
-    if not pairs:
-      break
-    best = max(pairs, key=lambda p: (pairs[p], p))
-    merges.append(best)
-    merged = collections.Counter()
-    for word, count in words.items():
-      out, i = [], 0
-      while i < len(word):
-        if word[i:i + 2] == best:
-          out.append(best[0] + best[1])
-          i += 2
-        else:
-          out.append(word[i])
-          i += 1
-      merged[tuple(out)] += count
-    words = merged
-  return merges
+  return ct.learn_merges(corpus, num_merges)
 
 
 def write_folder(path, merges, drop=(), **config):
-  """OpenAI's layout: bytes, bytes + </w>, merges, then the two special tokens."""
-  symbols = ct.byte_symbols()
-  tokens = list(symbols) + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-  tokens = [t for t in tokens if t not in drop] + ["<|startoftext|>", "<|endoftext|>"]
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-  (path / "merges.txt").write_text(
-      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-  settings = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                  unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
-  settings.update(config)
-  (path / "tokenizer_config.json").write_text(json.dumps(settings))
-  (path / "special_tokens_map.json").write_text(json.dumps(
-      {k: {"content": v, "lstrip": False, "normalized": False, "rstrip": False,
-           "single_word": False} for k, v in settings.items() if k.endswith("_token")}))
+  ct.write_tokenizer_folder(str(path), merges, drop, **config)
   return path
 
 

@@ -268,49 +268,66 @@ class CLIPTextModel(nn.Module):
 # ----------------------------------------------------------------------------- weights
 
 
-def torch_layout(config: CLIPTextConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-  """PyTorch key (without the `text_model.` prefix) -> (Flax param path, PyTorch shape)."""
+Layout = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
+
+
+def add_linear(layout: Layout, key: str, path: tuple[str, ...], out_features: int,
+               in_features: int, bias: bool = True) -> None:
+  layout[f"{key}.weight"] = (path + ("kernel",), (out_features, in_features))
+  if bias:
+    layout[f"{key}.bias"] = (path + ("bias",), (out_features,))
+
+
+def add_norm(layout: Layout, key: str, path: tuple[str, ...], width: int) -> None:
+  layout[f"{key}.weight"] = (path + ("scale",), (width,))
+  layout[f"{key}.bias"] = (path + ("bias",), (width,))
+
+
+def add_encoder_layers(layout: Layout, config) -> None:
+  """The residual blocks, the same in both CLIP towers (`encoder.layers.{i}.*`)."""
   w, f = config.hidden_size, config.intermediate_size
-  layout: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+  for i in range(config.num_hidden_layers):
+    key, path = f"encoder.layers.{i}", ("encoder", f"layers_{i}")
+    add_norm(layout, f"{key}.layer_norm1", path + ("layer_norm1",), w)
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      add_linear(layout, f"{key}.self_attn.{proj}", path + ("self_attn", proj), w, w)
+    add_norm(layout, f"{key}.layer_norm2", path + ("layer_norm2",), w)
+    add_linear(layout, f"{key}.mlp.fc1", path + ("mlp", "fc1"), f, w)
+    add_linear(layout, f"{key}.mlp.fc2", path + ("mlp", "fc2"), w, f)
 
-  def linear(key, path, out_features, in_features, bias=True):
-    layout[f"{key}.weight"] = (path + ("kernel",), (out_features, in_features))
-    if bias:
-      layout[f"{key}.bias"] = (path + ("bias",), (out_features,))
 
-  def norm(key, path):
-    layout[f"{key}.weight"] = (path + ("scale",), (w,))
-    layout[f"{key}.bias"] = (path + ("bias",), (w,))
-
+def torch_layout(config: CLIPTextConfig) -> Layout:
+  """PyTorch key (without the `text_model.` prefix) -> (Flax param path, PyTorch shape)."""
+  w = config.hidden_size
+  layout: Layout = {}
   for table, rows in (("token_embedding", config.vocab_size),
                       ("position_embedding", config.max_position_embeddings)):
     layout[f"embeddings.{table}.weight"] = (("embeddings", table, "embedding"), (rows, w))
-  for i in range(config.num_hidden_layers):
-    key, path = f"encoder.layers.{i}", ("encoder", f"layers_{i}")
-    norm(f"{key}.layer_norm1", path + ("layer_norm1",))
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      linear(f"{key}.self_attn.{proj}", path + ("self_attn", proj), w, w)
-    norm(f"{key}.layer_norm2", path + ("layer_norm2",))
-    linear(f"{key}.mlp.fc1", path + ("mlp", "fc1"), f, w)
-    linear(f"{key}.mlp.fc2", path + ("mlp", "fc2"), w, f)
-  norm("final_layer_norm", ("final_layer_norm",))
+  add_encoder_layers(layout, config)
+  add_norm(layout, "final_layer_norm", ("final_layer_norm",), w)
   if config.projection_dim is not None:
-    linear("text_projection", ("text_projection",), config.projection_dim, w, bias=False)
+    add_linear(layout, "text_projection", ("text_projection",), config.projection_dim, w,
+               bias=False)
   return layout
 
 
-def text_state_dict(state_dict: Mapping[str, Any], whole_clip: bool = False) -> dict[str, Any]:
-  """The text encoder's weights under `torch_layout`'s keys: `text_model.` dropped (the
-  transformers v4 and CLIPModel layout; v5 saves a CLIPTextModel without it), the saved
-  `position_ids` buffer dropped, and of a whole CLIPModel only the text tower's keys."""
+def tower_state_dict(state_dict: Mapping[str, Any], prefix: str, projection_key: str,
+                     whole_clip: bool = False) -> dict[str, Any]:
+  """One tower's weights under its `torch_layout` keys: `prefix` dropped (the transformers
+  v4 and CLIPModel layout; v5 saves a plain tower without it), the saved `position_ids`
+  buffer dropped, and of a whole CLIPModel only this tower's keys and projection."""
   out = {}
   for key, value in state_dict.items():
-    if whole_clip and not (key.startswith(PREFIX) or key == PROJECTION_KEY):
+    if whole_clip and not (key.startswith(prefix) or key == projection_key):
       continue
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    key = key[len(prefix):] if key.startswith(prefix) else key
     if key != POSITION_IDS_KEY:
       out[key] = value
   return out
+
+
+def text_state_dict(state_dict: Mapping[str, Any], whole_clip: bool = False) -> dict[str, Any]:
+  return tower_state_dict(state_dict, PREFIX, PROJECTION_KEY, whole_clip)
 
 
 def params_from_torch(state_dict: Mapping[str, Any], config: CLIPTextConfig,
@@ -351,3 +368,30 @@ def load_clip_text(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPTextModel
     raise ValueError(f"{config_path}: {e}") from e
   model = CLIPTextModel(config, dtype=dtype)
   return model, params_from_torch(weights, config, source=weights_path)
+
+
+def save_clip_text(path: str, config: CLIPTextConfig, params, *, pad_token_id: int,
+                   bos_token_id: int) -> None:
+  """Writes `params` as a transformers folder (`config.json` + `model.safetensors`) that
+  `load_clip_text` and transformers' `CLIPTextModel(WithProjection)` both read: how a text
+  encoder trained here (the colour-digit demo) is shared like a published one."""
+  from safetensors.numpy import save
+  layout = torch_layout(config)
+  tree = params["params"] if "params" in params else params
+  weights = {}
+  for key, (names, _) in layout.items():
+    node = tree
+    for n in names:
+      node = node[n]
+    a = np.asarray(node, np.float32)
+    weights[key] = np.ascontiguousarray(a.T if names[-1] == "kernel" else a)
+  with_projection = config.projection_dim is not None
+  fields = {k: getattr(config, k) for k in HF_DEFAULTS}
+  hf = dict(fields, model_type="clip_text_model", pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            architectures=["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"])
+  if with_projection:
+    hf["projection_dim"] = config.projection_dim
+  fileio.makedirs(path)
+  fileio.atomic_write_bytes(fileio.join(path, WEIGHT_NAMES[0]), save(weights))
+  fileio.atomic_write_bytes(fileio.join(path, CONFIG_NAME), json.dumps(hf, indent=1).encode())

@@ -220,3 +220,66 @@ def load_clip_tokenizer(path: str, context_length: int = CONTEXT_LENGTH) -> CLIP
                          context_length=context_length, **settings)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
+
+
+# ------------------------------------------------------------- making a small vocabulary
+
+
+def learn_merges(corpus: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
+  """BPE merges learned from `corpus`: the most frequent adjacent pair of its words (split
+  and cleaned as the tokenizer splits them), merged in turn, at most `num_merges` times.
+  For small text encoders trained here (the colour-digit demo) and for tests."""
+  import collections
+  symbols = byte_symbols()
+  words: collections.Counter = collections.Counter()
+  for line in corpus:
+    for word in PIECES.findall(clean(line)):
+      chars = "".join(symbols[b] for b in word.encode("utf-8"))
+      words[tuple(chars[:-1]) + (chars[-1] + END_OF_WORD,)] += 1
+  merges: list[tuple[str, str]] = []
+  for _ in range(num_merges):
+    pairs: collections.Counter = collections.Counter()
+    for word, count in words.items():
+      for pair in zip(word, word[1:]):
+        pairs[pair] += count
+    if not pairs:
+      break
+    best = max(pairs, key=lambda p: (pairs[p], p))
+    merges.append(best)
+    merged: collections.Counter = collections.Counter()
+    for word, count in words.items():
+      out, i = [], 0
+      while i < len(word):
+        if word[i:i + 2] == best:
+          out.append(best[0] + best[1])
+          i += 2
+        else:
+          out.append(word[i])
+          i += 1
+      merged[tuple(out)] += count
+    words = merged
+  return merges
+
+
+def write_tokenizer_folder(path: str, merges: Sequence[tuple[str, str]], drop=(),
+                           **settings) -> dict[str, int]:
+  """Writes a transformers `CLIPTokenizer` folder (OpenAI's vocabulary layout: the 256 byte
+  symbols, the same with `</w>`, one token per merge, then the start and end tokens) to
+  `path`; `drop` leaves tokens out, `settings` override tokenizer_config.json. Returns the
+  vocabulary."""
+  symbols = byte_symbols()
+  tokens = list(symbols) + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
+  tokens = [t for t in tokens if t not in drop] + ["<|startoftext|>", "<|endoftext|>"]
+  vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+  config = dict(DEFAULT_TOKENS, model_max_length=CONTEXT_LENGTH)
+  config.update(settings)
+  special = {k: {"content": v, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False} for k, v in config.items() if k.endswith("_token")}
+  fileio.makedirs(path)
+  fileio.atomic_write_bytes(fileio.join(path, VOCAB_NAME), json.dumps(vocab).encode())
+  fileio.atomic_write_bytes(
+      fileio.join(path, MERGES_NAME),
+      ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8"))
+  fileio.atomic_write_bytes(fileio.join(path, CONFIG_NAMES[0]), json.dumps(config).encode())
+  fileio.atomic_write_bytes(fileio.join(path, CONFIG_NAMES[1]), json.dumps(special).encode())
+  return vocab
