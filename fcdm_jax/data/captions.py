@@ -32,6 +32,7 @@ from fcdm_jax import fileio
 FORMAT = "fcdm_jax.captions"
 VERSION = 1
 MANIFEST = "captions.json"
+SUBFOLDER = "captions"   # where a dataset keeps its caption folder, beside its data
 _TAG_CAPTION = 3   # the data stream's tag for caption draws (pipeline.py holds 0-2)
 
 
@@ -56,12 +57,15 @@ def write_captions(out: str, captions: Sequence[Sequence[str]], encoder, *,
     raise ValueError(f"examples {empty[:8]} have no caption (every example needs one)")
   texts = [str(t) for c in captions for t in c]
   offsets = np.concatenate([[0], np.cumsum([len(c) for c in captions])]).astype(np.int64)
-  embeddings = []
-  for start in range(0, len(texts), batch):
-    embeddings.append(encoder.encode(texts[start:start + batch], batch=batch))
+  # Each distinct caption is encoded once (a captioned dataset repeats many).
+  unique = list(dict.fromkeys(texts))
+  row = {t: i for i, t in enumerate(unique)}
+  encoded = []
+  for start in range(0, len(unique), batch):
+    encoded.append(encoder.encode(unique[start:start + batch], batch=batch))
     if progress is not None:
-      progress(min(start + batch, len(texts)), len(texts))
-  embeddings = np.concatenate(embeddings).astype(dtype)
+      progress(min(start + batch, len(unique)), len(unique))
+  embeddings = np.concatenate(encoded)[[row[t] for t in texts]].astype(dtype)
   _save_npy(fileio.join(out, "embeddings.npy"), embeddings)
   _save_npy(fileio.join(out, "offsets.npy"), offsets)
   _save_npy(fileio.join(out, "empty.npy"), encoder.empty().astype(np.float32))
@@ -79,12 +83,14 @@ class CaptionTable:
   def __init__(self, path: str, *, num_examples: int | None = None, dim: int | None = None,
                dropout: float = 0.1):
     if not path:
-      raise FileNotFoundError("config.data.captions is empty: a text-conditioned model trains "
-                              "on a caption folder (written by fcdm_jax.data.captions)")
+      raise FileNotFoundError("no caption folder: a text-conditioned model trains on one "
+                              "(config.data.captions, or <data.path>/captions as "
+                              "fcdm_jax.extract_latents --text_encoder writes it)")
     manifest_path = fileio.join(path, MANIFEST)
     if not fileio.isfile(manifest_path):
       raise FileNotFoundError(f"{manifest_path} not found: {path} is not a finished caption "
-                              "folder")
+                              "folder (config.data.captions; by default <data.path>/captions, "
+                              "which extract_latents --text_encoder writes)")
     m = json.loads(fileio.read_text(manifest_path))
     if m.get("format") != FORMAT or m.get("version") != VERSION:
       raise ValueError(f"{manifest_path}: format {m.get('format')!r} version "
@@ -126,3 +132,18 @@ class CaptionTable:
     out = self.embeddings[np.maximum(rows, 0)]
     out[rows < 0] = self.empty
     return out
+
+
+def caption_folder(config) -> str:
+  """The caption folder a text-conditioned run trains on: `config.data.captions`, else the
+  one its data keeps (`<data.path>/captions` for latents, as `extract_latents` writes it;
+  the prepared folder's for the colour digits)."""
+  data = config.data
+  if data.get("captions"):
+    return data.captions
+  if data.source == "colour_digits":
+    from fcdm_jax.data import colour_digits
+    return fileio.join(colour_digits.resolve_path(data.get("path", "")), SUBFOLDER)
+  if data.get("path"):
+    return fileio.join(data.path, SUBFOLDER)
+  return ""

@@ -27,7 +27,7 @@ from fcdm_jax.data.embedded import to_model_range
 from fcdm_jax.data.preprocess import center_crop_arr
 
 
-def _load_builder(name: str, data_dir: str):
+def load_builder(name: str, data_dir: str):
   if not name:
     raise ValueError("config.data.tfds_name is empty: name the TFDS dataset (e.g. 'mnist')")
   if data_dir and not fileio.isdir(data_dir):
@@ -51,7 +51,7 @@ def load_image_builder(name: str, data_dir: str, image_key: str, label_key: str,
   Clear errors for a missing dataset, a missing image or label feature, or a label that
   is not a ClassLabel; `key_flags` names the settings that chose the keys, for the messages.
   """
-  builder, where = _load_builder(name, data_dir)
+  builder, where = load_builder(name, data_dir)
   features = builder.info.features
   for key, flag in zip((image_key, label_key), key_flags):
     if key not in features:
