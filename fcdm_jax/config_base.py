@@ -32,6 +32,22 @@ def large_model_layout(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return config
 
 
+def text_to_image(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MS-COCO text-to-image recipe (U-ViT's protocol) on a class config: the pooled CLIP
+  ViT-L/14 text embedding (768) through each level's conditioning instead of the class
+  embedding, SD-VAE latents with a caption folder beside them (`extract_latents
+  --text_encoder`), 10% of captions dropped to the empty one for guidance, and FID-30K on
+  random val2014 captions (`evaluate --workdir`). The optimizer and schedule stay the class
+  recipe's."""
+  config.name = config.name.replace("fcdm_", "fcdm_t2i_", 1)
+  # linear, not the MLP: it learned faster on the demo (README, "The text-to-image demo").
+  config.model.update(condition="text", text_dim=768, text_embedder="linear")
+  config.data.update(source="latents", captions="", caption_dropout=0.1,
+                     text_pooling="pooled")
+  config.eval.update(kind="fid", num_samples=30000, captions="", clip="")
+  return config
+
+
 def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm"
                ) -> ml_collections.ConfigDict:
   if objective not in OBJECTIVES:
@@ -171,7 +187,8 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   c.eval = ml_collections.ConfigDict(dict(
       enabled=False,
       # 'fid': FID / sFID / Inception Score of num_samples samples against a reference
-      # batch (FID-k); 'demo': the embedded digits' classifier judge (configs/demo.py).
+      # batch (FID-k); 'demo': the embedded digits' classifier judge (configs/demo.py);
+      # 'colour_digits': the text-to-image demo's judge (configs/t2i_demo.py).
       kind="fid",
       every_steps=0,       # also every N steps; 0: once, when training completes
       num_samples=5000,
@@ -181,6 +198,11 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       unguided=False,      # demo: also judge cfg_scale=1 samples from the same noise
       inception="",        # fid: pytorch-fid's FID-Inception weights (.pth / .safetensors)
       reference="",        # fid: reference batch .npz (arr_0 images and/or mu/sigma, mu_s/sigma_s)
+      # fid of a text model: the caption folder whose captions condition the samples (one
+      # random caption of a random example each; MS-COCO: val2014's, the FID-30K protocol)
+      # and, when set, a whole CLIP model folder for the CLIP score of every sample.
+      captions="",
+      clip="",
       # Latent models' samples are decoded with config.preview.vae_dir.
   ))
   return c

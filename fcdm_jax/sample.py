@@ -191,14 +191,15 @@ def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_
 def _recorded_text_encoder(config) -> str:
   """The text encoder a run's captions were encoded with (their manifest records it)."""
   import json
-  path = config.data.get("captions", "")
+  from fcdm_jax.data.captions import caption_folder
+  path = caption_folder(config)
   manifest = fileio.join(path, "captions.json") if path else ""
   if manifest and fileio.isfile(manifest):
     recorded = json.loads(fileio.read_text(manifest)).get("encoder", {}).get("path")
     if recorded and fileio.isdir(recorded):
       return recorded
   raise ValueError("pass --text_encoder=DIR (the CLIP folder the run's captions were encoded "
-                   f"with); none is recorded where config.data.captions={path!r} says")
+                   f"with); none is recorded in the run's caption folder {path!r}")
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:

@@ -263,23 +263,28 @@ class Generator:
     n = len(indices)
     return fetch(images)[:n], fetch(raw)[:n]
 
+  def batches(self, params, seed: int, conditions, batch: int, progress=None):
+    """Yields (start, uint8 images, samples before decoding) of samples 0..n-1 for n
+    conditions, `batch` at a time (the last one padded to the same compiled shape): for
+    evaluations that keep features, not 30k images."""
+    conditions = self.condition.check(conditions)
+    batch = self.padded_size(min(int(batch), len(conditions)))
+    for start in range(0, len(conditions), batch):
+      chunk = conditions[start:start + batch]
+      n = len(chunk)
+      if n < batch:  # the last batch runs in the compiled shape
+        chunk = self.condition.pad(chunk, batch)
+      image, raw = self.generate(params, seed, np.arange(start, start + batch), chunk)
+      if progress is not None:
+        progress(start + n, len(conditions))
+      yield start, image[:n], raw[:n]
+
   def generate_all(self, params, seed: int, conditions, batch: int, progress=None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Samples 0..n-1 for n conditions in batches of `batch` (each compiled once)."""
-    conditions = self.condition.check(conditions)
-    batch = self.padded_size(min(int(batch), len(conditions)))
-    images, raws = [], []
-    for start in range(0, len(conditions), batch):
-      chunk = conditions[start:start + batch]
-      if len(chunk) < batch:  # the last batch runs in the compiled shape
-        chunk = self.condition.pad(chunk, batch)
-      image, raw = self.generate(params, seed, np.arange(start, start + batch), chunk)
-      images.append(image)
-      raws.append(raw)
-      if progress is not None:
-        progress(min(start + batch, len(conditions)), len(conditions))
-    n = len(conditions)
-    return np.concatenate(images)[:n], np.concatenate(raws)[:n]
+    parts = list(self.batches(params, seed, conditions, batch, progress))
+    return (np.concatenate([image for _, image, _ in parts]),
+            np.concatenate([raw for _, _, raw in parts]))
 
 
 def fetch(result) -> np.ndarray:

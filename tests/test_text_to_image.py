@@ -12,7 +12,7 @@ import pytest
 
 from fcdm_jax import config_base
 from fcdm_jax.data import LatentDataset, make_source
-from fcdm_jax.data.captions import CaptionTable
+from fcdm_jax.data.captions import CaptionTable, caption_folder
 from fcdm_jax.models.text_encoder import load_text_encoder
 from test_extract_latents import write_vae_dir
 from test_train_system import REPO, restore_final, run_main, wait_for_checkpoint
@@ -77,9 +77,13 @@ def test_each_step_draws_one_caption_per_example_or_the_empty_one(data):
 
 def test_a_text_model_needs_its_captions(data):
   config = text_config(data)
-  config.data.captions = ""
-  with pytest.raises(FileNotFoundError, match="config.data.captions is empty"):
+  config.data.captions = ""   # then the dataset's own: <data.path>/captions, absent here
+  with pytest.raises(FileNotFoundError, match=f"{data['latents']}/captions/captions.json not "
+                     "found"):
     make_source(config)
+  config.data.update(source="embedded", path="")
+  with pytest.raises(FileNotFoundError, match="no caption folder"):
+    CaptionTable(caption_folder(config))
 
 
 @pytest.mark.slow

@@ -39,8 +39,8 @@ import numpy as np
 # What `config.data.source` may name. 'latents' is our format (latents.py); 'tfds'
 # images by name (tfds_images.py); 'embedded' the dataset in the wheel (embedded.py);
 # 'torch_features' / 'torch_zarr' the published PyTorch code's latents (torch_latents.py).
-SOURCES = ("latents", "tfds", "embedded", "torch_features", "torch_zarr")
-PIXEL_SOURCES = ("tfds", "embedded")
+SOURCES = ("latents", "tfds", "embedded", "colour_digits", "torch_features", "torch_zarr")
+PIXEL_SOURCES = ("tfds", "embedded", "colour_digits")
 
 # Stream tags: independent random streams derived from the same data seed.
 _TAG_PERMUTATION, _TAG_FLIP = 0, 1
@@ -303,6 +303,9 @@ def make_source(config, *, process_index: int = 0, process_count: int = 1) -> So
   elif source == "embedded":
     from fcdm_jax.data import embedded
     src = embedded.EmbeddedSource(split=data.get("split", "train"), **common)
+  elif source == "colour_digits":
+    from fcdm_jax.data import colour_digits
+    src = colour_digits.ColourDigitsSource(data.get("path", ""), **common)
   elif source == "tfds":
     from fcdm_jax.data import tfds_images
     src = tfds_images.TfdsSource(
@@ -320,8 +323,8 @@ def make_source(config, *, process_index: int = 0, process_count: int = 1) -> So
     src = torch_latents.TorchZarrSource(
         data.path, max_in_memory_gb=float(data.get("max_in_memory_gb", 8.0)), **common)
   if config.model.get("condition", "class") == "text":
-    from fcdm_jax.data.captions import CaptionTable
-    src.captions = CaptionTable(data.get("captions", ""), num_examples=src.num_examples,
+    from fcdm_jax.data.captions import CaptionTable, caption_folder
+    src.captions = CaptionTable(caption_folder(config), num_examples=src.num_examples,
                                 dim=int(config.model.text_dim),
                                 dropout=float(data.get("caption_dropout", 0.1)))
   logging.info("data: %r", src)

@@ -1,11 +1,18 @@
-"""FID-k during training: FID, sFID and Inception Score of k samples of the EMA params.
+"""FID-k: FID, sFID and Inception Score of k samples of the EMA params (during training, and
+as `fcdm_jax.evaluate --workdir=RUN`), with the CLIP score for a text-conditioned model.
 
 The numbers are `fcdm_jax.evaluate`'s (ADM's Inception features and formulas) for
-`config.eval.num_samples` samples with uniform random labels, against the reference batch
-`config.eval.reference` (its stored mu/sigma, or its images' features), so a run's curve
-is comparable with the final 50k evaluation up to the sample size's bias. The
-Inception weights (`config.eval.inception`) and the reference statistics are loaded once,
-when the run starts; every call samples the same labels from the same noise (config.seed).
+`config.eval.num_samples` samples against the reference batch `config.eval.reference` (its
+stored mu/sigma, or its images' features), so a run's curve is comparable with the final
+evaluation up to the sample size's bias. Class models sample uniform random labels. Text
+models sample captions of `config.eval.captions` (a caption folder; default: the run's
+own): sample i takes a random example and one of its captions, drawn from (seed, i): the
+MS-COCO protocol (30k samples, each conditioned on a random val2014 caption, against
+val2014 image statistics) when that folder is val2014's. With `config.eval.clip` (a
+whole CLIP model folder) each sample is also scored against its caption (eval/clip_score).
+Weights, captions and reference statistics are loaded once, when the run starts; every
+call samples the same conditions from the same noise (config.seed). Samples are scored a
+batch at a time: only their features are kept.
 """
 
 from __future__ import annotations
@@ -19,10 +26,40 @@ from fcdm_jax import evaluate, fileio, sampling
 from fcdm_jax.evaluation.hooks import check_count, sample_settings
 
 WHICH = ("fid", "sfid", "is")
+_TAG_EVAL_CAPTIONS = 7   # seeds the caption draw of the evaluation's samples
+
+
+def eval_captions(config):
+  """(CaptionTable of the evaluation's captions, the run's own caption folder) of a text run;
+  refuses captions encoded by another text encoder than the run's."""
+  import json
+  from fcdm_jax.data.captions import MANIFEST, CaptionTable, caption_folder
+  own = caption_folder(config)
+  path = config.eval.get("captions") or own
+  table = CaptionTable(path, dim=int(config.model.text_dim))
+  own_manifest = fileio.join(own, MANIFEST) if own else ""
+  if path != own and own_manifest and fileio.isfile(own_manifest):
+    trained = json.loads(fileio.read_text(own_manifest)).get("encoder", {})
+    used = table.manifest.get("encoder", {})
+    keys = ("weights_sha256", "pooling")
+    if {k: trained.get(k) for k in keys} != {k: used.get(k) for k in keys}:
+      raise ValueError(f"config.eval.captions={path} were encoded with {used}, the run's "
+                       f"captions ({own}) with {trained}: encode both with the same text "
+                       "encoder and pooling")
+  return table
+
+
+def draw_captions(table, seed: int, num_samples: int) -> np.ndarray:
+  """Caption rows of the samples: a uniform example, then one of its captions, per sample."""
+  rng = np.random.default_rng([int(seed), _TAG_EVAL_CAPTIONS])
+  examples = rng.integers(0, table.offsets.shape[0] - 1, num_samples)
+  start, end = table.offsets[examples], table.offsets[examples + 1]
+  return start + np.floor(rng.random(num_samples) * (end - start)).astype(np.int64)
 
 
 class FidEvaluator:
-  """Samples config.eval.num_samples images; writes eval/fid, eval/sfid, eval/inception_score."""
+  """Samples config.eval.num_samples images; writes eval/fid, eval/sfid, eval/inception_score
+  (and eval/clip_score for a text model with config.eval.clip)."""
 
   def __init__(self, config, mesh):
     from fcdm_jax.models import inception
@@ -45,9 +82,24 @@ class FidEvaluator:
     elif config.model.in_channels not in (1, 3):
       raise ValueError(f"a pixel-space model with {config.model.in_channels} channels has no "
                        "images for Inception (1 or 3 expected)")
-    self.generator = sampling.Generator(config, sample_settings(config), mesh, decoder)
-    self.labels = sampling.random_labels(self.seed, self.num_samples,
-                                         int(config.model.num_classes))
+    self.texts = self.clip = None
+    if config.model.get("condition", "class") == "text":
+      table = eval_captions(config)
+      rows = draw_captions(table, self.seed, self.num_samples)
+      self.conditions, empty = table.embeddings[rows], table.empty
+      all_texts = table.texts()
+      self.texts = [all_texts[r] for r in rows]
+      if ev.get("clip"):
+        from fcdm_jax.evaluation.clip_score import CLIPScorer
+        self.clip = CLIPScorer(ev.clip)
+    else:
+      if ev.get("clip"):
+        raise ValueError("config.eval.clip scores samples against their captions: it is for "
+                         "text-conditioned models (model.condition='text')")
+      self.conditions, empty = sampling.random_labels(self.seed, self.num_samples,
+                                                      int(config.model.num_classes)), None
+    self.generator = sampling.Generator(config, sample_settings(config), mesh, decoder,
+                                        empty_embedding=empty)
     model, variables = inception.load_inception(ev.inception)
     self.extract = evaluate.FeatureExtractor(model, variables, self.batch)
     self.reference = ev.reference
@@ -59,20 +111,35 @@ class FidEvaluator:
                                     progress=False)
     self.stats = None
 
-  def __call__(self, step: int, ema_params, writer) -> dict:
+  def __call__(self, step: int, ema_params, writer, progress=None) -> dict:
     start = time.time()
-    images, _ = self.generator.generate_all(ema_params, self.seed, self.labels, self.batch)
-    if images.shape[-1] == 1:   # grey: Inception reads RGB
-      images = np.repeat(images, 3, axis=-1)
-    feats = self.extract(evaluate.ArrayImages(images), "eval features", progress=False)
+    feats: dict[str, list] = {}
+    clip_scores = []
+    for first, images, _ in self.generator.batches(ema_params, self.seed, self.conditions,
+                                                   self.batch, progress):
+      if images.shape[-1] == 1:   # grey: Inception reads RGB
+        images = np.repeat(images, 3, axis=-1)
+      for k, v in self.extract(evaluate.ArrayImages(images), "eval features",
+                               progress=False).items():
+        feats.setdefault(k, []).append(v)
+      if self.clip is not None:
+        clip_scores.append(self.clip.score(images, self.texts[first:first + len(images)],
+                                           batch=self.batch).per_image)
+    feats = {k: np.concatenate(v) for k, v in feats.items()}
     if self.stats is None:
       self.stats = evaluate.reference_statistics(self.reference, self.ref_feats, ("fid", "sfid"),
                                                  feats["pool"].shape[1],
                                                  feats["spatial"].shape[1])
     results = evaluate.sample_metrics(feats, self.stats, WHICH, split_size=self.num_samples)
-    writer.write_scalars(step, {"eval/fid": results["fid"], "eval/sfid": results["sfid"],
-                                "eval/inception_score": results["inception_score"]})
-    logging.info("eval at step %d: FID-%d %.3f, sFID %.3f, IS %.3f (%.1f s)", step,
+    scalars = {"eval/fid": results["fid"], "eval/sfid": results["sfid"],
+               "eval/inception_score": results["inception_score"]}
+    if clip_scores:
+      results["clip_score"] = float(np.mean(np.concatenate(clip_scores)))
+      scalars["eval/clip_score"] = results["clip_score"]
+    writer.write_scalars(step, scalars)
+    logging.info("eval at step %d: FID-%d %.3f, sFID %.3f, IS %.3f%s (%.1f s)", step,
                  self.num_samples, results["fid"], results["sfid"],
-                 results["inception_score"], time.time() - start)
+                 results["inception_score"],
+                 f", CLIP score {results['clip_score']:.3f}" if clip_scores else "",
+                 time.time() - start)
     return dict(results, step=int(step), num_samples=self.num_samples)

@@ -9,10 +9,10 @@ whose evaluation cannot work fails before training.
 
 from __future__ import annotations
 
-KINDS = ("fid", "demo")
+KINDS = ("fid", "demo", "colour_digits")
 # config.eval fields that are not sampler settings (the others override config.preview's).
 EVAL_ONLY = ("enabled", "kind", "every_steps", "num_samples", "batch_size", "unguided",
-             "inception", "reference")
+             "inception", "reference", "captions", "clip")
 
 
 def sample_settings(config) -> dict:
@@ -42,4 +42,7 @@ def make_evaluators(config, mesh, workdir: str) -> list:
   if kind == "demo":
     from fcdm_jax.evaluation.demo_eval import DemoJudge
     return [DemoJudge(config, mesh, workdir)]
+  if kind == "colour_digits":
+    from fcdm_jax.evaluation.colour_digit_eval import ColourDigitEvaluator
+    return [ColourDigitEvaluator(config, mesh, workdir)]
   raise ValueError(f"unknown config.eval.kind {kind!r}; expected one of {KINDS}")

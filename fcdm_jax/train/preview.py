@@ -40,8 +40,8 @@ class PreviewWriter:
       self.decoder = sampling.load_decoder(pc.vae_dir, config, mesh)
     empty = None
     if config.model.condition == "text":
-      from fcdm_jax.data.captions import CaptionTable
-      table = CaptionTable(config.data.captions, dim=int(config.model.text_dim))
+      from fcdm_jax.data.captions import CaptionTable, caption_folder
+      table = CaptionTable(caption_folder(config), dim=int(config.model.text_dim))
       first = table.offsets[:-1][:pc.num_classes_shown]
       self.rows = len(first)
       self.labels = np.repeat(table.embeddings[first], pc.per_class, axis=0)

@@ -1,0 +1,15 @@
+"""Text-to-image FCDM-XL at 256 px on MS-COCO 2014 (config_base.text_to_image: pooled CLIP
+ViT-L/14 text through the adaLN conditioning, SD-VAE latents, 10% empty captions, FID-30K).
+
+    python -m fcdm_jax.main --config=configs/t2i_xl_256.py --workdir=runs/t2i_xl \
+        --config.data.path=/data/latents/coco256_train --config.preview.vae_dir=/models/sd-vae-ft-ema
+
+`--config=configs/t2i_xl_256.py:flow` for flow matching.
+"""
+
+from fcdm_jax import config_base
+
+
+def get_config(objective: str = "ddpm"):
+  return config_base.text_to_image(config_base.large_model_layout(
+      config_base.get_config("XL", 256, objective or "ddpm")))
