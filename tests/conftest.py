@@ -9,10 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent XLA compilation cache for the whole run, shared with the subprocesses the
 # tests start: the same tiny programs are compiled by many tests.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="fcdm_jax_test_xla_cache_"))
+_OWN_CACHE = None   # the cache this run made (removed at the end), unless one was given
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="fcdm_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
@@ -32,6 +35,11 @@ def reference_dir() -> pathlib.Path:
     raise FileNotFoundError(f"reference fixtures missing from {REFERENCE}: {missing}; they are "
                             "part of the repository (git checkout -- tests/reference)")
   return REFERENCE
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
@@ -67,3 +75,15 @@ def gcs(tmp_path_factory):
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def digit_classifier(tmp_path_factory):
+  """A folder holding the demo judge's digit classifier (`eval_classifier/`), trained once
+  per test run with the real recipe: tests that run a demo copy it into their workdir, as
+  a rerun of the demo finds its own cache there."""
+  from fcdm_jax.evaluation import demo_eval
+  folder = tmp_path_factory.mktemp("digit_classifier")
+  demo_eval.load_or_train_classifier(str(folder))
+  return folder / demo_eval.CLASSIFIER_DIR
+

@@ -9,12 +9,15 @@ import sys
 import numpy as np
 import pytest
 
+from train_helpers import seed_classifier
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_command_reduced(tmp_path):
+def test_demo_command_reduced(tmp_path, digit_classifier):
   workdir = tmp_path / "demo"
+  seed_classifier(digit_classifier, workdir)   # the judge's classifier, trained once per run
   cmd = [sys.executable, "-m", "fcdm_jax.main", "--config=configs/demo.py",
          f"--workdir={workdir}", "--config.num_train_steps=60",
          "--config.optimizer.warmup_steps=10", "--config.log_every_steps=10",

@@ -39,3 +39,11 @@ def make_latent_dataset(directory, count=64, shape=(8, 8, 4), num_classes=4, see
     writer.write_shard(i, mean, std, labels)
   writer.finalize(shards)
   return str(directory)
+
+
+def seed_classifier(digit_classifier, workdir) -> None:
+  """Copies the shared judge classifier (conftest's `digit_classifier`) into `workdir`."""
+  import os
+  import shutil
+  os.makedirs(workdir, exist_ok=True)
+  shutil.copytree(digit_classifier, os.path.join(workdir, digit_classifier.name))
