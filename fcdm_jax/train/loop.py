@@ -211,14 +211,16 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
     preview = PreviewWriter(config, mesh, workdir, writer)
 
   buffer = MetricBuffer()
-  batches = device_batches(source.iterate(start_step), mesh)
   summary = {"start_step": start_step, "end_step": start_step, "stopped_by": "completed"}
   first_step_seconds = None
   cache_before = compilation_cache.CacheStats.snapshot()
   previous_metrics = None
   step = start_step
   images_timer = (time.time(), step)
-  with PreemptionFlag(fallback_every=config.log_every_steps) as preemption:
+  # Closing the host iterator stops its prefetch thread (it would otherwise outlive the run).
+  with PreemptionFlag(fallback_every=config.log_every_steps) as preemption, \
+       source.iterate(start_step) as host_batches:
+    batches = device_batches(host_batches, mesh)
     while step < config.num_train_steps:
       t0 = time.time()
       batch = next(batches)
