@@ -3,17 +3,20 @@
 Entry points (`python -m fcdm_jax.NAME --help`):
 
   main             train a config (resumes an existing workdir)
-  sample           sample a run or a published checkpoint into an ADM `.npz`
-  evaluate         FID / sFID / IS / precision / recall of an ADM `.npz`
-  extract_latents  SD-VAE latents of an image folder or TFDS dataset
+  sample           sample a run or a published checkpoint into an ADM `.npz` (labels or prompts)
+  evaluate         FID / sFID / IS / precision / recall of an ADM `.npz`; FID-k and the
+                   CLIP score of a run (--workdir); reference statistics (--reference_from)
+  extract_latents  SD-VAE latents of an image folder, MS-COCO or a TFDS dataset, and the
+                   caption folder of a captioned one
   export_torch     a run's checkpoint as a published-layout `.pt` / `.safetensors`
   bench            compile time, throughput, memory and MFU of a config (a package)
   preflight        compile a config for a TPU slice here: fits or not, roofline bound
   preflight_table  the TPU table of docs/performance.md (resumable)
+  data.colour_digits  prepare the text-to-image demo's data (done by its first run too)
 
 Every path they take may be local or `gs://` (`fileio`, the one path layer).
 
-Library: `models/` (FCDM, SD-VAE, Inception, CLIP text), `diffusion/` (objectives and samplers),
+Library: `models/` (FCDM, SD-VAE, Inception, CLIP text and vision, tokenizer), `diffusion/` (objectives and samplers),
 `train/` (state, step, sharding, checkpoints, previews, the loop), `data/` (input
 pipelines), `sampling` (the one generator), `sample_output` (the sampling CLI's output
 folder), `evaluation/` (in-training evaluators), `adm_npz` (ADM's batch format), `settings`

@@ -98,20 +98,21 @@ def test_short_demo_run_writes_its_judgement_and_grid(prepared, tmp_path, digit_
                                   "optimizer.warmup_steps": 2, "checkpoint_every_steps": 8,
                                   "preview.every_steps": 8, "preview.per_class": 1,
                                   "preview.steps": 2, "eval.steps": 2,
-                                  "eval.num_samples": 120, "batch_size": 8})
+                                  "eval.num_samples": 60, "eval.batch_size": 64,
+                                  "batch_size": 8})
   workdir = str(tmp_path / "run")
   seed_classifier(digit_classifier, workdir)
   train_and_evaluate(config, workdir, make_evaluators=make_evaluators)
   with open(os.path.join(workdir, "eval.json")) as f:
     result = json.load(f)
-  assert result["samples_per_prompt"] == 2 and len(result["prompts"]) == 60
+  assert result["samples_per_prompt"] == 1 and len(result["prompts"]) == 60
   for run in ("guided", "unguided"):
     for key in ("accuracy", "digit_accuracy", "colour_accuracy"):
       assert 0.0 <= result[run][key] <= 1.0
-    assert result[run]["num_samples"] == 120
+    assert result[run]["num_samples"] == 60
   assert result["guided"]["cfg_scale"] == 4.0 and result["unguided"]["cfg_scale"] == 1.0
   assert result["reference"]["accuracy"] >= 0.95
   from PIL import Image
   grid = np.asarray(Image.open(os.path.join(workdir, "eval_grid.png")))
-  assert grid.shape == (10 * 33 - 1, 2 * 33 - 1, 3)
+  assert grid.shape == (10 * 33 - 1, 32, 3)   # one row per digit, one sample each
   assert os.path.isfile(os.path.join(workdir, "samples", "step_00000008.png"))

@@ -115,6 +115,7 @@ class ColourDigitEvaluator:
     self.per_prompt = max(1, hooks.check_count("num_samples", config.eval.num_samples, 2)
                           // len(self.prompts))
     folder = colour_digits.resolve_path(config.data.get("path", ""))
+    colour_digits.prepare(folder)   # evaluators are built before the data: prepare it now
     self.encoder_dir = fileio.join(folder, "text_encoder")
     table = CaptionTable(caption_folder(config), dim=int(config.model.text_dim))
     self.empty = table.empty
