@@ -100,6 +100,7 @@ def write_whole_clip(torch, transformers, folder, seed=3):
               eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
   # vision_config's own projection_dim (24) is not what CLIPModel builds (20).
   config = transformers.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=20)
+  torch.manual_seed(seed)   # transformers' init draws from the global generator
   tmodel = random_weights(torch, transformers.CLIPModel(config), seed=seed)
   tmodel.save_pretrained(folder)
   return tmodel

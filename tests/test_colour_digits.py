@@ -42,9 +42,28 @@ def test_colours_keep_the_grey_digit_and_the_judge_reads_the_colour():
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("colour_digits") / "prepared")
-  return path, cd.prepare(path)
+def demo_run(tmp_path_factory, digit_classifier):
+  """configs/t2i_demo.py for 8 steps on a data folder that does not exist yet (the run
+  prepares it, as a first run does): (data folder, workdir)."""
+  from fcdm_jax.evaluation import make_evaluators
+  from fcdm_jax.train.loop import train_and_evaluate
+  base = tmp_path_factory.mktemp("colour_digits")
+  path, workdir = str(base / "prepared"), str(base / "run")
+  config = load_config(CONFIG, **{"data.path": path, "num_train_steps": 8,
+                                  "optimizer.warmup_steps": 2, "checkpoint_every_steps": 8,
+                                  "preview.every_steps": 0, "eval.steps": 2,
+                                  "eval.num_samples": 60, "eval.batch_size": 64,
+                                  "batch_size": 8})
+  seed_classifier(digit_classifier, workdir)
+  train_and_evaluate(config, workdir, make_evaluators=make_evaluators)
+  return path, workdir
+
+
+@pytest.fixture(scope="module")
+def prepared(demo_run):
+  path, _ = demo_run
+  with open(os.path.join(path, cd.MARKER)) as f:
+    return path, json.load(f)
 
 
 @pytest.mark.slow
@@ -77,8 +96,10 @@ def test_judge_scores_real_digits_high_and_wrong_prompts_low(tmp_path, digit_cla
   seed_classifier(digit_classifier, tmp_path)
   judge = colour_digit_eval.ColourDigitJudge(str(tmp_path))
   assert not judge.digits.trained   # the shared cache was used
-  real = judge.real_reference()
+  real = judge.real_reference(240)
   assert real["accuracy"] >= 0.95 and real["colour_accuracy"] == 1.0
+  assert real["frechet_distance_num_train_images"] == 240
+  assert 0 < real["frechet_distance_train_vs_test"] < 20
   grey, labels = load_embedded("test")
   colours = np.arange(len(grey)) % 6
   images = np.round(cd.colourise(grey, colours) * 255).astype(np.uint8)
@@ -90,19 +111,8 @@ def test_judge_scores_real_digits_high_and_wrong_prompts_low(tmp_path, digit_cla
 
 
 @pytest.mark.slow
-def test_short_demo_run_writes_its_judgement_and_grid(prepared, tmp_path, digit_classifier):
-  from fcdm_jax.evaluation import make_evaluators
-  from fcdm_jax.train.loop import train_and_evaluate
-  path, _ = prepared
-  config = load_config(CONFIG, **{"data.path": path, "num_train_steps": 8,
-                                  "optimizer.warmup_steps": 2, "checkpoint_every_steps": 8,
-                                  "preview.every_steps": 8, "preview.per_class": 1,
-                                  "preview.steps": 2, "eval.steps": 2,
-                                  "eval.num_samples": 60, "eval.batch_size": 64,
-                                  "batch_size": 8})
-  workdir = str(tmp_path / "run")
-  seed_classifier(digit_classifier, workdir)
-  train_and_evaluate(config, workdir, make_evaluators=make_evaluators)
+def test_short_demo_run_writes_its_judgement_and_grid(demo_run):
+  _, workdir = demo_run
   with open(os.path.join(workdir, "eval.json")) as f:
     result = json.load(f)
   assert result["samples_per_prompt"] == 1 and len(result["prompts"]) == 60
@@ -115,4 +125,4 @@ def test_short_demo_run_writes_its_judgement_and_grid(prepared, tmp_path, digit_
   from PIL import Image
   grid = np.asarray(Image.open(os.path.join(workdir, "eval_grid.png")))
   assert grid.shape == (10 * 33 - 1, 32, 3)   # one row per digit, one sample each
-  assert os.path.isfile(os.path.join(workdir, "samples", "step_00000008.png"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))

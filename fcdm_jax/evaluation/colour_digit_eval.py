@@ -74,12 +74,23 @@ class ColourDigitJudge:
                 colour_accuracy=float(np.mean(colour_right)),
                 frechet_distance=fd, num_samples=int(len(images)))
 
-  def real_reference(self, seed: int = 0) -> dict:
-    """What real digits score: the held-out test digits, each in a random palette colour."""
+  def real_reference(self, num_samples: int, seed: int = 0) -> dict:
+    """What real digits score, each in a random palette colour: accuracy on the held-out
+    test digits (a ceiling), and the Frechet distance of `num_samples` train digits to the
+    test digits (a floor with the samples' small-sample bias, as in demo_eval)."""
+    rng = np.random.default_rng(seed)
+    colourise = lambda grey, colours: np.round(
+        colour_digits.colourise(grey, colours) * 255).astype(np.uint8)
     grey, labels = load_embedded("test")
-    colours = np.random.default_rng(seed).integers(0, len(colour_digits.COLOURS), len(labels))
-    images = np.round(colour_digits.colourise(grey, colours) * 255).astype(np.uint8)
-    return self.score(images, labels, colours)
+    colours = rng.integers(0, len(colour_digits.COLOURS), len(labels))
+    real = self.score(colourise(grey, colours), labels, colours)
+    grey, labels = load_embedded("train")
+    pick = rng.choice(len(labels), min(int(num_samples), len(labels)), replace=False)
+    colours = rng.integers(0, len(colour_digits.COLOURS), len(pick))
+    train = self.score(colourise(grey[pick], colours), labels[pick], colours)
+    return dict(real, frechet_distance=None,
+                frechet_distance_train_vs_test=train["frechet_distance"],
+                frechet_distance_num_train_images=int(len(pick)))
 
 
 def prompt_grid(images: np.ndarray, per_prompt: int, num_colours: int) -> np.ndarray:
@@ -151,7 +162,7 @@ class ColourDigitEvaluator:
       logging.info("eval %s (cfg_scale %g): prompt accuracy %.4f (digit %.4f, colour %.4f)",
                    name, results[name]["cfg_scale"], scores["accuracy"],
                    scores["digit_accuracy"], scores["colour_accuracy"])
-    reference = judge.real_reference()
+    reference = judge.real_reference(len(self.conditions))
     first = results[self.runs[0][0]]
     summary = dict(step=int(step), accuracy=first["accuracy"], **results, reference=reference,
                    prompts=[p for p, _, _ in self.prompts], samples_per_prompt=self.per_prompt,
