@@ -69,7 +69,7 @@ TEXT_DIM = len(DIGITS) + len(COLOURS)   # the projection: digit logits, then col
 def default_path() -> str:
   root = os.environ.get("FCDM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "fcdm_jax")
-  return os.path.join(root, f"colour_digits-v{RECIPE['version']}")
+  return fileio.join(root, f"colour_digits-v{RECIPE['version']}")
 
 
 def resolve_path(path: str) -> str:

@@ -334,13 +334,11 @@ def params_from_torch(state_dict: Mapping[str, Any], config: CLIPTextConfig,
                       source: str = "state_dict") -> dict:
   """`text_state_dict` output -> Flax {'params': ...}; one ValueError naming every missing,
   unexpected and misshapen key when the weights do not fit `config`."""
-  layout = torch_layout(config)
-  torch_weights.check_state_dict(
-      state_dict, {k: shape for k, (_, shape) in layout.items()},
+  return torch_weights.params_from_layout(
+      state_dict, torch_layout(config),
       f"{source} does not hold CLIP text encoder weights for this config (width "
       f"{config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}, "
       f"projection {config.projection_dim})")
-  return {"params": torch_weights.nest_from_torch(layout, state_dict)}
 
 
 def find_clip_text_files(path: str) -> tuple[str, str]:
@@ -354,10 +352,7 @@ def load_clip_text(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPTextModel
   `text_projection` when the weights hold one or config.json names a model with it."""
   from fcdm_jax.convert import read_torch_file
   config_path, weights_path = find_clip_text_files(path)
-  try:
-    raw = json.loads(fileio.read_text(config_path))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_path} is not a readable JSON config: {e}") from e
+  raw = torch_weights.read_config(config_path)
   whole_clip = "text_config" in raw
   weights = text_state_dict(read_torch_file(weights_path), whole_clip)
   with_projection = (whole_clip or PROJECTION_KEY in weights

@@ -26,7 +26,6 @@ use XLA's default precision (see `vae.py`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -34,7 +33,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from fcdm_jax import fileio
 from fcdm_jax.models import clip_text, torch_weights
 
 Dtype = Any
@@ -276,13 +274,11 @@ def params_from_torch(state_dict: Mapping[str, Any], config: CLIPVisionConfig,
                       source: str = "state_dict") -> dict:
   """`vision_state_dict` output -> Flax {'params': ...}; one ValueError naming every
   missing, unexpected and misshapen key when the weights do not fit `config`."""
-  layout = torch_layout(config)
-  torch_weights.check_state_dict(
-      state_dict, {k: shape for k, (_, shape) in layout.items()},
+  return torch_weights.params_from_layout(
+      state_dict, torch_layout(config),
       f"{source} does not hold CLIP vision encoder weights for this config (width "
       f"{config.hidden_size}, {config.num_hidden_layers} layers, image {config.image_size}, "
       f"patch {config.patch_size}, projection {config.projection_dim})")
-  return {"params": torch_weights.nest_from_torch(layout, state_dict)}
 
 
 def find_clip_vision_files(path: str) -> tuple[str, str]:
@@ -291,14 +287,7 @@ def find_clip_vision_files(path: str) -> tuple[str, str]:
                                         PIPELINE_SUBFOLDER)
 
 
-def read_config(config_path: str) -> dict:
-  try:
-    raw = json.loads(fileio.read_text(config_path))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_path} is not a readable JSON config: {e}") from e
-  if not isinstance(raw, dict):
-    raise ValueError(f"{config_path} holds a {type(raw).__name__}, not a config mapping")
-  return raw
+read_config = torch_weights.read_config
 
 
 def load_clip_vision(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPVisionModel, dict]:

@@ -82,3 +82,23 @@ def find_model_files(path: str, what: str, config_name: str, weight_names: Seque
   more = f" ({sharded[0]} lists sharded weights, which are not read)" if sharded else ""
   raise FileNotFoundError(f"no {what} weights in {path}: expected "
                           f"{' or '.join(weight_names)}{more}")
+
+
+def params_from_layout(state_dict: Mapping[str, Any], layout, what: str) -> dict:
+  """Flax {'params': ...} of `state_dict` under `layout` (PyTorch key -> (Flax path, shape)),
+  after one ValueError naming every missing, unexpected and misshapen key (`what` says
+  which weights were expected)."""
+  check_state_dict(state_dict, {k: shape for k, (_, shape) in layout.items()}, what)
+  return {"params": nest_from_torch(layout, state_dict)}
+
+
+def read_config(config_path: str) -> dict:
+  """A model folder's config.json as a mapping; ValueError naming the file otherwise."""
+  import json
+  try:
+    raw = json.loads(fileio.read_text(config_path))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path} is not a readable JSON config: {e}") from e
+  if not isinstance(raw, dict):
+    raise ValueError(f"{config_path} holds a {type(raw).__name__}, not a config mapping")
+  return raw
