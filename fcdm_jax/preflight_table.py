@@ -1,6 +1,7 @@
 """The TPU preflight table of docs/performance.md: every config on v5e-8, v5p-8, v6e-8 and more.
 
   python -m fcdm_jax.preflight_table            # compile what is missing, update the doc
+  python -m fcdm_jax.preflight_table --jobs 2   # two rows at a time (one core each)
   python -m fcdm_jax.preflight_table --render   # only rewrite the doc's table from the JSON
 
 Each entry is one `fcdm_jax.preflight` run of the training step (global batch 256) in its own
@@ -127,6 +128,30 @@ def run_entry(e: dict[str, Any], timeout_s: int, log) -> dict[str, Any]:
                 date=time.strftime("%Y-%m-%d"))
 
 
+def run_all(todo, results, results_path, doc, timeout_s, jobs, log) -> None:
+  """Compiles `todo` with `jobs` rows at a time, each in its own process; every finished row
+  is saved (and the doc rewritten) by this thread alone, so no row is lost to a race."""
+  from concurrent import futures
+
+  def one(e):
+    log(f"{time.strftime('%H:%M:%S')} {e['key']}: compiling ...")
+    t0 = time.time()
+    return run_entry(e, timeout_s, log), time.time() - t0
+
+  with futures.ThreadPoolExecutor(jobs) as pool:
+    pending = {pool.submit(one, e): e for e in todo}
+    for fut in futures.as_completed(pending):
+      e = pending[fut]
+      r, seconds = fut.result()
+      results[e["key"]] = r
+      save(results_path, results)
+      write_doc(doc, results)
+      log(f"  {e['key']} done in {seconds:.0f} s: "
+          + (r["error"] if "error" in r else
+             f"{_gib(r['hbm_used_bytes'])} GiB, fits={r['fits']}, "
+             f"bound {r.get('step_s_bound')} s ({r.get('binds')})"))
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -211,30 +236,20 @@ def main(argv=None):
   p.add_argument("--max_entries", type=int, default=0, help="stop after N rows (0 = all)")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
   p.add_argument("--retry_errors", action="store_true", help="recompile rows that failed")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="rows compiled side by side (each compile is mostly one thread; "
+                      "mind the host memory: an XL compile holds a few GiB)")
   args = p.parse_args(argv)
   results_path, doc = pathlib.Path(args.results), pathlib.Path(args.doc)
   results = load(results_path)
   log = lambda s: print(s, flush=True)
-  done = 0
   if not args.render:
-    for e in entries():
-      old = results.get(e["key"])
-      if (old is not None and not (args.retry_errors and "error" in old)) or \
-         args.only not in e["key"]:
-        continue
-      if args.max_entries and done >= args.max_entries:
-        break
-      log(f"{time.strftime('%H:%M:%S')} {e['key']}: compiling ...")
-      t0 = time.time()
-      results[e["key"]] = run_entry(e, args.timeout, log)
-      save(results_path, results)
-      write_doc(doc, results)
-      r = results[e["key"]]
-      log(f"  done in {time.time() - t0:.0f} s: "
-          + (r["error"] if "error" in r else
-             f"{_gib(r['hbm_used_bytes'])} GiB, fits={r['fits']}, "
-             f"bound {r.get('step_s_bound')} s ({r.get('binds')})"))
-      done += 1
+    todo = [e for e in entries()
+            if args.only in e["key"] and (results.get(e["key"]) is None
+                                          or (args.retry_errors and "error" in results[e["key"]]))]
+    if args.max_entries:
+      todo = todo[:args.max_entries]
+    run_all(todo, results, results_path, doc, args.timeout, max(1, args.jobs), log)
   write_doc(doc, results)
 
 

@@ -82,3 +82,29 @@ def test_failed_rows_are_retried_only_when_asked(tmp_path, monkeypatch, retry, e
   table.main(["--results", str(results), "--doc", str(tmp_path / "d.md")]
              + (["--retry_errors"] if retry else []))
   assert len(ran) == expected
+
+
+def test_rows_compiled_side_by_side_are_all_saved(tmp_path, monkeypatch):
+  """--jobs 3: rows finish out of order in worker threads; every one lands in the JSON."""
+  import threading
+  import time as _time
+  es = table.entries()
+  results = tmp_path / "r.json"
+  results.write_text(json.dumps({e["key"]: fake_row(e) for e in es[6:]}))
+  running, peak, lock = [0], [0], threading.Lock()
+
+  def fake_run(e, timeout_s, log):
+    with lock:
+      running[0] += 1
+      peak[0] = max(peak[0], running[0])
+    _time.sleep(0.05 * (6 - es.index(e)))  # the first submitted finishes last
+    with lock:
+      running[0] -= 1
+    return fake_row(e, hbm=es.index(e) * 2**30, fits=True)
+
+  monkeypatch.setattr(table, "run_entry", fake_run)
+  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md"), "--jobs", "3"])
+  saved = json.loads(results.read_text())
+  assert len(saved) == len(es) and peak[0] == 3
+  assert [saved[e["key"]]["hbm_used_bytes"] for e in es[:6]] == [i * 2**30 for i in range(6)]
+  assert "Still missing" not in (tmp_path / "d.md").read_text()
