@@ -40,10 +40,24 @@ def test_restart_reuses_the_cache_in_the_workdir(tmp_path):
         f"{saved:.1f} s saved)")
   assert hits >= 1 and saved > 0 and again < first
 
-  off = tmp_path / "off"
-  _, hits, _ = run_main(off, dataset, "--config.num_train_steps=2",
-                        "--config.compilation_cache_dir=")
-  assert hits == 0 and not (off / compilation_cache.DEFAULT_SUBDIR).exists()
+
+def test_empty_setting_turns_the_cache_off(tmp_path, monkeypatch):
+  """`--config.compilation_cache_dir=` (what train_and_evaluate passes to `enable`): no
+  cache folder, and the cache disabled even when the environment names one."""
+  jax = compilation_cache.jax
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "user"))
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+  try:
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compilation_cache.enable("", str(tmp_path / "run")) is None
+    assert jax.config.jax_enable_compilation_cache is False
+    assert not (tmp_path / "run").exists() and not (tmp_path / "user").exists()
+    assert compilation_cache.enable("auto", str(tmp_path / "run")) == str(tmp_path / "user")
+    assert jax.config.jax_enable_compilation_cache is True
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_enable_compilation_cache", before[1])
 
 
 def test_settings_resolve(tmp_path, monkeypatch):
