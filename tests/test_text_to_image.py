@@ -56,6 +56,14 @@ def test_caption_folder_holds_every_caption_and_the_empty_one(data):
     CaptionTable(str(data["root"]))
 
 
+def test_text_preview_rows_spread_over_the_caption_folder(data):
+  from fcdm_jax.train.preview import caption_rows
+  table = CaptionTable(data["captions"], num_examples=32, dim=16)   # 2 captions each
+  assert caption_rows(table.offsets, 4).tolist() == [0, 20, 42, 62]  # examples 0, 10, 21, 31
+  assert caption_rows(table.offsets, 1).tolist() == [0]
+  assert caption_rows(table.offsets[:4], 8).tolist() == [0, 2, 4]   # no more rows than examples
+
+
 def test_each_step_draws_one_caption_per_example_or_the_empty_one(data):
   config = text_config(data, batch_size=16, **{"data.caption_dropout": 0.25})
   source = make_source(config)

@@ -1,8 +1,9 @@
 """Sample grids from the EMA params during training: fixed classes, fixed seed, PNG + TensorBoard.
 
 One row per class (`config.preview.num_classes_shown` classes, `per_class` samples each);
-for a text-conditioned model one row per caption: the first caption of each of the first
-`num_classes_shown` examples of the run's caption folder (its texts are logged).
+for a text-conditioned model one row per caption: the first caption of `num_classes_shown`
+examples spread evenly through the run's caption folder (neighbouring examples are often
+one image captioned several ways; the texts are logged).
 Pixel-space models are shown as images; latent models are decoded with the VAE when
 `config.preview.vae_dir` names one, else their first three latent channels are shown.
 """
@@ -29,6 +30,14 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
   return grid
 
 
+def caption_rows(offsets: np.ndarray, rows: int) -> np.ndarray:
+  """The caption indices of a text preview: the first caption of `rows` examples spread
+  evenly from the first to the last (`offsets[i]` is example i's first caption)."""
+  examples = len(offsets) - 1
+  picked = np.linspace(0, examples - 1, min(int(rows), examples)).round().astype(np.int64)
+  return np.asarray(offsets)[picked]
+
+
 class PreviewWriter:
   """Samples the same classes from the same noise (config.seed) at every call, one grid each."""
 
@@ -42,7 +51,7 @@ class PreviewWriter:
     if config.model.condition == "text":
       from fcdm_jax.data.captions import CaptionTable, caption_folder
       table = CaptionTable(caption_folder(config), dim=int(config.model.text_dim))
-      first = table.offsets[:-1][:pc.num_classes_shown]
+      first = caption_rows(table.offsets, pc.num_classes_shown)
       self.rows = len(first)
       self.labels = np.repeat(table.embeddings[first], pc.per_class, axis=0)
       empty = table.empty
