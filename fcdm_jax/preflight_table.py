@@ -103,11 +103,19 @@ def load(path: pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save(path: pathlib.Path, results: dict[str, Any]) -> None:
-  """Written whole to a temporary file and renamed: an interrupted run loses one row at most."""
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
-  os.replace(tmp, path)
+def save(path: pathlib.Path, results: dict[str, Any], key: str) -> None:
+  """Adds row `key` of `results` to the file, merged under a lock with what other sittings
+  (`--only`/`--skip` on disjoint rows) wrote meanwhile; written to a temporary file and
+  renamed, so an interrupted run loses one row at most. `results` gains their rows too."""
+  import fcntl
+  with open(path.with_suffix(".json.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    merged = load(path)
+    merged[key] = results[key]
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+  results.update(merged)
 
 
 def run_entry(e: dict[str, Any], timeout_s: int, log) -> dict[str, Any]:
@@ -144,7 +152,7 @@ def run_all(todo, results, results_path, doc, timeout_s, jobs, log) -> None:
       e = pending[fut]
       r, seconds = fut.result()
       results[e["key"]] = r
-      save(results_path, results)
+      save(results_path, results, e["key"])
       write_doc(doc, results)
       log(f"  {e['key']} done in {seconds:.0f} s: "
           + (r["error"] if "error" in r else
@@ -220,7 +228,7 @@ def write_doc(doc: pathlib.Path, results: dict[str, Any]) -> None:
     text = head + table + rest.split(END, 1)[1]
   else:
     text = text.rstrip("\n") + "\n\n## TPU preflight table\n\n" + table + "\n"
-  tmp = doc.with_suffix(".md.tmp")
+  tmp = doc.with_suffix(f".md.{os.getpid()}.tmp")
   tmp.write_text(text)
   os.replace(tmp, doc)
 
@@ -233,6 +241,9 @@ def main(argv=None):
   p.add_argument("--doc", default=str(DOC), help="the markdown file holding the table")
   p.add_argument("--render", action="store_true", help="only rewrite the doc's table")
   p.add_argument("--only", default="", help="compile only rows whose key contains this")
+  p.add_argument("--skip", default="", help="leave out rows whose key contains this (two "
+                 "sittings on disjoint rows, e.g. --only=shift and --skip=shift, can share "
+                 "the JSON file)")
   p.add_argument("--max_entries", type=int, default=0, help="stop after N rows (0 = all)")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
   p.add_argument("--retry_errors", action="store_true", help="recompile rows that failed")
@@ -245,8 +256,9 @@ def main(argv=None):
   log = lambda s: print(s, flush=True)
   if not args.render:
     todo = [e for e in entries()
-            if args.only in e["key"] and (results.get(e["key"]) is None
-                                          or (args.retry_errors and "error" in results[e["key"]]))]
+            if args.only in e["key"] and not (args.skip and args.skip in e["key"])
+            and (results.get(e["key"]) is None
+                 or (args.retry_errors and "error" in results[e["key"]]))]
     if args.max_entries:
       todo = todo[:args.max_entries]
     run_all(todo, results, results_path, doc, args.timeout, max(1, args.jobs), log)

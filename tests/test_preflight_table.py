@@ -108,3 +108,30 @@ def test_rows_compiled_side_by_side_are_all_saved(tmp_path, monkeypatch):
   assert len(saved) == len(es) and peak[0] == 3
   assert [saved[e["key"]]["hbm_used_bytes"] for e in es[:6]] == [i * 2**30 for i in range(6)]
   assert "Still missing" not in (tmp_path / "d.md").read_text()
+
+
+def test_two_sittings_on_disjoint_rows_share_the_file(tmp_path, monkeypatch):
+  """--only=shift and --skip=shift at once: rows the other sitting saves after this one
+  loaded the file are kept, not overwritten."""
+  es = table.entries()
+  results = tmp_path / "r.json"
+  shift = [e for e in es if "shift" in e["key"]]
+  rest = [e for e in es if "shift" not in e["key"]]
+  results.write_text(json.dumps({e["key"]: fake_row(e) for e in es[2:-3]
+                                 if "shift" not in e["key"]}))
+
+  def fake_run(e, timeout_s, log):
+    if e["key"] == shift[-1]["key"]:   # meanwhile, the other sitting finishes its rows
+      table.main(["--results", str(results), "--doc", str(tmp_path / "d.md"),
+                  "--skip", "shift"])
+    return fake_row(e)
+
+  monkeypatch.setattr(table, "run_entry", fake_run)
+  done = {e["key"]: fake_row(e) for e in shift[:-1]}
+  saved = json.loads(results.read_text())
+  results.write_text(json.dumps({**saved, **done}))
+  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md"), "--only", "shift"])
+  saved = json.loads(results.read_text())
+  assert set(saved) == {e["key"] for e in es}, set(e["key"] for e in es) - set(saved)
+  assert len(rest) + len(shift) == len(es)
+  assert "Still missing" not in (tmp_path / "d.md").read_text()
