@@ -13,8 +13,10 @@ FCDM takes minutes on a small machine). After each entry the table in docs/perfo
 Entries: S, B, L, XL x 256, 512 px in bf16 with their default remat on v5e-8, v5p-8 and
 v6e-8; XL/512 on a v5p-64 pod slice; and for XL/256 on v5p-8 the sweep fp32/bf16 x remat
 none/block/dots x dwconv_impl xla/shift/shift_vjp (its bf16/block/xla point is the default
-row: XL/256's remat is 'block', and 'auto' is 'xla' on a TPU). Time figures are roofline bounds derived
-from compiler counts, not measurements.
+row: XL/256's remat is 'block', and 'auto' is 'xla' on a TPU); and the rows the defaults
+are chosen against: B/256 under FSDP and L/256 replicated on v5e-8, S/512 and B/512 with
+remat 'dots' and 'block' on v5e-8. Time figures are roofline bounds derived from compiler
+counts, not measurements.
 """
 
 from __future__ import annotations
@@ -38,13 +40,19 @@ VARIANTS = ("s", "b", "l", "xl")
 TOPOLOGIES = ("v5e-8", "v5p-8", "v6e-8")
 
 
+MESH_AXES = {"fsdp": (("data", 1), ("fsdp", -1)), "replicated": (("data", -1), ("fsdp", 1))}
+
+
 def entry(config: str, topology: str, dtype: str = "bfloat16", remat: str | None = None,
-          dwconv_impl: str | None = None) -> dict[str, Any]:
-  """One table row's settings; None = the config's own value."""
+          dwconv_impl: str | None = None, params: str | None = None) -> dict[str, Any]:
+  """One table row's settings; None = the config's own value. `params` ('fsdp' or
+  'replicated') sets config.sharding.params and the mesh that goes with it."""
   e = dict(config=config, topology=topology, batch=BATCH, dtype=dtype, remat=remat,
-           dwconv_impl=dwconv_impl)
+           dwconv_impl=dwconv_impl, params=params)
   e["key"] = "|".join(str(e[k]) for k in ("config", "topology", "batch", "dtype", "remat",
                                           "dwconv_impl"))
+  if params is not None:   # (rows without it keep the keys they were saved under)
+    e["key"] += f"|{params}"
   return e
 
 
@@ -61,6 +69,13 @@ def entries() -> list[dict[str, Any]]:
       for dw in ("xla", "shift", "shift_vjp"):
         if (dtype, remat, dw) != ("bfloat16", "block", "xla"):  # = the default row above
           out.append(entry("configs/xl_256.py", "v5p-8", dtype, remat, dw))
+  # Beside the defaults: the other parameter layout where the choice is close (B and L at
+  # 256 px on the smallest HBM), and more remat where the default does not fit v5e-8.
+  out += [entry("configs/b_256.py", "v5e-8", params="fsdp"),
+          entry("configs/l_256.py", "v5e-8", params="replicated")]
+  for variant in ("s", "b"):
+    for remat in ("dots", "block"):
+      out.append(entry(f"configs/{variant}_512.py", "v5e-8", remat=remat))
   seen, unique = set(), []
   for e in out:
     if e["key"] not in seen:
@@ -77,6 +92,9 @@ def command(e: dict[str, Any], json_path: str) -> list[str]:
     cmd.append(f"--config.model.remat={e['remat']}")
   if e["dwconv_impl"] is not None:
     cmd.append(f"--config.model.dwconv_impl={e['dwconv_impl']}")
+  if e.get("params") is not None:
+    cmd += [f"--config.sharding.params={e['params']}",
+            f"--config.mesh.axes={MESH_AXES[e['params']]}"]
   return cmd
 
 
@@ -214,6 +232,7 @@ def render(results: dict[str, Any]) -> str:
               + "; ".join(f"{_label(e)} {e['topology']} {e['dtype']}"
                           + (f" remat={e['remat']}" if e["remat"] else "")
                           + (f" dwconv={e['dwconv_impl']}" if e["dwconv_impl"] else "")
+                          + (f" params={e['params']}" if e.get("params") else "")
                           for e in missing) + "."]
   lines += ["", END]
   return "\n".join(lines)

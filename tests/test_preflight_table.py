@@ -21,10 +21,10 @@ def fake_row(e, hbm=20 * 2**30, fits=False):
 def test_rows_cover_the_issue():
   es = table.entries()
   keys = [e["key"] for e in es]
-  assert len(set(keys)) == len(keys) == 24 + 1 + 17
+  assert len(set(keys)) == len(keys) == 24 + 1 + 17 + 2 + 4
   assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|None|None",
                       "configs/s_256.py|v5e-8|256|bfloat16|None|None"]
-  sweep = [e for e in es if e["remat"] is not None]
+  sweep = [e for e in es if e["remat"] is not None and e["config"] == "configs/xl_256.py"]
   assert {(e["dtype"], e["remat"], e["dwconv_impl"]) for e in sweep} | {
       ("bfloat16", "block", "xla")} == {(d, r, w) for d in ("float32", "bfloat16")
                                         for r in ("none", "block", "dots")
@@ -32,6 +32,11 @@ def test_rows_cover_the_issue():
   cmd = table.command(sweep[0], "/tmp/r.json")
   assert "--programs=train" in cmd and "--batch=256" in cmd
   assert "--config.model.remat=none" in cmd and "--config.model.dwconv_impl=xla" in cmd
+  [replicated] = [e for e in es if e.get("params") == "replicated"]
+  assert replicated["key"].endswith("|None|None|replicated")   # other keys end at dwconv
+  cmd = table.command(replicated, "/tmp/r.json")
+  assert "--config.sharding.params=replicated" in cmd
+  assert "--config.mesh.axes=(('data', -1), ('fsdp', 1))" in cmd
 
 
 def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
