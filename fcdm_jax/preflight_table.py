@@ -8,7 +8,9 @@ Each entry is one `fcdm_jax.preflight` run of the training step (global batch 25
 process; its figures go into docs/tpu_preflight.json as soon as it finishes, and entries
 already there are skipped, so the table fills over several sittings (one TPU compile of
 FCDM takes minutes on a small machine). After each entry the table in docs/performance.md
-(between its marker comments) is rewritten, missing rows listed as such.
+(between its marker comments) is rewritten, missing rows listed as such. A row compiled
+under a config default (remat, dwconv_impl, parameter layout) that has changed since is
+compiled again.
 
 Entries: S, B, L, XL x 256, 512 px in bf16 with their default remat on v5e-8, v5p-8 and
 v6e-8; XL/512 on a v5p-64 pod slice; and for XL/256 on v5p-8 the sweep fp32/bf16 x remat
@@ -82,6 +84,28 @@ def entries() -> list[dict[str, Any]]:
       seen.add(e["key"])
       unique.append(e)
   return unique
+
+
+def settings(e: dict[str, Any]) -> dict[str, str]:
+  """What the row compiles with today: its own settings, else the config file's defaults
+  (dwconv 'auto' resolved for a TPU), as recorded in a finished row."""
+  import importlib.util
+  from fcdm_jax.models.layers import resolve_dwconv_impl
+  spec = importlib.util.spec_from_file_location("_table_config", REPO / e["config"])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  return dict(remat_used=e["remat"] or config.model.remat,
+              dwconv_used=resolve_dwconv_impl(e["dwconv_impl"] or config.model.dwconv_impl,
+                                              backend="tpu"),
+              params_sharding=e.get("params") or config.sharding.params)
+
+
+def stale(e: dict[str, Any], row: dict[str, Any]) -> bool:
+  """A finished row whose config defaults have changed since (it is compiled again)."""
+  if "error" in row:
+    return False
+  return any(row.get(k) != v for k, v in settings(e).items())
 
 
 def command(e: dict[str, Any], json_path: str) -> list[str]:
@@ -276,7 +300,7 @@ def main(argv=None):
   if not args.render:
     todo = [e for e in entries()
             if args.only in e["key"] and not (args.skip and args.skip in e["key"])
-            and (results.get(e["key"]) is None
+            and (results.get(e["key"]) is None or stale(e, results[e["key"]])
                  or (args.retry_errors and "error" in results[e["key"]]))]
     if args.max_entries:
       todo = todo[:args.max_entries]

@@ -11,8 +11,8 @@ from fcdm_jax import preflight_table as table
 
 
 def fake_row(e, hbm=20 * 2**30, fits=False):
-  return dict(e, date="2026-12-01", jax="0.10.2", remat_used="block", dwconv_used="xla",
-              mesh={"data": 1, "fsdp": 8}, params_sharding="fsdp", chips=8, hosts=2,
+  return dict(e, date="2026-12-01", jax="0.10.2", **table.settings(e),
+              mesh={"data": 1, "fsdp": 8}, chips=8, hosts=2,
               hbm_bytes=16 * 2**30, compile_s=250.0, fits=fits, margin_bytes=16 * 2**30 - hbm,
               hbm_used_bytes=hbm, step_s_bound=0.5, binds="compute", img_per_s_bound=512.0,
               mfu_bound=0.7, compute_s=0.5, memory_s=0.2)
@@ -140,3 +140,20 @@ def test_two_sittings_on_disjoint_rows_share_the_file(tmp_path, monkeypatch):
   assert set(saved) == {e["key"] for e in es}, set(e["key"] for e in es) - set(saved)
   assert len(rest) + len(shift) == len(es)
   assert "Still missing" not in (tmp_path / "d.md").read_text()
+
+
+def test_a_row_compiled_under_an_old_default_is_compiled_again(tmp_path, monkeypatch):
+  es = table.entries()
+  s512 = next(e for e in es if e["key"].startswith("configs/s_512.py|v5e-8|256|bfloat16|None"))
+  now = table.settings(s512)
+  assert now["dwconv_used"] == "xla" and now["params_sharding"] == "replicated"
+  rows = {e["key"]: fake_row(e) for e in es}
+  before = "block" if now["remat_used"] != "block" else "none"
+  rows[s512["key"]]["remat_used"] = before       # compiled when the config said so
+  results = tmp_path / "r.json"
+  results.write_text(json.dumps(rows))
+  ran = []
+  monkeypatch.setattr(table, "run_entry", lambda e, t, log: ran.append(e["key"]) or fake_row(e))
+  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md")])
+  assert ran == [s512["key"]]
+  assert json.loads(results.read_text())[s512["key"]]["remat_used"] == now["remat_used"]
