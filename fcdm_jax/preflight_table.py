@@ -8,17 +8,20 @@ Each entry is one `fcdm_jax.preflight` run of the training step (global batch 25
 process; its figures go into docs/tpu_preflight.json as soon as it finishes, and entries
 already there are skipped, so the table fills over several sittings (one TPU compile of
 FCDM takes minutes on a small machine). After each entry the table in docs/performance.md
-(between its marker comments) is rewritten, missing rows listed as such. A row compiled
-under a config default (remat, dwconv_impl, parameter layout) that has changed since is
+(between its marker comments) is rewritten, missing rows listed as such.
+
+Rows name their settings (remat always; dwconv and parameter layout where they depart from
+the config file), and a finished row is found by the program it compiled, not by its key:
+so the table survives a change of a config's defaults (the doc marks, per config, the row
+that is its default), and a row whose dwconv or layout default has changed since is
 compiled again.
 
-Entries: S, B, L, XL x 256, 512 px in bf16 with their default remat on v5e-8, v5p-8 and
-v6e-8; XL/512 on a v5p-64 pod slice; and for XL/256 on v5p-8 the sweep fp32/bf16 x remat
-none/block/dots x dwconv_impl xla/shift/shift_vjp (its bf16/block/xla point is the default
-row: XL/256's remat is 'block', and 'auto' is 'xla' on a TPU); and the rows the defaults
-are chosen against: B/256 under FSDP and L/256 replicated on v5e-8, S/512 and B/512 with
-remat 'dots' and 'block' on v5e-8. Time figures are roofline bounds derived from compiler
-counts, not measurements.
+Entries: S and B (remat none) and L and XL (remat block and dots) x 256, 512 px in bf16 on
+v5e-8, v5p-8 and v6e-8; XL/512 on a v5p-64 pod slice; for XL/256 on v5p-8 the sweep
+fp32/bf16 x remat none/block/dots x dwconv_impl xla/shift/shift_vjp ('auto' is 'xla' on a
+TPU, so two of its points are grid rows); and the rows the defaults are weighed against:
+B/256 under FSDP and L/256 replicated on v5e-8, S/512 and B/512 with remat dots and block
+on v5e-8. Time figures are roofline bounds derived from compiler counts, not measurements.
 """
 
 from __future__ import annotations
@@ -58,54 +61,101 @@ def entry(config: str, topology: str, dtype: str = "bfloat16", remat: str | None
   return e
 
 
+GRID_REMATS = {"s": ("none",), "b": ("none",), "l": ("block", "dots"), "xl": ("block", "dots")}
+
+
 def entries() -> list[dict[str, Any]]:
   """In the order they are compiled: the pod slice and the smallest config first (the
-  acceptance runs), then small to large, then the XL/256 sweep."""
-  out = [entry("configs/xl_512.py", "v5p-64"), entry("configs/s_256.py", "v5e-8")]
+  acceptance runs), then small to large, then the XL/256 sweep, then the rows the defaults
+  are weighed against. Rows that compile the same program (same resolved settings) appear
+  once, under the first."""
+  out = [entry("configs/xl_512.py", "v5p-64", remat="block"),
+         entry("configs/s_256.py", "v5e-8", remat="none")]
   for variant in VARIANTS:
     for res in (256, 512):
       for topo in TOPOLOGIES:
-        out.append(entry(f"configs/{variant}_{res}.py", topo))
+        for remat in GRID_REMATS[variant]:
+          out.append(entry(f"configs/{variant}_{res}.py", topo, remat=remat))
   for dtype in ("float32", "bfloat16"):
     for remat in ("none", "block", "dots"):
       for dw in ("xla", "shift", "shift_vjp"):
-        if (dtype, remat, dw) != ("bfloat16", "block", "xla"):  # = the default row above
-          out.append(entry("configs/xl_256.py", "v5p-8", dtype, remat, dw))
-  # Beside the defaults: the other parameter layout where the choice is close (B and L at
-  # 256 px on the smallest HBM), and more remat where the default does not fit v5e-8.
-  out += [entry("configs/b_256.py", "v5e-8", params="fsdp"),
-          entry("configs/l_256.py", "v5e-8", params="replicated")]
+        out.append(entry("configs/xl_256.py", "v5p-8", dtype, remat, dw))
+  # The other parameter layout where the choice is close (B and L at 256 px on the
+  # smallest HBM), and more remat where 'none' does not fit v5e-8 (S and B at 512 px).
+  out += [entry("configs/b_256.py", "v5e-8", remat="none", params="fsdp"),
+          entry("configs/l_256.py", "v5e-8", remat="block", params="replicated")]
   for variant in ("s", "b"):
     for remat in ("dots", "block"):
       out.append(entry(f"configs/{variant}_512.py", "v5e-8", remat=remat))
   seen, unique = set(), []
   for e in out:
-    if e["key"] not in seen:
-      seen.add(e["key"])
+    if signature(e) not in seen:
+      seen.add(signature(e))
       unique.append(e)
   return unique
 
 
+_CONFIGS: dict[str, Any] = {}
+
+
+def config_defaults(config_file: str):
+  """The config file's get_config() (cached: entries() asks for each row)."""
+  if config_file not in _CONFIGS:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_table_config", REPO / config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _CONFIGS[config_file] = module.get_config()
+  return _CONFIGS[config_file]
+
+
 def settings(e: dict[str, Any]) -> dict[str, str]:
   """What the row compiles with today: its own settings, else the config file's defaults
-  (dwconv 'auto' resolved for a TPU), as recorded in a finished row."""
-  import importlib.util
+  (dwconv 'auto' resolved for a TPU), named as a finished row records them."""
   from fcdm_jax.models.layers import resolve_dwconv_impl
-  spec = importlib.util.spec_from_file_location("_table_config", REPO / e["config"])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_defaults(e["config"])
   return dict(remat_used=e["remat"] or config.model.remat,
               dwconv_used=resolve_dwconv_impl(e["dwconv_impl"] or config.model.dwconv_impl,
                                               backend="tpu"),
               params_sharding=e.get("params") or config.sharding.params)
 
 
-def stale(e: dict[str, Any], row: dict[str, Any]) -> bool:
-  """A finished row whose config defaults have changed since (it is compiled again)."""
-  if "error" in row:
-    return False
-  return any(row.get(k) != v for k, v in settings(e).items())
+def signature(e: dict[str, Any]) -> tuple:
+  """The program a row compiles: same signature, same figures."""
+  return (e["config"], e["topology"], e["batch"], e["dtype"], *settings(e).values())
+
+
+def row_signature(row: dict[str, Any]) -> tuple | None:
+  """The program a finished row compiled, from what it recorded (None for a failure)."""
+  if any(k not in row for k in ("remat_used", "dwconv_used", "params_sharding")):
+    return None
+  return (row["config"], row["topology"], row["batch"], row["dtype"], row["remat_used"],
+          row["dwconv_used"], row["params_sharding"])
+
+
+def is_default(e: dict[str, Any]) -> bool:
+  """Whether the row is its config file's own setting (remat, dwconv, parameter layout)."""
+  return settings(e) == settings(dict(e, remat=None, dwconv_impl=None, params=None))
+
+
+def rekey(rows: dict[str, Any]) -> dict[str, Any]:
+  """Files rows under the entry that compiles their program, so a row saved under another
+  key (an older table layout, a config default since changed) is found, and a row whose
+  program no entry compiles any more is kept under its own key but not shown."""
+  by_signature = {signature(e): e for e in entries()}
+  keys = {e["key"] for e in by_signature.values()}
+  out: dict[str, Any] = {}
+  for key, row in rows.items():
+    e = by_signature.get(row_signature(row))
+    if e is None:
+      if row_signature(row) is not None and key in keys:   # that entry compiles otherwise now
+        key = f"{key}|superseded"
+      out.setdefault(key, row)
+      continue
+    kept = out.get(e["key"])
+    if kept is None or "error" in kept or str(row.get("date")) > str(kept.get("date")):
+      out[e["key"]] = dict(row, **{k: e[k] for k in ("remat", "dwconv_impl", "params", "key")})
+  return out
 
 
 def command(e: dict[str, Any], json_path: str) -> list[str]:
@@ -142,7 +192,7 @@ def summarize(e: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: pathlib.Path) -> dict[str, Any]:
-  return json.loads(path.read_text()) if path.exists() else {}
+  return rekey(json.loads(path.read_text())) if path.exists() else {}
 
 
 def save(path: pathlib.Path, results: dict[str, Any], key: str) -> None:
@@ -225,7 +275,8 @@ def render(results: dict[str, Any]) -> str:
            "(FLOPs per chip counted through every loop, HBM bytes with loops counted once) and "
            "vendor peaks, not "
            "measurements**: a real step is slower. A row the compiler refused shows the "
-           "memory it asked for.", "",
+           "memory it asked for. **(default)** marks the config file's own remat, dwconv "
+           "and parameter layout.", "",
            "| config | slice | dtype | remat | dwconv | mesh | HBM GiB / chip | fits | "
            "step bound ms | binds | img/s bound | MFU bound | compile s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -248,7 +299,8 @@ def render(results: dict[str, Any]) -> str:
                "-" if step is None else f"{1e3 * step:.1f}", r.get("binds", "-"),
                "-" if ips is None else f"{ips:.0f}", "-" if mfu is None else f"{100 * mfu:.0f}%",
                f"{r['compile_s']:.0f}"]
-    lines.append(f"| {_label(e)} | {e['topology']} | {dtype} | {r['remat_used']} | "
+    mark = " **(default)**" if is_default(e) else ""
+    lines.append(f"| {_label(e)} | {e['topology']} | {dtype} | {r['remat_used']}{mark} | "
                  f"{r['dwconv_used']} | {mesh} ({r['params_sharding']}) | "
                  + " | ".join(figures) + " |")
   if missing:
@@ -300,7 +352,7 @@ def main(argv=None):
   if not args.render:
     todo = [e for e in entries()
             if args.only in e["key"] and not (args.skip and args.skip in e["key"])
-            and (results.get(e["key"]) is None or stale(e, results[e["key"]])
+            and (results.get(e["key"]) is None
                  or (args.retry_errors and "error" in results[e["key"]]))]
     if args.max_entries:
       todo = todo[:args.max_entries]

@@ -21,22 +21,49 @@ def fake_row(e, hbm=20 * 2**30, fits=False):
 def test_rows_cover_the_issue():
   es = table.entries()
   keys = [e["key"] for e in es]
-  assert len(set(keys)) == len(keys) == 24 + 1 + 17 + 2 + 4
-  assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|None|None",
-                      "configs/s_256.py|v5e-8|256|bfloat16|None|None"]
-  sweep = [e for e in es if e["remat"] is not None and e["config"] == "configs/xl_256.py"]
-  assert {(e["dtype"], e["remat"], e["dwconv_impl"]) for e in sweep} | {
-      ("bfloat16", "block", "xla")} == {(d, r, w) for d in ("float32", "bfloat16")
-                                        for r in ("none", "block", "dots")
-                                        for w in ("xla", "shift", "shift_vjp")}
-  cmd = table.command(sweep[0], "/tmp/r.json")
+  # grid: S, B at remat none and L, XL at block and dots, x 2 resolutions x 3 slices; the pod
+  # slice; the XL/256 sweep less its 2 points already in the grid; 2 layouts; 4 remat rows
+  assert len(set(keys)) == len(keys) == 2 * 2 * 3 * (1 + 2) + 1 + (18 - 2) + 2 + 4
+  assert len({table.signature(e) for e in es}) == len(es)   # no program twice
+  assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|block|None",
+                      "configs/s_256.py|v5e-8|256|bfloat16|none|None"]
+  sweep = {(e["dtype"], e["remat"], table.settings(e)["dwconv_used"]) for e in es
+           if e["config"] == "configs/xl_256.py" and e["topology"] == "v5p-8"}
+  assert sweep == {(d, r, w) for d in ("float32", "bfloat16") for r in ("none", "block", "dots")
+                   for w in ("xla", "shift", "shift_vjp")}
+  for variant in table.VARIANTS:
+    for res in (256, 512):
+      for topo in table.TOPOLOGIES:   # every config's own setting on every 8-chip slice
+        assert any(table.is_default(e) for e in es
+                   if e["config"] == f"configs/{variant}_{res}.py" and e["topology"] == topo)
+  e = next(e for e in es if e["dwconv_impl"] == "shift" and e["remat"] == "none")
+  cmd = table.command(e, "/tmp/r.json")
   assert "--programs=train" in cmd and "--batch=256" in cmd
-  assert "--config.model.remat=none" in cmd and "--config.model.dwconv_impl=xla" in cmd
+  assert "--config.model.remat=none" in cmd and "--config.model.dwconv_impl=shift" in cmd
   [replicated] = [e for e in es if e.get("params") == "replicated"]
-  assert replicated["key"].endswith("|None|None|replicated")   # other keys end at dwconv
+  assert replicated["key"].endswith("|block|None|replicated")   # other keys end at dwconv
+  assert not table.is_default(replicated)
   cmd = table.command(replicated, "/tmp/r.json")
   assert "--config.sharding.params=replicated" in cmd
   assert "--config.mesh.axes=(('data', -1), ('fsdp', 1))" in cmd
+
+
+def test_rows_saved_under_other_keys_are_found_by_their_program():
+  """A row saved when the grid said 'the config's remat' (key ...|None|None), and a sweep
+  row that compiles the grid's program, are filed under the entry that compiles it; a row
+  whose program no entry compiles (a dwconv default since changed) is kept, not shown."""
+  es = table.entries()
+  grid = next(e for e in es if e["key"] == "configs/l_512.py|v6e-8|256|bfloat16|block|None")
+  old = dict(fake_row(grid), remat=None, key="configs/l_512.py|v6e-8|256|bfloat16|None|None")
+  dots = next(e for e in es if e["key"] == "configs/xl_256.py|v5p-8|256|bfloat16|dots|None")
+  sweep = dict(fake_row(dots), dwconv_impl="xla",
+               key="configs/xl_256.py|v5p-8|256|bfloat16|dots|xla")
+  gone = dict(fake_row(grid), dwconv_used="shift", key="configs/l_512.py|v6e-8|x")
+  rows = table.rekey({old["key"]: old, sweep["key"]: sweep, gone["key"]: gone})
+  assert set(rows) == {grid["key"], dots["key"], gone["key"]}
+  assert rows[grid["key"]]["remat"] == "block" and rows[dots["key"]]["dwconv_impl"] is None
+  assert "configs/l_512.py|v6e-8|x" not in table.render(rows)
+  assert "Still missing" in table.render(rows)
 
 
 def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
@@ -60,7 +87,8 @@ def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
   text = doc.read_text()
   assert text.startswith("# Perf\n\nintro\n\n") and text.endswith("\n\ntail\n")
   assert "old" not in text and "Still missing" not in text
-  assert "| XL/512 | v5p-64 | bf16 | block | xla | fsdp8 (fsdp) | 8.0 of 16.0 | yes | 500.0 |" \
+  assert ("| XL/512 | v5p-64 | bf16 | block **(default)** | xla | fsdp8 (fsdp) | 8.0 of 16.0 | "
+          "yes | 500.0 |") \
       in text
   table.main(["--results", str(results), "--doc", str(doc)])
   assert len(ran) == 1  # a second sitting has nothing left to do
@@ -143,17 +171,20 @@ def test_two_sittings_on_disjoint_rows_share_the_file(tmp_path, monkeypatch):
 
 
 def test_a_row_compiled_under_an_old_default_is_compiled_again(tmp_path, monkeypatch):
+  """S/512's grid row leaves dwconv to the config: compiled when it resolved otherwise,
+  the row no longer matches and is compiled again."""
   es = table.entries()
-  s512 = next(e for e in es if e["key"].startswith("configs/s_512.py|v5e-8|256|bfloat16|None"))
+  s512 = next(e for e in es if e["key"] == "configs/s_512.py|v5e-8|256|bfloat16|none|None")
   now = table.settings(s512)
-  assert now["dwconv_used"] == "xla" and now["params_sharding"] == "replicated"
+  assert now == dict(remat_used="none", dwconv_used="xla", params_sharding="replicated")
   rows = {e["key"]: fake_row(e) for e in es}
-  before = "block" if now["remat_used"] != "block" else "none"
-  rows[s512["key"]]["remat_used"] = before       # compiled when the config said so
+  rows[s512["key"]]["dwconv_used"] = "shift_vjp"     # compiled when 'auto' meant that
   results = tmp_path / "r.json"
   results.write_text(json.dumps(rows))
   ran = []
   monkeypatch.setattr(table, "run_entry", lambda e, t, log: ran.append(e["key"]) or fake_row(e))
   table.main(["--results", str(results), "--doc", str(tmp_path / "d.md")])
   assert ran == [s512["key"]]
-  assert json.loads(results.read_text())[s512["key"]]["remat_used"] == now["remat_used"]
+  saved = json.loads(results.read_text())
+  assert saved[s512["key"]]["dwconv_used"] == "xla"
+  assert saved[s512["key"] + "|superseded"]["dwconv_used"] == "shift_vjp"   # kept
