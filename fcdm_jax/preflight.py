@@ -93,14 +93,16 @@ def fit(total: int, capacity: int) -> dict[str, Any]:
 def roofline(flops: float, nbytes: float, peak_tflops: float | None, bandwidth: float,
              model_flops: float, images: int) -> dict[str, Any]:
   """Lower bound of one step's time per chip from its FLOPs and HBM bytes; the images/s and
-  MFU that bound allows (upper bounds)."""
+  MFU that bound allows (upper bounds). MFU counts the nominal 6 x forward MACs per image,
+  which is a little more than a step without remat does (no gradient for the input
+  latents), so its bound is capped at 1."""
   memory_s = nbytes / bandwidth
   compute_s = flops / (peak_tflops * 1e12) if peak_tflops else None
   bound = max(memory_s, compute_s or 0.0)
   binds = "HBM bandwidth" if compute_s is None or memory_s >= compute_s else "compute"
   return dict(compute_s=compute_s, memory_s=memory_s, step_s_bound=bound, binds=binds,
               img_per_s_bound=images / bound if bound else None,
-              mfu_bound=(model_flops / bound / (peak_tflops * 1e12)
+              mfu_bound=(min(1.0, model_flops / bound / (peak_tflops * 1e12))
                          if bound and peak_tflops else None))
 
 

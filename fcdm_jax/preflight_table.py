@@ -297,7 +297,7 @@ def render(results: dict[str, Any]) -> str:
     figures = [_gib(r["hbm_used_bytes"]) + " of " + _gib(r["hbm_bytes"]),
                "yes" if r["fits"] else "**no**",
                "-" if step is None else f"{1e3 * step:.1f}", r.get("binds", "-"),
-               "-" if ips is None else f"{ips:.0f}", "-" if mfu is None else f"{100 * mfu:.0f}%",
+               "-" if ips is None else f"{ips:.0f}", "-" if mfu is None else f"{100 * min(mfu, 1.0):.0f}%",
                f"{r['compile_s']:.0f}"]
     mark = " **(default)**" if is_default(e) else ""
     lines.append(f"| {_label(e)} | {e['topology']} | {dtype} | {r['remat_used']}{mark} | "

@@ -70,6 +70,9 @@ def test_roofline_picks_the_binding_resource():
                          model_flops=98.5e12, images=256)
   assert r["binds"] == "compute" and r["step_s_bound"] == pytest.approx(1.0)
   assert r["img_per_s_bound"] == pytest.approx(256) and r["mfu_bound"] == pytest.approx(0.5)
+  r = preflight.roofline(flops=197e12, nbytes=1e9, peak_tflops=197.0, bandwidth=819e9,
+                         model_flops=1.02 * 197e12, images=256)   # nominal > counted
+  assert r["mfu_bound"] == 1.0
   r = preflight.roofline(flops=1e12, nbytes=819e9 * 2, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=1e12, images=8)
   assert r["binds"] == "HBM bandwidth" and r["step_s_bound"] == pytest.approx(2.0)
