@@ -21,9 +21,10 @@ def fake_row(e, hbm=20 * 2**30, fits=False):
 def test_rows_cover_the_issue():
   es = table.entries()
   keys = [e["key"] for e in es]
-  # grid: S, B at remat none and L, XL at block and dots, x 2 resolutions x 3 slices; the pod
-  # slice; the XL/256 sweep less its 2 points already in the grid; 2 layouts; 4 remat rows
-  assert len(set(keys)) == len(keys) == 2 * 2 * 3 * (1 + 2) + 1 + (18 - 2) + 2 + 4
+  # grid, 3 slices each: S, B at 256 (none), at 512 (none, dots); L, XL (block, dots) x 2
+  # resolutions; the pod slice; the XL/256 sweep less its 2 points already in the grid;
+  # 2 layouts; 2 remat-block rows
+  assert len(set(keys)) == len(keys) == 3 * (2 + 4 + 8) + 1 + (18 - 2) + 2 + 2
   assert len({table.signature(e) for e in es}) == len(es)   # no program twice
   assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|block|None",
                       "configs/s_256.py|v5e-8|256|bfloat16|none|None"]
