@@ -253,6 +253,88 @@ def run_all(todo, results, results_path, doc, timeout_s, jobs, log) -> None:
              f"bound {r.get('step_s_bound')} s ({r.get('binds')})"))
 
 
+# ----------------------------------------------------------------------------- defaults
+
+MARGIN = 0.10   # HBM a default leaves free on every slice (previews, runtime buffers)
+
+
+def choose_remat(config_file: str, results: dict[str, Any]) -> dict[str, Any]:
+  """The remat policy the table supports for a config: of its grid candidates, those that
+  fit with MARGIN of HBM free on all three 8-chip slices at batch 256 in bf16, the one with
+  the lowest mean step bound. {'remat': None, 'why': ...} while rows are missing."""
+  variant = pathlib.Path(config_file).stem
+  fitting, refused, missing = [], [], []
+  for remat in GRID_REMATS[variant]:
+    rows = [results.get(entry(config_file, topo, remat=remat)["key"]) for topo in TOPOLOGIES]
+    if any(r is None or "error" in r for r in rows):
+      missing.append(remat)
+      continue
+    tight = [(r["topology"], r["margin_bytes"] / r["hbm_bytes"]) for r in rows
+             if r["margin_bytes"] < MARGIN * r["hbm_bytes"]]
+    if tight:
+      refused.append((remat, tight))
+      continue
+    bound = sum(r["step_s_bound"] for r in rows) / len(rows)
+    fitting.append((bound, remat, max(r["hbm_used_bytes"] / r["hbm_bytes"] for r in rows)))
+  if missing:
+    return dict(remat=None, why=f"rows missing for remat {', '.join(missing)}")
+  why = "; ".join(f"{remat} leaves under {100 * MARGIN:.0f}% free on "
+                  + ", ".join(f"{topo} ({100 * m:.0f}%)" for topo, m in tight)
+                  for remat, tight in refused)
+  if not fitting:
+    return dict(remat=None, why=why or "no candidate")
+  fitting.sort()
+  bound, remat, used = fitting[0]
+  why = "; ".join(filter(None, [
+      f"{remat}: mean step bound {1e3 * bound:.1f} ms over the three slices, at most "
+      f"{100 * used:.0f}% of HBM", *(f"{r}: {1e3 * b:.1f} ms" for b, r, _ in fitting[1:]),
+      why]))
+  return dict(remat=remat, why=why)
+
+
+def choose_dwconv(results: dict[str, Any]) -> dict[str, Any]:
+  """The depthwise-conv formulation the XL/256 v5p-8 sweep supports on a TPU: the one that
+  needs the least HBM at the most (dtype, remat) points, its step bound beside the others'."""
+  wins, points, worst = {}, 0, {}
+  for dtype in ("float32", "bfloat16"):
+    for remat in ("none", "block", "dots"):
+      rows = {}
+      for dw in ("xla", "shift", "shift_vjp"):
+        e = entry("configs/xl_256.py", "v5p-8", dtype, remat, dw)
+        r = results.get(e["key"]) or results.get(
+            next((x["key"] for x in entries() if signature(x) == signature(e)), ""))
+        if r is None or "error" in r:
+          return dict(dwconv=None, why="sweep rows missing")
+        rows[dw] = r
+      points += 1
+      best = min(rows, key=lambda d: rows[d]["hbm_used_bytes"])
+      wins[best] = wins.get(best, 0) + 1
+      for dw, r in rows.items():
+        if r.get("step_s_bound") and rows["xla"].get("step_s_bound"):
+          worst[dw] = max(worst.get(dw, 0.0), r["step_s_bound"] / rows["xla"]["step_s_bound"])
+  dw = max(wins, key=wins.get)
+  return dict(dwconv=dw, why=f"least HBM at {wins[dw]} of {points} sweep points; step bounds "
+              + ", ".join(f"{d} up to {v:.3f}x xla's" for d, v in sorted(worst.items())
+                          if d != "xla"))
+
+
+def render_defaults(results: dict[str, Any]) -> list[str]:
+  lines = ["", "**Defaults chosen from this table** (`preflight_table.choose_remat`, "
+           "`choose_dwconv`; tests/test_preflight_table.py checks configs/ against them): "
+           f"a config's remat is, of its candidates, the one with the lowest mean step bound "
+           f"that leaves {100 * MARGIN:.0f}% of HBM free on v5e-8, v5p-8 and v6e-8 at batch "
+           f"{BATCH}.", ""]
+  dw = choose_dwconv(results)
+  lines.append(f"- dwconv on TPU ('auto'): **{dw['dwconv'] or 'undecided'}**: {dw['why']}.")
+  for variant in VARIANTS:
+    for res in (256, 512):
+      config_file = f"configs/{variant}_{res}.py"
+      c = choose_remat(config_file, results)
+      lines.append(f"- {_label(dict(config=config_file))}: remat **{c['remat'] or 'undecided'}**"
+                   f" ({c['why']}).")
+  return lines
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -311,6 +393,7 @@ def render(results: dict[str, Any]) -> str:
                           + (f" dwconv={e['dwconv_impl']}" if e["dwconv_impl"] else "")
                           + (f" params={e['params']}" if e.get("params") else "")
                           for e in missing) + "."]
+  lines += render_defaults(results)
   lines += ["", END]
   return "\n".join(lines)
 

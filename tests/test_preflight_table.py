@@ -189,3 +189,45 @@ def test_a_row_compiled_under_an_old_default_is_compiled_again(tmp_path, monkeyp
   saved = json.loads(results.read_text())
   assert saved[s512["key"]]["dwconv_used"] == "xla"
   assert saved[s512["key"] + "|superseded"]["dwconv_used"] == "shift_vjp"   # kept
+
+
+def grid_rows(config, bounds, used):
+  """Fake finished grid rows of one config: {remat: step bound}, {(remat, topo): HBM used}."""
+  rows = {}
+  for remat, bound in bounds.items():
+    for topo in table.TOPOLOGIES:
+      e = table.entry(config, topo, remat=remat)
+      hbm = used.get((remat, topo), 0.5) * 16 * 2**30
+      rows[e["key"]] = dict(fake_row(e, hbm=hbm, fits=hbm <= 16 * 2**30), step_s_bound=bound)
+  return rows
+
+
+def test_remat_choice_is_the_fastest_that_fits_everywhere_with_room():
+  xl = "configs/xl_256.py"
+  rows = grid_rows(xl, {"block": 0.067, "dots": 0.053}, {})
+  assert table.choose_remat(xl, rows)["remat"] == "dots"
+  rows = grid_rows(xl, {"block": 0.067, "dots": 0.053}, {("dots", "v5e-8"): 0.95})
+  c = table.choose_remat(xl, rows)
+  assert c["remat"] == "block" and "dots leaves under 10% free on v5e-8 (5%)" in c["why"]
+  s512 = "configs/s_512.py"
+  rows = grid_rows(s512, {"none": 0.050, "dots": 0.051}, {("none", "v5e-8"): 1.4})
+  assert table.choose_remat(s512, rows)["remat"] == "dots"
+  rows = grid_rows(s512, {"none": 0.050, "dots": 0.051}, {})
+  assert table.choose_remat(s512, rows)["remat"] == "none"
+  del rows[table.entry(s512, "v6e-8", remat="dots")["key"]]
+  assert table.choose_remat(s512, rows) == dict(remat=None, why="rows missing for remat dots")
+
+
+def test_dwconv_choice_reads_the_sweep():
+  es = [e for e in table.entries() if e["config"] == "configs/xl_256.py"
+        and e["topology"] == "v5p-8"]
+  rows = {}
+  for e in es:
+    dw = table.settings(e)["dwconv_used"]
+    hbm = {"xla": 7, "shift": 9, "shift_vjp": 8}[dw] * 2**30
+    rows[e["key"]] = dict(fake_row(e, hbm=hbm), step_s_bound={"xla": 1.0, "shift": 1.01,
+                                                             "shift_vjp": 1.2}[dw])
+  c = table.choose_dwconv(rows)
+  assert c["dwconv"] == "xla" and "6 of 6" in c["why"] and "shift_vjp up to 1.200x" in c["why"]
+  del rows[es[0]["key"]]
+  assert table.choose_dwconv(rows)["dwconv"] is None
