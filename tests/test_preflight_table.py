@@ -21,13 +21,16 @@ def fake_row(e, hbm=20 * 2**30, fits=False):
 def test_rows_cover_the_issue():
   es = table.entries()
   keys = [e["key"] for e in es]
-  # grid, 3 slices each: S, B at 256 (none), at 512 (none, dots); L, XL (block, dots) x 2
-  # resolutions; the pod slice; the XL/256 sweep less its 2 points already in the grid;
-  # 2 layouts; 2 remat-block rows
-  assert len(set(keys)) == len(keys) == 3 * (2 + 4 + 8) + 1 + (18 - 2) + 2 + 2
+  # defaults: 8 configs x 3 slices; the pod slice; the XL/256 sweep less its point that is
+  # XL/256's default row on v5p-8; remat candidates on v5e-8 other than the default
+  # (S/512, B/512: dots, block; L, XL: dots); 2 layouts
+  assert len(set(keys)) == len(keys) == 8 * 3 + 1 + (18 - 1) + (2 * 2 + 4) + 2
   assert len({table.signature(e) for e in es}) == len(es)   # no program twice
   assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|block|None",
                       "configs/s_256.py|v5e-8|256|bfloat16|none|None"]
+  for variant, candidates in table.REMAT_CANDIDATES.items():
+    for remat in candidates:
+      assert table.entry(f"configs/{variant}.py", "v5e-8", remat=remat)["key"] in keys
   sweep = {(e["dtype"], e["remat"], table.settings(e)["dwconv_used"]) for e in es
            if e["config"] == "configs/xl_256.py" and e["topology"] == "v5p-8"}
   assert sweep == {(d, r, w) for d in ("float32", "bfloat16") for r in ("none", "block", "dots")
@@ -50,19 +53,19 @@ def test_rows_cover_the_issue():
 
 
 def test_rows_saved_under_other_keys_are_found_by_their_program():
-  """A row saved when the grid said 'the config's remat' (key ...|None|None), and a sweep
-  row that compiles the grid's program, are filed under the entry that compiles it; a row
+  """A row saved when the grid said 'the config's remat' (key ...|None|None), and a row
+  saved with dwconv left to the config, are filed under the entry that compiles it; a row
   whose program no entry compiles (a dwconv default since changed) is kept, not shown."""
   es = table.entries()
   grid = next(e for e in es if e["key"] == "configs/l_512.py|v6e-8|256|bfloat16|block|None")
   old = dict(fake_row(grid), remat=None, key="configs/l_512.py|v6e-8|256|bfloat16|None|None")
-  dots = next(e for e in es if e["key"] == "configs/xl_256.py|v5p-8|256|bfloat16|dots|None")
-  sweep = dict(fake_row(dots), dwconv_impl="xla",
-               key="configs/xl_256.py|v5p-8|256|bfloat16|dots|xla")
+  dots = next(e for e in es if e["key"] == "configs/xl_256.py|v5p-8|256|bfloat16|dots|xla")
+  sweep = dict(fake_row(dots), dwconv_impl=None,
+               key="configs/xl_256.py|v5p-8|256|bfloat16|dots|None")
   gone = dict(fake_row(grid), dwconv_used="shift", key="configs/l_512.py|v6e-8|x")
   rows = table.rekey({old["key"]: old, sweep["key"]: sweep, gone["key"]: gone})
   assert set(rows) == {grid["key"], dots["key"], gone["key"]}
-  assert rows[grid["key"]]["remat"] == "block" and rows[dots["key"]]["dwconv_impl"] is None
+  assert rows[grid["key"]]["remat"] == "block" and rows[dots["key"]]["dwconv_impl"] == "xla"
   assert "configs/l_512.py|v6e-8|x" not in table.render(rows)
   assert "Still missing" in table.render(rows)
 
@@ -209,13 +212,19 @@ def test_remat_choice_is_the_fastest_that_fits_everywhere_with_room():
   rows = grid_rows(xl, {"block": 0.067, "dots": 0.053}, {("dots", "v5e-8"): 0.95})
   c = table.choose_remat(xl, rows)
   assert c["remat"] == "block" and "dots leaves under 10% free on v5e-8 (5%)" in c["why"]
+  rows = grid_rows(xl, {"block": 0.067, "dots": 0.053}, {("dots", "v6e-8"): 0.92})
+  assert table.choose_remat(xl, rows)["remat"] == "block"   # tight where it was compiled too
   s512 = "configs/s_512.py"
-  rows = grid_rows(s512, {"none": 0.050, "dots": 0.051}, {("none", "v5e-8"): 1.4})
+  bounds = {"none": 0.050, "dots": 0.051, "block": 0.065}
+  rows = grid_rows(s512, bounds, {("none", "v5e-8"): 1.4})
   assert table.choose_remat(s512, rows)["remat"] == "dots"
-  rows = grid_rows(s512, {"none": 0.050, "dots": 0.051}, {})
+  rows = grid_rows(s512, bounds, {})
   assert table.choose_remat(s512, rows)["remat"] == "none"
-  del rows[table.entry(s512, "v6e-8", remat="dots")["key"]]
-  assert table.choose_remat(s512, rows) == dict(remat=None, why="rows missing for remat dots")
+  del rows[table.entry(s512, "v6e-8", remat="dots")["key"]]   # only v5e-8 is needed
+  assert table.choose_remat(s512, rows)["remat"] == "none"
+  del rows[table.entry(s512, "v5e-8", remat="block")["key"]]
+  assert table.choose_remat(s512, rows) == dict(remat=None,
+                                                why="v5e-8 rows missing for remat block")
 
 
 def test_dwconv_choice_reads_the_sweep():
