@@ -240,3 +240,22 @@ def test_dwconv_choice_reads_the_sweep():
   assert c["dwconv"] == "xla" and "6 of 6" in c["why"] and "shift_vjp up to 1.200x" in c["why"]
   del rows[es[0]["key"]]
   assert table.choose_dwconv(rows)["dwconv"] is None
+
+
+def test_configs_follow_the_committed_table():
+  """configs/ against docs/tpu_preflight.json: each config's remat is the table's choice
+  (where its candidates' rows are in), and 'auto' on a TPU is the sweep's dwconv."""
+  from fcdm_jax.models.layers import resolve_dwconv_impl
+  results = table.load(table.RESULTS)
+  dw = table.choose_dwconv(results)
+  assert dw["dwconv"] == resolve_dwconv_impl("auto", backend="tpu"), dw["why"]
+  decided = []
+  for variant in table.VARIANTS:
+    for res in (256, 512):
+      config_file = f"configs/{variant}_{res}.py"
+      c = table.choose_remat(config_file, results)
+      if c["remat"] is not None:
+        assert table.config_defaults(config_file).model.remat == c["remat"], (config_file, c)
+        decided.append(config_file)
+  print(f"decided from the table: {decided}")
+  assert decided
