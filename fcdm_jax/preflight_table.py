@@ -283,8 +283,8 @@ def choose_remat(config_file: str, results: dict[str, Any]) -> dict[str, Any]:
       fitting.append((main["step_s_bound"], remat, main["hbm_used_bytes"] / main["hbm_bytes"]))
   if missing:
     return dict(remat=None, why=f"{CHOICE_SLICE} rows missing for remat {', '.join(missing)}")
-  why = "; ".join(f"{remat} leaves under {100 * MARGIN:.0f}% free on "
-                  + ", ".join(f"{topo} ({100 * m:.0f}%)" for topo, m in tight)
+  why = "; ".join(f"{remat} needs over {100 * (1 - MARGIN):.0f}% of HBM on "
+                  + ", ".join(f"{topo} ({100 * (1 - m):.0f}%)" for topo, m in tight)
                   for remat, tight in refused)
   if not fitting:
     return dict(remat=None, why=why or "no candidate")
@@ -352,6 +352,24 @@ def _label(e) -> str:
   return pathlib.Path(e["config"]).stem.upper().replace("_", "/")
 
 
+HEADER = ("| config | slice | dtype | remat | dwconv | mesh | HBM GiB / chip | fits | "
+          "step bound ms | binds | img/s bound | MFU bound | compile s |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def _row_line(e: dict[str, Any], r: dict[str, Any], mark: str) -> str:
+  dtype = "bf16" if e["dtype"] == "bfloat16" else "fp32"
+  mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+  step, ips, mfu = r.get("step_s_bound"), r.get("img_per_s_bound"), r.get("mfu_bound")
+  figures = [_gib(r["hbm_used_bytes"]) + " of " + _gib(r["hbm_bytes"]),
+             "yes" if r["fits"] else "**no**",
+             "-" if step is None else f"{1e3 * step:.1f}", r.get("binds", "-"),
+             "-" if ips is None else f"{ips:.0f}",
+             "-" if mfu is None else f"{100 * min(mfu, 1.0):.0f}%", f"{r['compile_s']:.0f}"]
+  return (f"| {_label(e)} | {e['topology']} | {dtype} | {r['remat_used']}{mark} | "
+          f"{r['dwconv_used']} | {mesh} ({r['params_sharding']}) | " + " | ".join(figures) + " |")
+
+
 def render(results: dict[str, Any]) -> str:
   """The doc's table: the rows done, then the rows still missing."""
   todo = entries()
@@ -364,10 +382,7 @@ def render(results: dict[str, Any]) -> str:
            "vendor peaks, not "
            "measurements**: a real step is slower. A row the compiler refused shows the "
            "memory it asked for. **(default)** marks the config file's own remat, dwconv "
-           "and parameter layout.", "",
-           "| config | slice | dtype | remat | dwconv | mesh | HBM GiB / chip | fits | "
-           "step bound ms | binds | img/s bound | MFU bound | compile s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "and parameter layout.", "", *HEADER]
   missing = []
   for e in todo:
     r = results.get(e["key"])
@@ -380,17 +395,13 @@ def render(results: dict[str, Any]) -> str:
                    f"{e['dwconv_impl'] or '-'} | | | not compiled: {r['error'][:80]} "
                    "| | | | | |")
       continue
-    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
-    step, ips, mfu = r.get("step_s_bound"), r.get("img_per_s_bound"), r.get("mfu_bound")
-    figures = [_gib(r["hbm_used_bytes"]) + " of " + _gib(r["hbm_bytes"]),
-               "yes" if r["fits"] else "**no**",
-               "-" if step is None else f"{1e3 * step:.1f}", r.get("binds", "-"),
-               "-" if ips is None else f"{ips:.0f}", "-" if mfu is None else f"{100 * min(mfu, 1.0):.0f}%",
-               f"{r['compile_s']:.0f}"]
-    mark = " **(default)**" if is_default(e) else ""
-    lines.append(f"| {_label(e)} | {e['topology']} | {dtype} | {r['remat_used']}{mark} | "
-                 f"{r['dwconv_used']} | {mesh} ({r['params_sharding']}) | "
-                 + " | ".join(figures) + " |")
+    lines.append(_row_line(e, r, " **(default)**" if is_default(e) else ""))
+  keys = {e["key"] for e in todo}
+  earlier = [r for k, r in sorted(results.items()) if k not in keys and row_signature(r)]
+  if earlier:
+    lines += ["", "Rows of programs no entry compiles any more (settings that were a "
+              "config's default when they were compiled):", "", *HEADER,
+              *(_row_line(r, r, "") for r in earlier)]
   if missing:
     lines += ["", f"Still missing ({len(missing)} of {len(todo)} rows, not yet compiled): "
               + "; ".join(f"{_label(e)} {e['topology']} {e['dtype']}"
