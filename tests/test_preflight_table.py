@@ -215,6 +215,10 @@ def test_remat_choice_is_the_fastest_that_fits_everywhere_with_room():
   rows = grid_rows(xl, {"block": 0.067, "dots": 0.053}, {("dots", "v5e-8"): 0.95})
   c = table.choose_remat(xl, rows)
   assert c["remat"] == "block" and "dots needs over 90% of HBM on v5e-8 (95%)" in c["why"]
+  rows = grid_rows(xl, {"block": 0.0532, "dots": 0.053}, {("dots", "v5e-8"): 0.6,
+                                                           ("block", "v5e-8"): 0.3})
+  c = table.choose_remat(xl, rows)   # a 0.4% lower bound is a tie: less HBM wins
+  assert c["remat"] == "block" and c["why"].startswith("block: step bound 53.2 ms")
   rows = grid_rows(xl, {"block": 0.067, "dots": 0.053}, {("dots", "v6e-8"): 0.92})
   assert table.choose_remat(xl, rows)["remat"] == "block"   # tight where it was compiled too
   s512 = "configs/s_512.py"
