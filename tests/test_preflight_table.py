@@ -59,9 +59,9 @@ def test_rows_saved_under_other_keys_are_found_by_their_program():
   es = table.entries()
   grid = next(e for e in es if e["key"] == "configs/l_512.py|v6e-8|256|bfloat16|block|None")
   old = dict(fake_row(grid), remat=None, key="configs/l_512.py|v6e-8|256|bfloat16|None|None")
-  dots = next(e for e in es if e["key"] == "configs/xl_256.py|v5p-8|256|bfloat16|dots|xla")
+  dots = next(e for e in es if e["key"] == "configs/xl_256.py|v5p-8|256|float32|dots|xla")
   sweep = dict(fake_row(dots), dwconv_impl=None,
-               key="configs/xl_256.py|v5p-8|256|bfloat16|dots|None")
+               key="configs/xl_256.py|v5p-8|256|float32|dots|None")
   gone = dict(fake_row(grid), dwconv_used="shift", key="configs/l_512.py|v6e-8|x")
   rows = table.rekey({old["key"]: old, sweep["key"]: sweep, gone["key"]: gone})
   assert set(rows) == {grid["key"], dots["key"], gone["key"]}
