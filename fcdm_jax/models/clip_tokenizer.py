@@ -195,12 +195,8 @@ def load_clip_tokenizer(path: str, context_length: int = CONTEXT_LENGTH) -> CLIP
   special tokens and padding side of tokenizer_config.json / special_tokens_map.json."""
   path = find_tokenizer_folder(path)
   vocab_path = fileio.join(path, VOCAB_NAME)
-  try:
-    vocab = json.loads(fileio.read_text(vocab_path))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{vocab_path} is not a readable JSON vocabulary: {e}") from e
-  if not isinstance(vocab, dict):
-    raise ValueError(f"{vocab_path} holds a {type(vocab).__name__}, not a token -> id mapping")
+  from fcdm_jax.models.torch_weights import read_config
+  vocab = read_config(vocab_path, "vocabulary (token -> id)")
   settings: dict[str, Any] = dict(DEFAULT_TOKENS, padding_side="right")
   for name in CONFIG_NAMES:
     config_path = fileio.join(path, name)

@@ -92,13 +92,14 @@ def params_from_layout(state_dict: Mapping[str, Any], layout, what: str) -> dict
   return {"params": nest_from_torch(layout, state_dict)}
 
 
-def read_config(config_path: str) -> dict:
-  """A model folder's config.json as a mapping; ValueError naming the file otherwise."""
+def read_config(config_path: str, what: str = "config") -> dict:
+  """A JSON mapping from a model folder (config.json, a tokenizer's vocab.json); ValueError
+  naming the file and `what` it should hold otherwise."""
   import json
   try:
     raw = json.loads(fileio.read_text(config_path))
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_path} is not a readable JSON config: {e}") from e
+    raise ValueError(f"{config_path} is not a readable JSON {what}: {e}") from e
   if not isinstance(raw, dict):
-    raise ValueError(f"{config_path} holds a {type(raw).__name__}, not a config mapping")
+    raise ValueError(f"{config_path} holds a {type(raw).__name__}, not a {what} mapping")
   return raw
