@@ -1,7 +1,11 @@
-"""FCDM-L at 256 px (32x32x4 SD-VAE latents). `--config=configs/l_256.py:flow` for flow matching."""
+"""FCDM-L at 256 px (32x32x4 SD-VAE latents). `--config=configs/l_256.py:flow` for flow matching.
+
+Remat and parameter layout: config_base.RUN_LAYOUTS, chosen from the TPU preflight
+table (docs/performance.md).
+"""
 
 from fcdm_jax import config_base
 
 
 def get_config(objective: str = "ddpm"):
-  return config_base.large_model_layout(config_base.get_config("L", 256, objective or "ddpm"))
+  return config_base.get_config("L", 256, objective or "ddpm")

@@ -1,8 +1,11 @@
-"""FCDM-S at 256 px (32x32x4 SD-VAE latents). `--config=configs/s_256.py:flow` for flow matching."""
+"""FCDM-S at 256 px (32x32x4 SD-VAE latents). `--config=configs/s_256.py:flow` for flow matching.
+
+Remat and parameter layout: config_base.RUN_LAYOUTS, chosen from the TPU preflight
+table (docs/performance.md).
+"""
 
 from fcdm_jax import config_base
 
 
 def get_config(objective: str = "ddpm"):
-  config = config_base.get_config("S", 256, objective or "ddpm")
-  return config
+  return config_base.get_config("S", 256, objective or "ddpm")

@@ -11,5 +11,4 @@ from fcdm_jax import config_base
 
 
 def get_config(objective: str = "ddpm"):
-  return config_base.text_to_image(config_base.large_model_layout(
-      config_base.get_config("L", 256, objective or "ddpm")))
+  return config_base.text_to_image(config_base.get_config("L", 256, objective or "ddpm"))

@@ -23,12 +23,37 @@ def latent_size(resolution: int) -> int:
   return resolution // 8
 
 
-def large_model_layout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The L/XL policy: params, AdamW state and EMA sharded over an 'fsdp' axis of every
-  device, and each block recomputed in the backward pass, as the published code does."""
-  config.sharding.params = "fsdp"
-  config.mesh.axes = (("data", 1), ("fsdp", -1))
-  config.model.remat = "block"
+# Remat policy and parameter layout of each published size, chosen from the TPU preflight
+# table (docs/performance.md, where `fcdm_jax.preflight_table` renders each choice with the
+# figures behind it; tests/test_preflight_table.py holds these to its decisions). get_config
+# applies them, so a text-to-image config runs as its class config does; other sizes start
+# with no remat and replicated parameters.
+RUN_LAYOUTS = {
+    ("S", 256): ("none", "replicated"),
+    ("S", 512): ("block", "replicated"),    # no remat does not fit v5e-8
+    ("B", 256): ("none", "replicated"),     # FSDP: a little less HBM, a 50% higher bound
+    ("B", 512): ("block", "replicated"),    # no remat does not fit; ties dots on less HBM
+    ("L", 256): ("block", "replicated"),    # FSDP: less HBM, a bound as low or higher
+    ("L", 512): ("block", "fsdp"),          # dots does not fit v5e-8
+    ("XL", 256): ("dots", "fsdp"),          # a lower bound than block, with room on v5e-8
+    ("XL", 512): ("block", "fsdp"),         # dots does not fit v5e-8
+}
+# The mesh of each parameter layout: one 'data' axis over every device (each holds whole
+# params), or one 'fsdp' axis over every device (params, AdamW moments and EMA sharded by
+# config.sharding.rules; the batch is split over it all the same).
+PARAM_MESH_AXES = {"replicated": (("data", -1), ("fsdp", 1)),
+                   "fsdp": (("data", 1), ("fsdp", -1))}
+
+
+def run_layout(config: ml_collections.ConfigDict, remat: str, params: str
+               ) -> ml_collections.ConfigDict:
+  """Sets the remat policy, and the parameter layout with the mesh it runs on."""
+  if params not in PARAM_MESH_AXES:
+    raise ValueError(f"unknown parameter layout {params!r}; expected one of "
+                     f"{sorted(PARAM_MESH_AXES)}")
+  config.model.remat = remat
+  config.sharding.params = params
+  config.mesh.axes = PARAM_MESH_AXES[params]
   return config
 
 
@@ -151,12 +176,13 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
 
   # --- run layout ------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(
-      # Named mesh axes and sizes; -1 takes the devices left over.
-      axes=(("data", -1), ("fsdp", 1)),
+      # Named mesh axes and sizes; -1 takes the devices left over (set by run_layout).
+      axes=PARAM_MESH_AXES["replicated"],
   ))
   # Logical axis -> mesh axis rules for params and activations (fcdm_jax.train.sharding).
   c.sharding = ml_collections.ConfigDict(dict(
-      # 'replicated' keeps every parameter whole; 'fsdp' shards them by the rules.
+      # 'replicated' keeps every parameter whole; 'fsdp' shards them by the rules
+      # (set by run_layout, with the mesh).
       params="replicated",
       rules=(
           ("activation_batch", ("data", "fsdp")),
@@ -205,4 +231,5 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       clip="",
       # Latent models' samples are decoded with config.preview.vae_dir.
   ))
-  return c
+  return run_layout(c, *RUN_LAYOUTS.get((variant.upper().removeprefix("FCDM-"), resolution),
+                                        ("none", "replicated")))

@@ -19,8 +19,8 @@ compiled again.
 Entries: S, B, L, XL x 256, 512 px in bf16 with their default remat on v5e-8, v5p-8 and
 v6e-8; XL/512 on a v5p-64 pod slice; for XL/256 on v5p-8 the sweep fp32/bf16 x remat
 none/block/dots x dwconv_impl xla/shift/shift_vjp ('auto' is 'xla' on a TPU); and the rows
-the defaults are chosen from: every config's remat candidates on v5e-8, B/256 under FSDP
-and L/256 replicated on v5e-8. Time figures are roofline bounds derived from compiler counts, not measurements.
+the defaults are chosen from: every config's remat candidates on v5e-8, and B/256 and L/256
+in the other parameter layout (B on v5e-8, L on all three slices). Time figures are roofline bounds derived from compiler counts, not measurements.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import tempfile
 import time
 from typing import Any
 
+from fcdm_jax.config_base import PARAM_MESH_AXES
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "tpu_preflight.json"
 DOC = REPO / "docs" / "performance.md"
@@ -42,9 +44,6 @@ END = "<!-- tpu-preflight-table:end -->"
 BATCH = 256
 VARIANTS = ("s", "b", "l", "xl")
 TOPOLOGIES = ("v5e-8", "v5p-8", "v6e-8")
-
-
-MESH_AXES = {"fsdp": (("data", 1), ("fsdp", -1)), "replicated": (("data", -1), ("fsdp", 1))}
 
 
 def entry(config: str, topology: str, dtype: str = "bfloat16", remat: str | None = None,
@@ -70,6 +69,17 @@ REMAT_CANDIDATES = {"s_256": ("none",), "s_512": ("none", "dots", "block"),
                     **{f"{v}_{r}": ("block", "dots") for v in ("l", "xl") for r in (256, 512)}}
 
 
+# The parameter layouts compared where the choice is close, B and L at 256 px, at the
+# config's remat. Elsewhere the size decides: S is replicated; XL is FSDP, its training
+# state alone being 15.4 GiB per chip replicated (32 x 492.5 MiB of arguments in the
+# v5p-64 XL/512 row), nearly all of a v5e chip; L/512 is FSDP, replicating L's state
+# adding about 7.5 GiB per chip (the L/256 rows) to its 8.6 GiB on v5e-8, past 90% of 16.
+# L/256 is compiled both ways on every slice: on v5e-8 replicated has the lower bound
+# for more HBM, so whether it fits everywhere decides.
+LAYOUT_CANDIDATES = {"b_256": ("replicated", "fsdp"), "l_256": ("replicated", "fsdp")}
+LAYOUT_SLICES = {"b_256": (CHOICE_SLICE,), "l_256": TOPOLOGIES}
+
+
 def entries() -> list[dict[str, Any]]:
   """In the order they are compiled: the pod slice and the smallest config first (the
   acceptance runs), then every config with its default remat on every slice, small to
@@ -89,9 +99,11 @@ def entries() -> list[dict[str, Any]]:
   for config_file in configs:
     for remat in REMAT_CANDIDATES[pathlib.Path(config_file).stem]:
       out.append(entry(config_file, CHOICE_SLICE, remat=remat))
-  # The other parameter layout where the choice is close: B and L at 256 px.
-  out += [entry("configs/b_256.py", CHOICE_SLICE, remat="none", params="fsdp"),
-          entry("configs/l_256.py", CHOICE_SLICE, remat="block", params="replicated")]
+  for stem, layouts in LAYOUT_CANDIDATES.items():
+    config_file = f"configs/{stem}.py"
+    remat = config_defaults(config_file).model.remat
+    out += [entry(config_file, topo, remat=remat, params=params) for params in layouts
+            for topo in LAYOUT_SLICES[stem]]
   seen, unique = set(), []
   for e in out:
     if signature(e) not in seen:
@@ -173,7 +185,7 @@ def command(e: dict[str, Any], json_path: str) -> list[str]:
     cmd.append(f"--config.model.dwconv_impl={e['dwconv_impl']}")
   if e.get("params") is not None:
     cmd += [f"--config.sharding.params={e['params']}",
-            f"--config.mesh.axes={MESH_AXES[e['params']]}"]
+            f"--config.mesh.axes={PARAM_MESH_AXES[e['params']]}"]
   return cmd
 
 
@@ -260,45 +272,97 @@ def run_all(todo, results, results_path, doc, timeout_s, jobs, log) -> None:
 # ----------------------------------------------------------------------------- defaults
 
 MARGIN = 0.10   # HBM a default leaves free on every slice (previews, runtime buffers)
-TIE = 0.01      # bounds closer than this are no evidence: the policy with less HBM is taken
+TIE = 0.01      # bounds closer than this are no evidence: a tie, which each choice settles
 
 
-def choose_remat(config_file: str, results: dict[str, Any]) -> dict[str, Any]:
-  """The remat policy the table supports for a config: of its candidates, those that leave
-  MARGIN of HBM free on CHOICE_SLICE at batch 256 in bf16 (and on every other slice it was
-  compiled for), the one with the lowest step bound there (of bounds within TIE of the
-  lowest, the one using the least HBM). {'remat': None, 'why': ...} while a candidate's
-  row is missing."""
+def lookup(results: dict[str, Any], e: dict[str, Any]) -> dict[str, Any] | None:
+  """The finished row of `e`'s program: under its key, or under the key of the entry that
+  compiles the same program (a default row, when `e` names the default's settings)."""
+  row = results.get(e["key"])
+  if row is None:
+    row = results.get(next((x["key"] for x in entries() if signature(x) == signature(e)), ""))
+  return row
+
+
+def _candidate_rows(results: dict[str, Any], es: list[dict[str, Any]]) -> list | None:
+  """The finished rows of one candidate's entries (CHOICE_SLICE's first), or None while
+  its CHOICE_SLICE row, or a row the table lists, is not compiled yet (a slice the table
+  does not list for it counts only where a row happens to exist)."""
+  listed = {signature(e) for e in entries()}
+  rows = [lookup(results, e) for e in es]
+  if any((r is None or "error" in r) and (i == 0 or signature(e) in listed)
+         for i, (e, r) in enumerate(zip(es, rows))):
+    return None
+  return rows
+
+
+def _choose(rows_of: dict[str, list | None], prefer) -> dict[str, Any]:
+  """Of the candidates ({name: its rows, CHOICE_SLICE's first, or None while missing}),
+  those that leave MARGIN of HBM free on every slice they were compiled for, the one with
+  the lowest step bound on CHOICE_SLICE; of bounds within TIE of the lowest, the one
+  `prefer(name, row)` ranks first. {'choice': None, 'why': ...} while one is missing."""
   fitting, refused, missing = [], [], []
-  for remat in REMAT_CANDIDATES[pathlib.Path(config_file).stem]:
-    rows = [results.get(entry(config_file, topo, remat=remat)["key"]) for topo in TOPOLOGIES]
-    main = rows[TOPOLOGIES.index(CHOICE_SLICE)]
-    if main is None or "error" in main:
-      missing.append(remat)
+  for name, rows in rows_of.items():
+    if rows is None:
+      missing.append(name)
       continue
+    main = rows[0]
     tight = [(r["topology"], r["margin_bytes"] / r["hbm_bytes"]) for r in rows
              if r is not None and "error" not in r
              and r["margin_bytes"] < MARGIN * r["hbm_bytes"]]
     if tight:
-      refused.append((remat, tight))
+      refused.append((name, tight))
     else:
-      fitting.append((main["step_s_bound"], remat, main["hbm_used_bytes"] / main["hbm_bytes"]))
+      fitting.append((main["step_s_bound"], name, main))
   if missing:
-    return dict(remat=None, why=f"{CHOICE_SLICE} rows missing for remat {', '.join(missing)}")
-  why = "; ".join(f"{remat} needs over {100 * (1 - MARGIN):.0f}% of HBM on "
+    return dict(choice=None, why=f"rows missing for {', '.join(missing)}")
+  why = "; ".join(f"{name} needs over {100 * (1 - MARGIN):.0f}% of HBM on "
                   + ", ".join(f"{topo} ({100 * (1 - m):.0f}%)" for topo, m in tight)
-                  for remat, tight in refused)
+                  for name, tight in refused)
   if not fitting:
-    return dict(remat=None, why=why or "no candidate")
-  fitting.sort()
+    return dict(choice=None, why=why or "no candidate")
+  fitting.sort(key=lambda f: f[0])
   close = [f for f in fitting if f[0] <= fitting[0][0] * (1 + TIE)]
-  bound, remat, used = min(close, key=lambda f: f[2])
-  fitting.remove((bound, remat, used))
-  fitting.insert(0, (bound, remat, used))
+  best = min(close, key=lambda f: prefer(f[1], f[2]))
+  fitting.remove(best)
+  used = lambda r: 100 * r["hbm_used_bytes"] / r["hbm_bytes"]
   why = "; ".join(filter(None, [
-      f"{remat}: step bound {1e3 * bound:.1f} ms on {CHOICE_SLICE}, {100 * used:.0f}% of HBM",
-      *(f"{r}: {1e3 * b:.1f} ms, {100 * u:.0f}%" for b, r, u in fitting[1:]), why]))
-  return dict(remat=remat, why=why)
+      f"{best[1]}: step bound {1e3 * best[0]:.1f} ms on {CHOICE_SLICE}, "
+      f"{used(best[2]):.0f}% of HBM",
+      *(f"{n}: {1e3 * b:.1f} ms, {used(r):.0f}%" for b, n, r in fitting), why]))
+  return dict(choice=best[1], why=why)
+
+
+def choose_remat(config_file: str, results: dict[str, Any]) -> dict[str, Any]:
+  """The remat policy the table supports for a config, under its own parameter layout: of
+  its REMAT_CANDIDATES, `_choose`'s, ties going to the policy that uses less HBM.
+  {'remat': None, 'why': ...} while a candidate's row is missing."""
+  rows_of = {remat: _candidate_rows(results, [entry(config_file, topo, remat=remat)
+                                              for topo in _slices()])
+             for remat in REMAT_CANDIDATES[pathlib.Path(config_file).stem]}
+  c = _choose(rows_of, lambda name, row: row["hbm_used_bytes"] / row["hbm_bytes"])
+  return dict(remat=c["choice"], why=c["why"])
+
+
+def choose_layout(config_file: str, results: dict[str, Any]) -> dict[str, Any] | None:
+  """The parameter layout the table supports for a config (None where LAYOUT_CANDIDATES
+  does not compare layouts), at its own remat: `_choose`'s, ties going to replicated, since
+  the bound leaves out the all-gathers FSDP adds. {'params': None, ...} while rows are
+  missing."""
+  stem = pathlib.Path(config_file).stem
+  if stem not in LAYOUT_CANDIDATES:
+    return None
+  remat = config_defaults(config_file).model.remat
+  rows_of = {params: _candidate_rows(results, [entry(config_file, topo, remat=remat,
+                                                     params=params) for topo in _slices()])
+             for params in LAYOUT_CANDIDATES[stem]}
+  c = _choose(rows_of, lambda name, row: name != "replicated")
+  return dict(params=c["choice"], why=c["why"])
+
+
+def _slices() -> tuple[str, ...]:
+  """CHOICE_SLICE, then the other slices of the table."""
+  return (CHOICE_SLICE, *(t for t in TOPOLOGIES if t != CHOICE_SLICE))
 
 
 def choose_dwconv(results: dict[str, Any]) -> dict[str, Any]:
@@ -309,9 +373,7 @@ def choose_dwconv(results: dict[str, Any]) -> dict[str, Any]:
     for remat in ("none", "block", "dots"):
       rows = {}
       for dw in ("xla", "shift", "shift_vjp"):
-        e = entry("configs/xl_256.py", "v5p-8", dtype, remat, dw)
-        r = results.get(e["key"]) or results.get(
-            next((x["key"] for x in entries() if signature(x) == signature(e)), ""))
+        r = lookup(results, entry("configs/xl_256.py", "v5p-8", dtype, remat, dw))
         if r is None or "error" in r:
           return dict(dwconv=None, why="sweep rows missing")
         rows[dw] = r
@@ -329,12 +391,14 @@ def choose_dwconv(results: dict[str, Any]) -> dict[str, Any]:
 
 def render_defaults(results: dict[str, Any]) -> list[str]:
   lines = ["", "**Defaults chosen from this table** (`preflight_table.choose_remat`, "
-           "`choose_dwconv`; tests/test_preflight_table.py checks configs/ against them): "
-           f"a config's remat is, of its candidates, the one with the lowest step bound on "
-           f"{CHOICE_SLICE} (the least HBM per image of the three slices) that leaves "
-           f"{100 * MARGIN:.0f}% of HBM free there and on every slice it was compiled for, at "
-           f"batch {BATCH}; bounds within {100 * TIE:.0f}% of each other count as a tie, "
-           "which the policy using less HBM wins.", ""]
+           "`choose_layout`, `choose_dwconv`; tests/test_preflight_table.py checks configs/ "
+           "against them): a config's remat (under its parameter layout) and, for B/256 and "
+           "L/256, its parameter layout (at its remat) are, of the candidates, the one with "
+           f"the lowest step bound on {CHOICE_SLICE} (the least HBM per image of the three "
+           f"slices) that leaves {100 * MARGIN:.0f}% of HBM free there and on every slice it "
+           f"was compiled for, at batch {BATCH}; bounds within {100 * TIE:.0f}% of each other "
+           "count as a tie, which the remat policy using less HBM wins, and for layouts "
+           "replicated wins (the bound leaves out FSDP's all-gathers).", ""]
   dw = choose_dwconv(results)
   lines.append(f"- dwconv on TPU ('auto'): **{dw['dwconv'] or 'undecided'}**: {dw['why']}.")
   for variant in VARIANTS:
@@ -343,6 +407,10 @@ def render_defaults(results: dict[str, Any]) -> list[str]:
       c = choose_remat(config_file, results)
       lines.append(f"- {_label(dict(config=config_file))}: remat **{c['remat'] or 'undecided'}**"
                    f" ({c['why']}).")
+      layout = choose_layout(config_file, results)
+      if layout is not None:
+        lines.append(f"- {_label(dict(config=config_file))}: parameters "
+                     f"**{layout['params'] or 'undecided'}** ({layout['why']}).")
   return lines
 
 
@@ -405,8 +473,8 @@ def render(results: dict[str, Any]) -> str:
   keys = {e["key"] for e in todo}
   earlier = [r for k, r in sorted(results.items()) if k not in keys and row_signature(r)]
   if earlier:
-    lines += ["", "Rows of programs no entry compiles any more (settings that were a "
-              "config's default when they were compiled):", "", *HEADER,
+    lines += ["", "Rows of programs no entry compiles any more (a config's default, or a "
+              "candidate under its layout, when they were compiled):", "", *HEADER,
               *(_row_line(r, r, "") for r in earlier)]
   if missing:
     lines += ["", f"Still missing ({len(missing)} of {len(todo)} rows, not yet compiled): "

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from fcdm_jax import config_base
 from fcdm_jax import preflight_table as table
 
 
@@ -23,8 +24,9 @@ def test_rows_cover_the_issue():
   keys = [e["key"] for e in es]
   # defaults: 8 configs x 3 slices; the pod slice; the XL/256 sweep less its point that is
   # XL/256's default row on v5p-8; remat candidates on v5e-8 other than the default
-  # (S/512, B/512: dots, block; L, XL: dots); 2 layouts
-  assert len(set(keys)) == len(keys) == 8 * 3 + 1 + (18 - 1) + (2 * 2 + 4) + 2
+  # (S/512, B/512: dots, block; L, XL: dots); the other layout of B/256 on v5e-8 and of
+  # L/256 on all three slices
+  assert len(set(keys)) == len(keys) == 8 * 3 + 1 + (18 - 1) + (2 * 2 + 4) + (1 + 3)
   assert len({table.signature(e) for e in es}) == len(es)   # no program twice
   assert keys[:2] == ["configs/xl_512.py|v5p-64|256|bfloat16|block|None",
                       "configs/s_256.py|v5e-8|256|bfloat16|none|None"]
@@ -44,12 +46,18 @@ def test_rows_cover_the_issue():
   cmd = table.command(e, "/tmp/r.json")
   assert "--programs=train" in cmd and "--batch=256" in cmd
   assert "--config.model.remat=none" in cmd and "--config.model.dwconv_impl=shift" in cmd
-  [replicated] = [e for e in es if e.get("params") == "replicated"]
-  assert replicated["key"].endswith("|block|None|replicated")   # other keys end at dwconv
-  assert not table.is_default(replicated)
-  cmd = table.command(replicated, "/tmp/r.json")
-  assert "--config.sharding.params=replicated" in cmd
-  assert "--config.mesh.axes=(('data', -1), ('fsdp', 1))" in cmd
+  for stem, layouts in table.LAYOUT_CANDIDATES.items():   # the other layout, where compared
+    config = table.config_defaults(f"configs/{stem}.py")
+    [other] = [p for p in layouts if p != config.sharding.params]
+    rows = [e for e in es if e.get("params") == other and e["config"] == f"configs/{stem}.py"]
+    assert [e["topology"] for e in rows] == list(table.LAYOUT_SLICES[stem])
+    for e in rows:
+      assert e["key"].endswith(f"|{config.model.remat}|None|{other}")   # others end at dwconv
+      assert not table.is_default(e)
+      cmd = table.command(e, "/tmp/r.json")
+      assert f"--config.sharding.params={other}" in cmd
+      assert f"--config.mesh.axes={config_base.PARAM_MESH_AXES[other]}" in cmd
+  assert config_base.PARAM_MESH_AXES["replicated"] == (("data", -1), ("fsdp", 1))
 
 
 def test_rows_saved_under_other_keys_are_found_by_their_program():
@@ -230,8 +238,56 @@ def test_remat_choice_is_the_fastest_that_fits_everywhere_with_room():
   del rows[table.entry(s512, "v6e-8", remat="dots")["key"]]   # only v5e-8 is needed
   assert table.choose_remat(s512, rows)["remat"] == "none"
   del rows[table.entry(s512, "v5e-8", remat="block")["key"]]
-  assert table.choose_remat(s512, rows) == dict(remat=None,
-                                                why="v5e-8 rows missing for remat block")
+  assert table.choose_remat(s512, rows) == dict(remat=None, why="rows missing for block")
+  rows = grid_rows(s512, bounds, {})
+  del rows[table.entry(s512, "v6e-8", remat="block")["key"]]   # a row the table lists
+  assert table.choose_remat(s512, rows)["remat"] is None
+
+
+def filed_key(e):
+  """The key rekey files `e`'s row under: the entry that compiles its program, if any."""
+  return next((x["key"] for x in table.entries() if table.signature(x) == table.signature(e)),
+              e["key"])
+
+
+def layout_rows(config, bounds, used):
+  """Fake finished rows of one config's layouts at its remat: {params: step bound},
+  {(params, topo): HBM used as a fraction of 16 GiB}."""
+  remat = table.config_defaults(config).model.remat
+  rows = {}
+  for params, bound in bounds.items():
+    for topo in table.TOPOLOGIES:
+      e = table.entry(config, topo, remat=remat, params=params)
+      hbm = used.get((params, topo), 0.5) * 16 * 2**30
+      row = dict(fake_row(e, hbm=hbm, fits=hbm <= 16 * 2**30), step_s_bound=bound,
+                 params_sharding=params)
+      rows[filed_key(e)] = row
+  return rows
+
+
+def test_layout_choice_is_the_fastest_that_fits_everywhere_ties_going_to_replicated():
+  l256 = "configs/l_256.py"
+  rows = layout_rows(l256, {"replicated": 0.061, "fsdp": 0.064}, {("fsdp", "v5e-8"): 0.2})
+  c = table.choose_layout(l256, rows)
+  assert c["params"] == "replicated" and c["why"].startswith("replicated: step bound 61.0 ms")
+  # too tight on a slice the table lists for L/256 (not the one the bounds are read on)
+  rows = layout_rows(l256, {"replicated": 0.061, "fsdp": 0.064}, {("replicated", "v6e-8"): 0.93})
+  c = table.choose_layout(l256, rows)
+  assert c["params"] == "fsdp" and "replicated needs over 90% of HBM on v6e-8 (93%)" in c["why"]
+  # a tie on the bound goes to replicated even though it needs more HBM
+  rows = layout_rows(l256, {"replicated": 0.0644, "fsdp": 0.064}, {("fsdp", "v5e-8"): 0.2})
+  assert table.choose_layout(l256, rows)["params"] == "replicated"
+  rows = layout_rows(l256, {"replicated": 0.070, "fsdp": 0.064}, {})
+  assert table.choose_layout(l256, rows)["params"] == "fsdp"
+  # L/256's other slices are listed: a missing one leaves the choice open
+  del rows[filed_key(table.entry(l256, "v5p-8", remat=table.config_defaults(l256).model.remat,
+                                 params="replicated"))]
+  assert table.choose_layout(l256, rows) == dict(params=None, why="rows missing for replicated")
+  b256 = "configs/b_256.py"   # B/256's FSDP rows exist on v5e-8 only: that is enough
+  rows = {k: r for k, r in layout_rows(b256, {"replicated": 0.037, "fsdp": 0.055}, {}).items()
+          if r["params_sharding"] == "replicated" or r["topology"] == "v5e-8"}
+  assert table.choose_layout(b256, rows)["params"] == "replicated"
+  assert table.choose_layout("configs/s_256.py", rows) is None   # not compared: size decides
 
 
 def test_dwconv_choice_reads_the_sweep():
@@ -250,8 +306,9 @@ def test_dwconv_choice_reads_the_sweep():
 
 
 def test_configs_follow_the_committed_table():
-  """configs/ against docs/tpu_preflight.json: each config's remat is the table's choice
-  (where its candidates' rows are in), and 'auto' on a TPU is the sweep's dwconv."""
+  """configs/ against docs/tpu_preflight.json: each config's remat, and parameter layout
+  where layouts are compared, is the table's choice (where its candidates' rows are in),
+  and 'auto' on a TPU is the sweep's dwconv."""
   from fcdm_jax.models.layers import resolve_dwconv_impl
   results = table.load(table.RESULTS)
   dw = table.choose_dwconv(results)
@@ -260,9 +317,15 @@ def test_configs_follow_the_committed_table():
   for variant in table.VARIANTS:
     for res in (256, 512):
       config_file = f"configs/{variant}_{res}.py"
+      config = table.config_defaults(config_file)
       c = table.choose_remat(config_file, results)
       if c["remat"] is not None:
-        assert table.config_defaults(config_file).model.remat == c["remat"], (config_file, c)
+        assert config.model.remat == c["remat"], (config_file, c)
         decided.append(config_file)
+      layout = table.choose_layout(config_file, results)
+      if layout is not None and layout["params"] is not None:
+        assert config.sharding.params == layout["params"], (config_file, layout)
+        assert config.mesh.axes == config_base.PARAM_MESH_AXES[layout["params"]]
+        decided.append(f"{config_file} layout")
   print(f"decided from the table: {decided}")
   assert decided

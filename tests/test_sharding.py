@@ -10,7 +10,7 @@ from fcdm_jax.train import sharding
 
 
 def test_mesh_from_config_or_devices():
-  config = config_base.large_model_layout(config_base.get_config("XL", 256))
+  config = config_base.get_config("XL", 256)
   assert dict(sharding.create_mesh(config).shape) == {"data": 1, "fsdp": 8}   # the FSDP policy
   config.mesh.axes = (("data", 2), ("fsdp", -1))
   mesh = sharding.create_mesh(config, jax.devices()[:4])
@@ -46,11 +46,22 @@ def test_mesh_follows_the_topology_layout(monkeypatch):
   assert list(sharding.create_mesh(devices=devices).devices.flat) == devices
 
 
-@pytest.mark.parametrize("name", ["l_256", "l_512", "xl_256", "xl_512"])
-def test_large_configs_share_the_fsdp_policy(name):
+@pytest.mark.parametrize("name", ["s_256", "b_512", "l_256", "l_512", "xl_256", "xl_512",
+                                  "t2i_l_256", "t2i_xl_256"])
+def test_configs_run_with_the_layout_of_their_size(name):
+  """Each config, text-to-image ones too, takes its size's remat and parameter layout
+  (config_base.RUN_LAYOUTS, held to the TPU table by test_preflight_table) and the mesh
+  that layout runs on."""
   from train_helpers import TESTS, load_config
   config = load_config(TESTS.parent / "configs" / f"{name}.py", "flow")
-  assert config.sharding.params == "fsdp"   # remat: the TPU table's (test_preflight_table)
-  assert config.model.remat == ("dots" if name == "xl_256" else "block")
-  assert dict(sharding.create_mesh(config).shape) == {"data": 1, "fsdp": 8}
+  variant, resolution = name.removeprefix("t2i_").split("_")
+  remat, params = config_base.RUN_LAYOUTS[(variant.upper(), int(resolution))]
+  assert (config.model.remat, config.sharding.params) == (remat, params)
+  expected = {"data": 1, "fsdp": 8} if params == "fsdp" else {"data": 8, "fsdp": 1}
+  assert dict(sharding.create_mesh(config).shape) == expected
   assert config.objective == "flow"
+
+
+def test_run_layout_refuses_an_unknown_layout():
+  with pytest.raises(ValueError, match="unknown parameter layout 'zero3'"):
+    config_base.run_layout(config_base.get_config("S", 256), "none", "zero3")
