@@ -220,10 +220,8 @@ def run(config, topology: str, *, batch: int | None = None, sample_batch: int = 
       shown = min(config.preview.num_classes_shown, config.model.num_classes)
       count = generator.padded_size(shown * config.preview.per_class)
 
-      def lower(generator=generator, count=count, jb=jb, params=abstract.ema_params):
-        from fcdm_jax.train.step import sharding_context
-        with sharding_context(jb.mesh, config):
-          return generator.lower(params, count)
+      def lower(generator=generator, count=count, params=abstract.ema_params):
+        return generator.lower(params, count)   # as the training loop calls it
       compiled, seconds, error = _compile(lower)
       res = _program_report(compiled, seconds, error, chip.hbm_bytes)
       res.update(batch=count, sampler=str(config.preview.sampler),

@@ -29,6 +29,7 @@ import hashlib
 import json
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,7 +212,11 @@ class Generator:
       return sample_fn(model_fn, x_T, condition[None], jax.random.fold_in(key, 1))[0]
 
     def images(params, decoder_params, base, indices, conditions):
-      x = jax.vmap(one, in_axes=(None, None, 0, 0))(params, base, indices, conditions)
+      # No activation constraints inside the vmap, whatever context this is traced in: they
+      # would name the per-sample batch of 1 and leave the vmapped batch axis unsharded
+      # (every device sampling the whole batch). Its sharding comes from the inputs.
+      with nn.logical_axis_rules(()):
+        x = jax.vmap(one, in_axes=(None, None, 0, 0))(params, base, indices, conditions)
       out = x
       if decoder is not None:
         out = decoder.model.apply(decoder_params, x / decoder.scale,

@@ -88,6 +88,36 @@ def test_a_sample_depends_on_seed_and_index_only():
     generator.generate(params, 5, np.arange(3), np.asarray([1, 2]))
 
 
+def test_the_sample_batch_is_split_over_devices_in_any_tracing_context():
+  """Each of 8 devices samples an eighth of the batch, also when the generator is traced
+  under the training step's mesh and logical rules (activation constraints inside the
+  per-sample vmap would leave its batch axis whole on every device)."""
+  from fcdm_jax.train.step import sharding_context
+  config = demo_shaped_config()
+  shapes = jax.eval_shape(lambda: nn.unbox(FCDM(**config.model).init(
+      jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32), np.zeros((1,), np.float32),
+      np.zeros((1,), np.int32)))["params"])
+
+  def flops(devices, context: bool):
+    mesh = sharding.create_mesh(devices=devices)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                         sharding=sharding.replicated(mesh)),
+                          shapes)
+    generator = sampling.Generator(config, preview_lib.sample_settings(config), mesh)
+    if context:
+      with sharding_context(mesh, config):
+        lowered = generator.lower(params, 16)
+    else:
+      lowered = generator.lower(params, 16)
+    cost = lowered.compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  whole = flops(jax.devices()[:1], context=False)
+  split = flops(jax.devices()[:8], context=False)
+  assert split < 0.25 * whole, (split, whole)
+  assert flops(jax.devices()[:8], context=True) == pytest.approx(split, rel=0.05)
+
+
 def _bytes_per_device(arrays) -> dict:
   """Bytes each device holds of `arrays`, from their addressable shards; a buffer that
   several arrays view (a shard's `.data` is an array of its own) is counted once."""
