@@ -312,11 +312,43 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, dataset):
       assert p.returncode == 0, out[-3000:]
     return outs
 
-  outs = launch(4)
-  assert "process 0 of 2, 2 local / 4 global devices" in outs[0]
-  assert "process 1 of 2" in outs[1]
-  outs = launch(6)
-  assert "resumed from checkpoint at step 4" in outs[0]
+  first = launch(4)
+  assert "process 0 of 2, 2 local / 4 global devices" in first[0]
+  assert "process 1 of 2" in first[1]
+  second = launch(6)
+  assert "resumed from checkpoint at step 4" in second[0]
   state, meta, steps = restore_final(tmp_path)
   assert int(state.step) == 6 and steps[-1] == 6 and meta["data_position"] == 6
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state.params))
+
+  # One process on 8 devices, without the break, from the same seed: the same losses
+  # (each latent's posterior sample is drawn on the device by step and global position,
+  # not by host) and the same weights.
+  one = tmp_path / "one_process"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(k, None)
+  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.main", f"--config={TINY_CONFIG}",
+                         f"--workdir={one}", f"--config.data.path={dataset}",
+                         "--config.num_train_steps=6"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  log = proc.stdout + proc.stderr
+  assert "mesh {'data': 8, 'fsdp': 1}" in log
+  assert "mesh {'data': 4, 'fsdp': 1}" in first[0]
+  two_hosts = {**logged_losses(first[0]), **logged_losses(second[0])}
+  one_host = logged_losses(log)
+  assert sorted(two_hosts) == sorted(one_host) == [2, 4, 6]
+  for step in one_host:
+    assert two_hosts[step] == pytest.approx(one_host[step], rel=1e-4), step
+  alone, _, _ = restore_final(one)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(alone.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def logged_losses(log: str) -> dict[int, float]:
+  """{step: loss} from a run's metric lines ('... [4] grad_norm=..., loss=0.51, ...')."""
+  import re
+  return {int(step): float(loss) for step, loss in
+          re.findall(r"\[(\d+)\] [^\n]*?\bloss=([-+0-9.eE]+)", log)}
