@@ -20,7 +20,8 @@ Entries: S, B, L, XL x 256, 512 px in bf16 with their default remat on v5e-8, v5
 v6e-8; XL/512 on a v5p-64 pod slice; for XL/256 on v5p-8 the sweep fp32/bf16 x remat
 none/block/dots x dwconv_impl xla/shift/shift_vjp ('auto' is 'xla' on a TPU); and the rows
 the defaults are chosen from: every config's remat candidates on v5e-8, and B/256 and L/256
-in the other parameter layout (B on v5e-8, L on all three slices). Time figures are roofline bounds derived from compiler counts, not measurements.
+in the other parameter layout (B on v5e-8, L on all three slices). Time figures are
+roofline bounds derived from compiler counts, not measurements.
 """
 
 from __future__ import annotations
@@ -275,13 +276,16 @@ MARGIN = 0.10   # HBM a default leaves free on every slice (previews, runtime bu
 TIE = 0.01      # bounds closer than this are no evidence: a tie, which each choice settles
 
 
+def filed_key(e: dict[str, Any]) -> str:
+  """The key `e`'s row is filed under (rekey): that of the entry compiling the same program
+  (a default row, when `e` names the default's settings), else `e`'s own."""
+  return next((x["key"] for x in entries() if signature(x) == signature(e)), e["key"])
+
+
 def lookup(results: dict[str, Any], e: dict[str, Any]) -> dict[str, Any] | None:
-  """The finished row of `e`'s program: under its key, or under the key of the entry that
-  compiles the same program (a default row, when `e` names the default's settings)."""
+  """The finished row of `e`'s program: under its own key or the key it is filed under."""
   row = results.get(e["key"])
-  if row is None:
-    row = results.get(next((x["key"] for x in entries() if signature(x) == signature(e)), ""))
-  return row
+  return results.get(filed_key(e)) if row is None else row
 
 
 def _candidate_rows(results: dict[str, Any], es: list[dict[str, Any]]) -> list | None:
