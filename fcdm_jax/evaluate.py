@@ -269,7 +269,9 @@ def _define_flags():
                        "(rounded up to a multiple of the device count); with --workdir also "
                        "samples per sampling step.")
   flags.DEFINE_string("out", None, "Also write the results to this JSON file (with "
-                      "--reference_from: the .npz to write).")
+                      "--reference_from: the .npz to write). An existing file is refused "
+                      "unless --overwrite; it may never be one of the inputs.")
+  flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
   flags.DEFINE_list("metrics", list(METRICS), f"Which metrics to compute, from {METRICS} "
                     "(--samples mode; --workdir computes fid, sfid, is).")
   flags.DEFINE_enum("preprocess", "adm", list(inception.PREPROCESSING),
@@ -303,6 +305,9 @@ def _run(f) -> dict:
   if len(modes) != 1:
     raise ValueError("pass exactly one of --samples (a sample batch), --workdir (a run to "
                      "sample and score) and --reference_from (images to make a reference of)")
+  if f.out:   # before any work: never over an input, never over a file unasked
+    fileio.check_output(f.out, overwrite=f.overwrite,
+                        inputs=(f.samples, f.ref, f.inception, f.captions, f.vae, f.clip))
   if f.reference_from:
     return make_reference(f.reference_from, f.out, f.inception, resolution=f.resolution,
                           split=f.split, data_dir=f.data_dir, batch_size=f.batch_size,

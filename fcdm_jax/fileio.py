@@ -199,6 +199,34 @@ def atomic_write(p: PathLike, write: Callable[[str], object]) -> None:
       os.remove(tmp)
 
 
+def check_output(out: PathLike, *, overwrite: bool = False, inputs=(), flag: str = "--out"
+                 ) -> None:
+  """Refuses, before any work, an output file that would lose data or fail at the end.
+
+  `out` must not be one of the run's `inputs`, must not exist unless `overwrite`, must not
+  be a folder, and its folder must take a write (probed with a small file, removed again:
+  the same check works on a bucket). Raises ValueError naming `flag` and the path.
+  """
+  target = absolute(out)
+  for given in inputs:
+    if given and absolute(given) == target:
+      raise ValueError(f"{flag}={out} is also an input of this run; name another file")
+  if isdir(out):
+    raise ValueError(f"{flag}={out} is a folder; name a file to write")
+  if exists(out) and not overwrite:
+    raise ValueError(f"{flag}={out} exists; pass --overwrite to replace it, or name "
+                     "another file")
+  parent = path(target).parent
+  probe = join(str(parent), f".{path(target).name}.write_test")
+  try:
+    parent.mkdir(parents=True, exist_ok=True)
+    path(probe).write_bytes(b"ok")
+    remove(probe)
+  except OSError as e:
+    raise ValueError(f"{flag}={out} cannot be written ({type(e).__name__}: {e}); pick a "
+                     "writable location") from e
+
+
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   def write(tmp):
     with open(tmp, "wb") as f:

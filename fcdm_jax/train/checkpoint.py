@@ -35,6 +35,8 @@ class Checkpointer:
   """The run's CheckpointManager: save every `checkpoint_every_steps`, keep the last N."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True, read_only: bool = False):
+    if not read_only and keep < 1:   # orbax's max_to_keep=0 deletes every checkpoint
+      raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
         create=not read_only, enable_async_checkpointing=async_save,

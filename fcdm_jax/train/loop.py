@@ -120,9 +120,9 @@ def check_run_setup(config, mesh) -> None:
                      f"processes {jax.process_count()}")
   if config.num_train_steps <= 0:
     raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
-  for key in ("log_every_steps", "checkpoint_every_steps"):
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
-      raise ValueError(f"{key} must be positive, got {config[key]}")
+      raise ValueError(f"config.{key} must be at least 1, got {config[key]}")
 
 
 @dataclasses.dataclass
