@@ -179,7 +179,7 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       # Named mesh axes and sizes; -1 takes the devices left over (set by run_layout).
       axes=PARAM_MESH_AXES["replicated"],
   ))
-  # Logical axis -> mesh axis rules for params and activations (fcdm_jax.train.sharding).
+  # Logical axis -> mesh axis rules for params and activations (fcdm_jax.sharding).
   c.sharding = ml_collections.ConfigDict(dict(
       # 'replicated' keeps every parameter whole; 'fsdp' shards them by the rules
       # (set by run_layout, with the mesh).

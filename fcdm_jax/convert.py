@@ -8,9 +8,7 @@ stacked on a leading axis). Files are read without executing pickled code.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import os
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -128,15 +126,6 @@ def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
   return a
 
 
-def _as_numpy(v) -> np.ndarray:
-  if hasattr(v, "detach"):  # a torch tensor
-    v = v.detach().cpu()
-    if str(v.dtype) == "torch.bfloat16":
-      v = v.float()
-    v = v.numpy()
-  return np.asarray(v)
-
-
 def infer_depth(keys) -> tuple[int, ...]:
   """Stage depths from the block indices present in a published state_dict."""
   depth = []
@@ -152,21 +141,21 @@ def infer_model(state_dict: Mapping[str, Any], **overrides) -> FCDM:
   for kind, key in (("linear", "text_embedder_1.proj.weight"), ("mlp", "text_embedder_1.mlp.0.weight")):
     if key in state_dict:
       text = dict(condition="text", text_embedder=kind,
-                  text_dim=int(_as_numpy(state_dict[key]).shape[1]))
+                  text_dim=int(torch_weights.as_numpy(state_dict[key]).shape[1]))
   need = ("x_embedder.weight", "encoder_level_1.0.pwconv1.weight", "final_layer.conv.weight")
   if not text:
     need += ("y_embedder_1.embedding_table.weight",)
   missing = [k for k in need if k not in state_dict]
   if missing:
     raise ValueError(f"not an FCDM state_dict: missing keys {missing}")
-  x_w = _as_numpy(state_dict[need[0]])
+  x_w = torch_weights.as_numpy(state_dict[need[0]])
   hidden, in_ch = x_w.shape[0], x_w.shape[1]
-  mlp = _as_numpy(state_dict[need[1]]).shape[0]
-  out_ch = _as_numpy(state_dict[need[2]]).shape[0]
+  mlp = torch_weights.as_numpy(state_dict[need[1]]).shape[0]
+  out_ch = torch_weights.as_numpy(state_dict[need[2]]).shape[0]
   fields = dict(in_channels=in_ch, hidden_size=hidden, depth=infer_depth(state_dict.keys()),
                 mlp_ratio=mlp / hidden, learn_sigma=out_ch == 2 * in_ch, **text)
   if not text:
-    rows = _as_numpy(state_dict[need[3]]).shape[0]
+    rows = torch_weights.as_numpy(state_dict[need[3]]).shape[0]
     fields.update(class_dropout_prob=0.1, num_classes=rows - 1)
   fields.update(overrides)
   return FCDM(**fields)
@@ -207,7 +196,7 @@ def params_from_torch(state_dict: Mapping[str, Any], model: FCDM | None = None) 
   stacked: dict[tuple[str, ...], list] = collections.defaultdict(list)
   flat: dict[tuple[str, ...], np.ndarray] = {}
   for entry in layout:
-    value = to_flax(entry.kind, _as_numpy(state_dict[entry.torch_key]))
+    value = to_flax(entry.kind, torch_weights.as_numpy(state_dict[entry.torch_key]))
     if entry.layer is None:
       flat[entry.flax_path] = value
     else:
@@ -254,83 +243,7 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _import_torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("reading or writing .pt files needs PyTorch (pip install torch); "
-                      ".safetensors files do not") from e
-  return torch
-
-
-def _tree_to_numpy(v):
-  """Tensors anywhere in a loaded checkpoint (state_dicts, optimizer state) as numpy."""
-  if hasattr(v, "detach"):
-    return _as_numpy(v)
-  if isinstance(v, Mapping):
-    return {k: _tree_to_numpy(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return type(v)(_tree_to_numpy(x) for x in v)
-  return v
-
-
-def read_torch_file(path: str) -> dict:
-  """The whole content of a `.pt` (read with `weights_only=True`: no pickled code runs) or
-  `.safetensors` file, tensors as numpy. A `.safetensors` file is one flat state_dict.
-
-  A damaged file, a pickle holding arbitrary Python objects and a file of another kind
-  each get their own error naming the file.
-  """
-  path = os.fspath(path)
-  if not fileio.isfile(path):
-    raise FileNotFoundError(f"checkpoint file not found: {path}")
-  with fileio.local_file(path) as local:
-    return _read_local_torch_file(local, path)
-
-
-def _read_local_torch_file(local: str, path: str) -> dict:
-  """`read_torch_file` of a local copy `local`; errors name `path`."""
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      return dict(load_file(local))
-    except Exception as e:  # safetensors raises its own SafetensorError
-      raise ValueError(f"{path} is damaged (truncated?) or not a safetensors file: {e}") from e
-  torch = _import_torch()
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    try:
-      ckpt = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as e:
-      if "Weights only load failed" in str(e):
-        reason = next((line.strip() for line in str(e).splitlines()
-                       if "WeightsUnpickler error" in line), "")
-        raise ValueError(
-            f"refusing to load {path}: it is a pickle holding Python objects other than "
-            "tensors and plain containers, which torch.load(weights_only=True) does not "
-            f"execute ({reason or 'rejected by torch'}). Re-save it as a plain state_dict, or "
-            "as .safetensors.") from e
-      raise ValueError(f"{path} is damaged (truncated?) or not a PyTorch checkpoint: {e}") from e
-  if not isinstance(ckpt, Mapping):
-    raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or "
-                     "{'model', 'ema', ...} checkpoint")
-  return _tree_to_numpy(dict(ckpt))
-
-
-def load_torch_state_dict(path: str, which: str = "ema") -> dict[str, np.ndarray]:
-  """One state_dict of a published-style checkpoint: `.pt` ({"model", "ema", ...} or a bare
-  state_dict) or `.safetensors`. `which` picks "ema" or "model" (falling back to "model"
-  when the file has no "ema").
-  """
-  if which not in ("ema", "model"):
-    raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-  ckpt = read_torch_file(path)
-  if which in ckpt and isinstance(ckpt[which], Mapping):
-    ckpt = ckpt[which]
-  elif "model" in ckpt and isinstance(ckpt["model"], Mapping):
-    ckpt = ckpt["model"]
-  return dict(ckpt)
+# Reading any PyTorch weights file (safely) is `models.torch_weights.read_torch_file`.
 
 
 def _to_torch_tree(torch, v):
@@ -359,7 +272,7 @@ def save_torch_checkpoint(path: str, params, ema_params=None, opt=None, args=Non
     return
   if not path.endswith(".pt"):
     raise ValueError(f"unknown checkpoint extension for {path}: use .pt or .safetensors")
-  torch = _import_torch()
+  torch = torch_weights.import_torch()
   as_f32 = lambda sd: collections.OrderedDict((k, np.asarray(v, np.float32)) for k, v in sd.items())
   content = {"model": as_f32(model_sd), "ema": as_f32(ema_sd)}
   if opt is not None:

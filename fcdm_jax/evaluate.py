@@ -40,7 +40,7 @@ import numpy as np
 from fcdm_jax import fileio, metrics
 from fcdm_jax.adm_npz import NpzImages
 from fcdm_jax.models import inception
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 
 METRICS = ("fid", "sfid", "is", "pr")
 

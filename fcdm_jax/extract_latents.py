@@ -81,12 +81,12 @@ import numpy as np
 from absl import logging
 
 from fcdm_jax import distributed, fileio, images
-from fcdm_jax import settings as settings_lib
+from fcdm_jax import provenance
 from fcdm_jax.data import captions as captions_lib
 from fcdm_jax.data import latents as latents_lib
 from fcdm_jax.data.preprocess import center_crop_arr
 from fcdm_jax.models import vae as vae_lib
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 
 SETTINGS = "extract_settings.json"
 STORAGE_DTYPES = latents_lib.STORAGE_DTYPES
@@ -420,9 +420,9 @@ class PosteriorEncoder:
 def check_settings(out: str, settings: dict) -> None:
   """Refuse an --out whose shards were written with other settings; record ours if new."""
   path = fileio.join(out, SETTINGS)
-  saved = settings_lib.read(path)
+  saved = provenance.read(path)
   if saved is not None:
-    settings_lib.refuse_changes(saved, settings, f"{out} holds latents extracted with other "
+    provenance.refuse_changes(saved, settings, f"{out} holds latents extracted with other "
                                 "settings", f"use another --out, or delete {out} to start over")
     return
   if fileio.exists(fileio.join(out, latents_lib.MANIFEST)) or any(
@@ -430,7 +430,7 @@ def check_settings(out: str, settings: dict) -> None:
     raise ValueError(f"{out} already holds latent shards but no {SETTINGS}: they were not "
                      "written by this tool's current version; use another --out")
   if jax.process_index() == 0:
-    settings_lib.record(path, settings)
+    provenance.record(path, settings)
 
 
 def _collect_skipped(writer: latents_lib.LatentShardWriter, num_shards: int) -> list[str]:
@@ -473,7 +473,7 @@ def _existing_captions(folder: str, identity: dict, count: int | None) -> dict |
   saved = json.loads(fileio.read_text(path))
   now = {"encoder": identity, "num_examples": saved.get("num_examples") if count is None
          else count}
-  settings_lib.refuse_changes(
+  provenance.refuse_changes(
       {k: saved.get(k) for k in now}, now, f"{folder} holds captions encoded otherwise",
       f"it is left as it is: use another --out, or delete {folder} to encode them again")
   return saved
@@ -577,7 +577,7 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
                   shard_size=shard_size, dtype=dtype,
                   vae={"config": dataclasses.asdict(cfg),
                        "weights_sha256": fileio.sha256_file(weights_path)})
-  settings = settings_lib.as_json(settings)
+  settings = provenance.as_json(settings)
   fileio.makedirs(out)
   check_settings(out, settings)
   distributed.barrier("extract_latents_settings")

@@ -162,7 +162,7 @@ def run(config, topology: str, *, batch: int | None = None, sample_batch: int = 
   from fcdm_jax import bench
   from fcdm_jax.flops import cost_analysis
   from fcdm_jax.models.layers import resolve_dwconv_impl
-  from fcdm_jax.train import sharding
+  from fcdm_jax import sharding
   from fcdm_jax import sampling
   from fcdm_jax.train.preview import sample_settings
 

@@ -36,7 +36,7 @@ resumes from them (and a finished one does nothing). An --out holding samples ma
 other settings is refused, never overwritten. The parts are deleted once the `.npz` is
 written unless --keep_parts.
 
-Devices and hosts. The mesh is the config's (`train.sharding.create_mesh`): the EMA
+Devices and hosts. The mesh is the config's (`sharding.create_mesh`): the EMA
 params are restored alone, in the config's shardings (FSDP for L/XL configs), and each
 batch is split over all devices (all hosts run the same command; host 0 writes the files
 to --out).
@@ -57,9 +57,9 @@ from absl import logging
 from jax.sharding import Mesh
 
 from fcdm_jax import adm_npz, distributed, fileio, sampling
-from fcdm_jax import settings as settings_lib
+from fcdm_jax import provenance
 from fcdm_jax.sample_output import OUT_COMPLETE, SampleOutput, out_verdict
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 
 # config.sample fields the command line may override (None = keep the config's).
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
@@ -105,9 +105,10 @@ def load_model(config, identity: dict, mesh: Mesh):
                                             step=identity["step"], mesh=mesh)
     return params
   from fcdm_jax import convert
+  from fcdm_jax.models import torch_weights
   from fcdm_jax.models import FCDM
   path = identity["torch_checkpoint"]
-  state_dict = convert.load_torch_state_dict(path, which="ema")
+  state_dict = torch_weights.load_torch_state_dict(path, which="ema")
   try:
     params = convert.params_from_torch(state_dict, model=FCDM(**config.model))
   except ValueError as e:
@@ -218,7 +219,7 @@ def load_decoder(vae_dir: str, config, mesh: Mesh):
   from fcdm_jax.models import vae as vae_lib
   decoder = sampling.load_decoder(vae_dir, config, mesh)
   _, weights = vae_lib.find_vae_files(vae_dir)
-  identity = {"config": settings_lib.as_json(dataclasses.asdict(decoder.model.config)),
+  identity = {"config": provenance.as_json(dataclasses.asdict(decoder.model.config)),
               "weights_sha256": fileio.sha256_file(weights)}
   return decoder, identity
 
@@ -260,7 +261,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   factor = decoder.model.config.downsample_factor if decoder else 1
   image_shape = (size * factor, size * factor,
                  3 if decoder else int(config.model.in_channels))
-  settings = settings_lib.as_json({
+  settings = provenance.as_json({
       "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
       "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
       "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,

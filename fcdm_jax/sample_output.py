@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from fcdm_jax import adm_npz, distributed, fileio
-from fcdm_jax import settings as settings_lib
+from fcdm_jax import provenance
 
 SETTINGS = "sample_settings.json"
 PARTS = "parts"
@@ -38,7 +38,7 @@ def check_out(out: str, settings: dict, final: str) -> bool:
     if fileio.isfile(out):
       raise ValueError(f"--out {out} exists and is not a directory")
     return False
-  saved = settings_lib.read(fileio.join(out, SETTINGS))
+  saved = provenance.read(fileio.join(out, SETTINGS))
   finished = [n for n in fileio.listdir(out) if n.startswith("samples_") and n.endswith(".npz")]
   if saved is None:
     if finished or fileio.isdir(fileio.join(out, PARTS)):
@@ -47,7 +47,7 @@ def check_out(out: str, settings: dict, final: str) -> bool:
     return False
   what = (f"a finished sample batch ({', '.join(finished)})" if finished
           else "unfinished sample parts")
-  settings_lib.refuse_changes(saved, settings, f"{out} holds {what} made with different "
+  provenance.refuse_changes(saved, settings, f"{out} holds {what} made with different "
                               "settings", "refusing to overwrite; use another --out")
   return fileio.exists(fileio.join(out, final))
 
@@ -87,7 +87,7 @@ class SampleOutput:
     leave --out as it was."""
     if self.is_host0:
       fileio.makedirs(self.out)
-      settings_lib.record(fileio.join(self.out, SETTINGS), settings)
+      provenance.record(fileio.join(self.out, SETTINGS), settings)
     distributed.barrier("sample_settings")
 
   def finished_batches(self) -> list[int]:

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fcdm_jax import settings
-from fcdm_jax.train import sharding
+from fcdm_jax import provenance
+from fcdm_jax import sharding
 
 # fold_in tags of PRNGKey(seed): independent streams of one sampling seed.
 STREAM_NOISE = 0    # the samples' starting and sampler noise
@@ -190,9 +190,9 @@ class Generator:
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.parallel = sharding.data_parallel_size(mesh)
     sample_fn = make_objective(config).make_sampler(sample_cfg, self.condition.null)
-    key = json.dumps([settings.as_json(config.model), config.objective,
-                      settings.as_json(config.diffusion), settings.as_json(config.flow),
-                      settings.as_json(sample_cfg), self.shape,
+    key = json.dumps([provenance.as_json(config.model), config.objective,
+                      provenance.as_json(config.diffusion), provenance.as_json(config.flow),
+                      provenance.as_json(sample_cfg), self.shape,
                       None if decoder is None else decoder.key(),
                       getattr(self.condition, "key", lambda: None)(),
                       [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],

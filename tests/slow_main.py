@@ -14,7 +14,8 @@ from absl import app
 from jax.experimental import multihost_utils
 
 from fcdm_jax import main
-from fcdm_jax.train import loop, sharding
+from fcdm_jax import sharding
+from fcdm_jax.train import loop
 
 _delay = float(os.environ.get("STEP_DELAY", "0.5"))
 _global_batch = sharding.global_batch

@@ -87,9 +87,9 @@ def test_a_readable_checkpoint_of_other_shapes_is_refused_not_moved(tmp_path, da
 def test_resume_checks_the_network_fields_old_configs_lack():
   """A config saved before the text-conditioning fields existed still resumes with a class
   model; a text model, or any other network field, is refused."""
-  from fcdm_jax import settings
+  from fcdm_jax import provenance
   config = load_config()
-  saved = settings.as_json(config)
+  saved = provenance.as_json(config)
   for key in ("condition", "text_dim", "text_embedder"):
     del saved["model"][key]
   ckpt_lib.check_same_model(saved, config, "use a new --workdir")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fcdm_jax import convert
+from fcdm_jax.models import torch_weights
 from fcdm_jax.models import FCDM, get_variant
 
 
@@ -94,7 +95,7 @@ def test_safetensors_round_trip(tmp_path, tiny_state_dict):
   params = convert.params_from_torch(tiny_state_dict)
   path = str(tmp_path / "fcdm.safetensors")
   convert.save_torch_checkpoint(path, params)
-  loaded = convert.load_torch_state_dict(path)
+  loaded = torch_weights.load_torch_state_dict(path)
   assert set(loaded) == set(tiny_state_dict)
   for k, v in tiny_state_dict.items():
     np.testing.assert_array_equal(loaded[k], v)
@@ -107,7 +108,7 @@ def test_pt_round_trip_picks_ema(tmp_path, tiny_state_dict):
   path = str(tmp_path / "fcdm.pt")
   convert.save_torch_checkpoint(path, params, ema)
   for which, scale in (("ema", 0.5), ("model", 1.0)):
-    loaded = convert.load_torch_state_dict(path, which=which)
+    loaded = torch_weights.load_torch_state_dict(path, which=which)
     np.testing.assert_array_equal(loaded["x_embedder.weight"],
                                   tiny_state_dict["x_embedder.weight"] * scale)
 
@@ -123,12 +124,12 @@ def test_pt_with_pickled_code_is_refused(tmp_path):
   torch.save({"model": Evil()}, str(path))
   with pytest.raises(ValueError, match="refusing to load .*evil.pt: it is a pickle holding "
                                        "Python objects.*Unsupported global"):
-    convert.load_torch_state_dict(str(path))
+    torch_weights.load_torch_state_dict(str(path))
 
 
 def test_missing_file_and_bad_extension(tmp_path, tiny_state_dict):
   with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
-    convert.load_torch_state_dict(str(tmp_path / "nope.pt"))
+    torch_weights.load_torch_state_dict(str(tmp_path / "nope.pt"))
   params = convert.params_from_torch(tiny_state_dict)
   with pytest.raises(ValueError, match="use .pt or .safetensors"):
     convert.save_torch_checkpoint(str(tmp_path / "x.ckpt"), params)

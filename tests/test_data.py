@@ -161,7 +161,7 @@ def test_the_step_draws_the_posterior_by_step_and_position():
   """eps ~ N(0, 1), its own per example, fresh per step, and the same whatever the device
   layout of the batch (so whatever the number of hosts)."""
   import jax
-  from fcdm_jax.train import sharding
+  from fcdm_jax import sharding
   from fcdm_jax.train.step import posterior_sample
   rng = np.random.default_rng(0)
   batch = {"x": rng.normal(size=(16,) + SHAPE).astype(np.float32),

@@ -16,7 +16,7 @@ from fcdm_jax.data import load_embedded
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.evaluation import demo_eval, hooks
 from fcdm_jax.models import FCDM
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 from train_helpers import TESTS, load_config, seed_classifier
 
 DEMO_CONFIG = TESTS.parent / "configs" / "demo.py"

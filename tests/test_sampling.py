@@ -11,7 +11,7 @@ from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.evaluation import demo_eval
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import preview as preview_lib
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 
 from test_sample import make_workdir
 from train_helpers import TESTS, load_config
@@ -92,7 +92,7 @@ def test_the_sample_batch_is_split_over_devices_in_any_tracing_context():
   """Each of 8 devices samples an eighth of the batch, also when the generator is traced
   under the training step's mesh and logical rules (activation constraints inside the
   per-sample vmap would leave its batch axis whole on every device)."""
-  from fcdm_jax.train.step import sharding_context
+  from fcdm_jax.sharding import sharding_context
   config = demo_shaped_config()
   shapes = jax.eval_shape(lambda: nn.unbox(FCDM(**config.model).init(
       jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32), np.zeros((1,), np.float32),

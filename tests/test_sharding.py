@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fcdm_jax import config_base
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 
 
 def test_mesh_from_config_or_devices():

@@ -25,7 +25,7 @@ class JaxBench:
     import flax.linen as nn
     from fcdm_jax.diffusion.objectives import make_objective
     from fcdm_jax.models import FCDM
-    from fcdm_jax.train import sharding
+    from fcdm_jax import sharding
     from fcdm_jax.train.state import make_optimizer
 
     self.jax, self.jnp, self.nn = jax, jnp, nn
@@ -54,7 +54,7 @@ class JaxBench:
 
   def _host_inputs(self) -> None:
     """The batch and timesteps as global arrays with random values (for timed steps)."""
-    from fcdm_jax.train import sharding
+    from fcdm_jax import sharding
     if self.batch_arrays is not None:
       return
     rng = np.random.default_rng(0)
@@ -118,8 +118,8 @@ class JaxBench:
     """The sampling forward (guided when `cfg_scale` != 1) lowered on the EMA params'
     layout; `unroll` lowers the block scans unrolled."""
     from fcdm_jax.diffusion.guidance import guided_model
-    from fcdm_jax.train.sharding import batch_sharding
-    from fcdm_jax.train.step import sharding_context
+    from fcdm_jax.sharding import batch_sharding
+    from fcdm_jax.sharding import sharding_context
     abstract, shardings = self.layout()
     model = self.model.clone(scan_unroll=True) if unroll else self.model
     null_label = model.num_classes if model.has_null_class else None

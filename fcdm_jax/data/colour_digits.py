@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fcdm_jax import fileio, settings
+from fcdm_jax import fileio, provenance
 from fcdm_jax.data import pipeline
 from fcdm_jax.data.embedded import load_embedded
 
@@ -198,7 +198,7 @@ def prepare(path: str = "") -> dict:
   path = resolve_path(path)
   marker = _read_marker(path)
   if marker is not None:
-    settings.refuse_changes(marker.get("recipe") or {}, settings.as_json(RECIPE),
+    provenance.refuse_changes(marker.get("recipe") or {}, provenance.as_json(RECIPE),
                             f"{path} was prepared with another recipe",
                             "use another config.data.path, or move that folder aside")
     return marker
@@ -224,7 +224,7 @@ def prepare(path: str = "") -> dict:
   captions = [training_captions(int(labels[i]), int(c)) for i, c in zip(image, colour)]
   write_captions(fileio.join(path, SUBFOLDER), captions,
                  load_text_encoder(encoder_dir, POOLING))
-  marker = dict(format=FORMAT, recipe=settings.as_json(RECIPE), text_encoder=scores,
+  marker = dict(format=FORMAT, recipe=provenance.as_json(RECIPE), text_encoder=scores,
                 held_out_prompts=[p for p, _, _ in held_out_prompts()],
                 num_examples=len(captions), seconds=round(time.time() - started, 2))
   fileio.atomic_write_bytes(fileio.join(path, MARKER), json.dumps(marker, indent=1).encode())

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fcdm_jax import fileio, sampling, settings
+from fcdm_jax import fileio, sampling, provenance
 from fcdm_jax.data import colour_digits
 from fcdm_jax.data.embedded import load_embedded
 from fcdm_jax.evaluation import demo_eval, hooks
@@ -166,7 +166,7 @@ class ColourDigitEvaluator:
     first = results[self.runs[0][0]]
     summary = dict(step=int(step), accuracy=first["accuracy"], **results, reference=reference,
                    prompts=[p for p, _, _ in self.prompts], samples_per_prompt=self.per_prompt,
-                   text_encoder=self.encoder_dir, sampler=settings.as_json(self.runs[0][1]),
+                   text_encoder=self.encoder_dir, sampler=provenance.as_json(self.runs[0][1]),
                    seconds=round(time.time() - started, 2))
     scalars = {f"eval/{name}_{k}": r[k] for name, r in results.items()
                for k in ("accuracy", "digit_accuracy", "colour_accuracy")}

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fcdm_jax import fileio, metrics, sampling, settings
+from fcdm_jax import fileio, metrics, sampling, provenance
 from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_model_range
 from fcdm_jax.evaluation import hooks
 
@@ -223,7 +223,7 @@ def train_classifier(recipe: dict | None = None):
   x_test, y_test = load_embedded("test")
   _, predicted = _predict(module, params, to_model_range(x_test))
   accuracy = float(np.mean(predicted == y_test))
-  info = dict(recipe=settings.as_json(recipe), test_accuracy=accuracy,
+  info = dict(recipe=provenance.as_json(recipe), test_accuracy=accuracy,
               train_seconds=round(seconds, 2),
               num_train=int(len(x_train)), num_test=int(len(x_test)))
   logging.info("eval classifier: trained in %.1f s, held-out accuracy %.4f", seconds, accuracy)
@@ -312,7 +312,7 @@ def _load_cache(directory: str, recipe: dict, fingerprint: str, module) -> tuple
       raise ValueError(f"{META_FILE} holds {type(meta).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise ValueError(f"{meta_path} is unreadable: {e}") from e
-  settings.refuse_changes(meta.get("recipe") or {}, settings.as_json(recipe),
+  provenance.refuse_changes(meta.get("recipe") or {}, provenance.as_json(recipe),
                           "the classifier recipe changed", "retraining")
   if meta.get("data_sha256") != fingerprint:
     raise ValueError("the embedded data changed since the classifier was trained")
@@ -464,7 +464,7 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
       num_samples=num_samples,
       **results,
       reference=reference,
-      sampler=settings.as_json(runs[0][1]),
+      sampler=provenance.as_json(runs[0][1]),
       classifier=dict(directory=judge.directory, trained_now=judge.trained,
                       test_accuracy=judge.info["test_accuracy"],
                       train_seconds=judge.info.get("train_seconds")),

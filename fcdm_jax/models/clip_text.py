@@ -350,7 +350,7 @@ def find_clip_text_files(path: str) -> tuple[str, str]:
 def load_clip_text(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPTextModel, dict]:
   """(model, params) from a local transformers CLIP folder (no download). The model has a
   `text_projection` when the weights hold one or config.json names a model with it."""
-  from fcdm_jax.convert import read_torch_file
+  from fcdm_jax.models.torch_weights import read_torch_file
   config_path, weights_path = find_clip_text_files(path)
   raw = torch_weights.read_config(config_path)
   whole_clip = "text_config" in raw

@@ -294,7 +294,7 @@ def load_clip_vision(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPVisionM
   """(model, params) from a local transformers CLIP folder (no download). The model has a
   `visual_projection` when the weights hold one or config.json names a model with it (a
   plain CLIPVisionModel's config.json carries a projection_dim it does not use)."""
-  from fcdm_jax.convert import read_torch_file
+  from fcdm_jax.models.torch_weights import read_torch_file
   config_path, weights_path = find_clip_vision_files(path)
   raw = read_config(config_path)
   whole_clip = "vision_config" in raw

@@ -315,7 +315,7 @@ def load_inception(path: str, preprocess: str = "adm",
                    dtype: Dtype = jnp.float32) -> tuple[InceptionV3, dict]:
   """(model, variables) from pytorch-fid's `pt_inception-2015-12-05-*.pth` (or the same
   state_dict as `.safetensors`); `.pth` files are read with `weights_only=True`."""
-  from fcdm_jax.convert import load_torch_state_dict
+  from fcdm_jax.models.torch_weights import load_torch_state_dict
   if not fileio.isfile(path):
     raise FileNotFoundError(
         f"Inception weights not found: {path}. Pass pytorch-fid's FID Inception file "

@@ -2,7 +2,7 @@
 
 Each module keeps the parameter names of its PyTorch counterpart so that weight
 conversion (`fcdm_jax.convert`) is a mechanical walk plus layout transposes.
-Every parameter carries logical axis names (see `fcdm_jax.train.sharding`) so that
+Every parameter carries logical axis names (see `fcdm_jax.sharding`) so that
 the training system can shard it from rules in the config.
 """
 

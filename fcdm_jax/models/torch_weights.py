@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -103,3 +105,91 @@ def read_config(config_path: str, what: str = "config") -> dict:
   if not isinstance(raw, dict):
     raise ValueError(f"{config_path} holds a {type(raw).__name__}, not a {what} mapping")
   return raw
+
+
+# ----------------------------------------------------------------------------- files
+
+def as_numpy(v) -> np.ndarray:
+  if hasattr(v, "detach"):  # a torch tensor
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":
+      v = v.float()
+    v = v.numpy()
+  return np.asarray(v)
+
+
+def import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("reading or writing .pt files needs PyTorch (pip install torch); "
+                      ".safetensors files do not") from e
+  return torch
+
+
+def _tree_to_numpy(v):
+  """Tensors anywhere in a loaded checkpoint (state_dicts, optimizer state) as numpy."""
+  if hasattr(v, "detach"):
+    return as_numpy(v)
+  if isinstance(v, Mapping):
+    return {k: _tree_to_numpy(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return type(v)(_tree_to_numpy(x) for x in v)
+  return v
+
+
+def read_torch_file(path: str) -> dict:
+  """The whole content of a `.pt` (read with `weights_only=True`: no pickled code runs) or
+  `.safetensors` file, tensors as numpy. A `.safetensors` file is one flat state_dict.
+
+  A damaged file, a pickle holding arbitrary Python objects and a file of another kind
+  each get their own error naming the file.
+  """
+  path = os.fspath(path)
+  if not fileio.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  with fileio.local_file(path) as local:
+    return _read_local_torch_file(local, path)
+
+
+def _read_local_torch_file(local: str, path: str) -> dict:
+  """`read_torch_file` of a local copy `local`; errors name `path`."""
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    try:
+      return dict(load_file(local))
+    except Exception as e:  # safetensors raises its own SafetensorError
+      raise ValueError(f"{path} is damaged (truncated?) or not a safetensors file: {e}") from e
+  torch = import_torch()
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+      ckpt = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:
+      if "Weights only load failed" in str(e):
+        reason = next((line.strip() for line in str(e).splitlines()
+                       if "WeightsUnpickler error" in line), "")
+        raise ValueError(
+            f"refusing to load {path}: it is a pickle holding Python objects other than "
+            "tensors and plain containers, which torch.load(weights_only=True) does not "
+            f"execute ({reason or 'rejected by torch'}). Re-save it as a plain state_dict, or "
+            "as .safetensors.") from e
+      raise ValueError(f"{path} is damaged (truncated?) or not a PyTorch checkpoint: {e}") from e
+  if not isinstance(ckpt, Mapping):
+    raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or "
+                     "{'model', 'ema', ...} checkpoint")
+  return _tree_to_numpy(dict(ckpt))
+
+
+def load_torch_state_dict(path: str, which: str = "ema") -> dict[str, np.ndarray]:
+  """One state_dict of a published-style checkpoint: `.pt` ({"model", "ema", ...} or a bare
+  state_dict) or `.safetensors`. `which` picks "ema" or "model" (falling back to "model"
+  when the file has no "ema").
+  """
+  if which not in ("ema", "model"):
+    raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+  ckpt = read_torch_file(path)
+  if which in ckpt and isinstance(ckpt[which], Mapping):
+    ckpt = ckpt[which]
+  elif "model" in ckpt and isinstance(ckpt["model"], Mapping):
+    ckpt = ckpt["model"]
+  return dict(ckpt)

@@ -188,14 +188,14 @@ ARCHITECTURE = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes
 def check_same_model(saved_config: dict, config, advice: str) -> None:
   """Refuses, naming the differing fields, a config whose network is not the checkpoint's."""
   import dataclasses
-  from fcdm_jax import settings
+  from fcdm_jax import provenance
   from fcdm_jax.models import FCDM
   # Fields a config saved before they existed holds the defaults of.
   defaults = {f.name: f.default for f in dataclasses.fields(FCDM) if f.name in ARCHITECTURE}
   arch = lambda c, model: dict({k: model.get(k, defaults.get(k)) for k in ARCHITECTURE},
                                objective=c.get("objective"))
-  now = settings.as_json(config)
-  settings.refuse_changes(arch(saved_config, saved_config.get("model", {})),
+  now = provenance.as_json(config)
+  provenance.refuse_changes(arch(saved_config, saved_config.get("model", {})),
                           arch(now, now["model"]),
                           "the workdir's checkpoint was trained with other model fields", advice)
 
@@ -209,7 +209,7 @@ def load_params(workdir: str, config=None, step: int | None = None, which: str =
   reads its shard only, and neither the AdamW moments nor the other params are read.
   Returns (params, config, step). The config defaults to the one saved with the run.
   """
-  from fcdm_jax.train import sharding
+  from fcdm_jax import sharding
   from fcdm_jax.train.state import params_layout
   if which not in PARAM_FIELDS:
     raise ValueError(f"which must be one of {PARAM_FIELDS}, got {which!r}")
@@ -250,7 +250,7 @@ def restore_on_host(workdir: str, step: int | None = None):
   """
   import numpy as np
   from fcdm_jax.models import FCDM
-  from fcdm_jax.train import sharding
+  from fcdm_jax import sharding
   from fcdm_jax.train.state import make_optimizer, state_layout
   config, step = saved_config(workdir, step)
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)

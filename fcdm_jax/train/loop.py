@@ -2,7 +2,7 @@
 
 Where each step of training happens:
   set-up checks ........ `check_run_setup` (before any work: workdir, batch, mesh)
-  devices and mesh ..... `fcdm_jax.train.sharding.create_mesh`
+  devices and mesh ..... `fcdm_jax.sharding.create_mesh`
   data ................. `fcdm_jax.data.make_source` (position = step)
   state / resume ....... `fcdm_jax.train.state.create_train_state`, `checkpoint.Checkpointer`,
                          or a PyTorch checkpoint (`config.init_from`, `torch_state`)
@@ -28,11 +28,12 @@ from absl import logging
 from clu import periodic_actions
 
 from fcdm_jax import data as data_lib
-from fcdm_jax import compilation_cache, distributed, fileio, settings
+from fcdm_jax import compilation_cache, distributed, fileio, provenance
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import checkpoint as ckpt_lib
-from fcdm_jax.train import events, sharding, torch_state
+from fcdm_jax import sharding
+from fcdm_jax.train import events, torch_state
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
@@ -262,7 +263,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
       for hook in hooks:
         hook(step)
       if save:
-        checkpointer.save(step, state, {"data_position": step, "config": settings.as_json(config),
+        checkpointer.save(step, state, {"data_position": step, "config": provenance.as_json(config),
                                         "jax_version": jax.__version__})
         writer.flush()   # the events up to a checkpoint are in the workdir with it
       if preview is not None and (step % config.preview.every_steps == 0 or last):

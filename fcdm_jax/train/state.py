@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from fcdm_jax.models import FCDM
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 
 
 @flax.struct.dataclass

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from fcdm_jax.models import FCDM
-from fcdm_jax.train import sharding
+from fcdm_jax import sharding
 from fcdm_jax.train.state import TrainState, learning_rate_fn
 
 
@@ -75,14 +73,6 @@ def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransforma
   return train_step
 
 
-def sharding_context(mesh: Mesh, config):
-  """Mesh + logical axis rules, under which steps are traced (activation constraints)."""
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(nn.logical_axis_rules(sharding.axis_rules(config)))
-  return stack
-
-
 class JittedTrainStep:
   """`train_step` jitted with explicit in/out shardings and the state donated.
 
@@ -98,11 +88,11 @@ class JittedTrainStep:
                           donate_argnums=0)
 
   def __call__(self, state, batch):
-    with sharding_context(self.mesh, self.config):
+    with sharding.sharding_context(self.mesh, self.config):
       return self.jitted(state, batch)
 
   def lower(self, state, batch):
-    with sharding_context(self.mesh, self.config):
+    with sharding.sharding_context(self.mesh, self.config):
       return self.jitted.lower(state, batch)
 
 

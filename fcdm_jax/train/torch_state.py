@@ -19,6 +19,7 @@ import optax
 from absl import logging
 
 from fcdm_jax import convert
+from fcdm_jax.models import torch_weights
 from fcdm_jax.models import FCDM
 from fcdm_jax.train.state import TrainState, learning_rate_fn
 
@@ -158,7 +159,7 @@ def host_state_from_torch(path: str, config, abstract: TrainState) -> TrainState
   else the weights; AdamW moments and step from "opt" if present, else fresh (step 0).
   """
   model = FCDM(**config.model)
-  ckpt = convert.read_torch_file(path)
+  ckpt = torch_weights.read_torch_file(path)
   nested = any(isinstance(ckpt.get(k), Mapping) for k in ("model", "ema"))
   weights = ckpt.get("model", ckpt.get("ema")) if nested else ckpt
   try:

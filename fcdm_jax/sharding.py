@@ -9,6 +9,7 @@ whole, so one rule set serves every variant and device count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -133,3 +134,11 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """This host's slice of the batch -> global arrays split over the data-parallel axes."""
   s = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in local.items()}
+
+
+def sharding_context(mesh: Mesh, config):
+  """Mesh + logical axis rules, under which steps are traced (activation constraints)."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(axis_rules(config)))
+  return stack
