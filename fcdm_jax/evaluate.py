@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from fcdm_jax import fileio, metrics
-from fcdm_jax.adm_npz import NpzImages
+from fcdm_jax.sampling.adm_npz import NpzImages
 from fcdm_jax.models import inception
 from fcdm_jax import sharding
 

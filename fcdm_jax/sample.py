@@ -56,9 +56,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from fcdm_jax import adm_npz, distributed, fileio, sampling
+from fcdm_jax import distributed, fileio, sampling
+from fcdm_jax.sampling import adm_npz
 from fcdm_jax import provenance
-from fcdm_jax.sample_output import OUT_COMPLETE, SampleOutput, out_verdict
+from fcdm_jax.sampling.output import OUT_COMPLETE, SampleOutput, out_verdict
 from fcdm_jax import sharding
 
 # config.sample fields the command line may override (None = keep the config's).

@@ -13,7 +13,8 @@ from PIL import Image
 
 import jax
 
-from fcdm_jax import config_base, convert, evaluate, sample, sample_output, sampling
+from fcdm_jax import config_base, convert, evaluate, sample, sampling
+from fcdm_jax.sampling import output as sample_output
 from fcdm_jax.models import FCDM, inception
 from fcdm_jax.models import vae as vae_lib
 from fcdm_jax.train import checkpoint as ckpt_lib

@@ -19,7 +19,8 @@ import io
 import jax
 import numpy as np
 
-from fcdm_jax import adm_npz, distributed, fileio
+from fcdm_jax import distributed, fileio
+from fcdm_jax.sampling import adm_npz
 from fcdm_jax import provenance
 
 SETTINGS = "sample_settings.json"
