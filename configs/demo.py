@@ -2,7 +2,7 @@
 
 `python -m fcdm_jax.main --config=configs/demo.py --workdir=runs/demo` trains, writes
 sample grids (one row per digit), and at the end judges class-conditional samples with a
-small classifier trained on the same data (see fcdm_jax/evaluation/demo_eval.py).
+small classifier trained on the same data (see fcdm_jax/demo/digit_judge.py).
 
 The default objective is the published flow matching (SiT: linear path, velocity
 prediction). `--config=configs/demo.py:ddpm` trains the published DDPM (epsilon, learned

@@ -2,9 +2,9 @@
 
 `python -m fcdm_jax.main --config=configs/t2i_demo.py --workdir=runs/t2i_demo` prepares
 the data once (a small CLIP-architecture text encoder trained on the captions, and the
-caption embeddings; `fcdm_jax/data/colour_digits.py`), trains, and at the end judges
+caption embeddings; `fcdm_jax/demo/colour_digits.py`), trains, and at the end judges
 samples for 60 prompts the model never trained on ("a handwritten seven coloured red")
-for digit and colour, with and without guidance (`fcdm_jax/evaluation/colour_digit_eval.py`).
+for digit and colour, with and without guidance (`fcdm_jax/demo/colour_digit_judge.py`).
 Then `python -m fcdm_jax.sample --workdir=runs/t2i_demo --prompt="a green four" ...`.
 
 The recipe is the class demo's (configs/demo.py): flow matching, batch 16, a short cosine
@@ -16,7 +16,7 @@ the two-layer MLP instead: it learned more slowly here (README, "The text-to-ima
 import importlib.util
 import pathlib
 
-from fcdm_jax.data import colour_digits
+from fcdm_jax.demo import colour_digits
 
 
 def _class_demo():

@@ -82,7 +82,7 @@ def digit_classifier(tmp_path_factory):
   """A folder holding the demo judge's digit classifier (`eval_classifier/`), trained once
   per test run with the real recipe: tests that run a demo copy it into their workdir, as
   a rerun of the demo finds its own cache there."""
-  from fcdm_jax.evaluation import demo_eval
+  from fcdm_jax.demo import digit_judge as demo_eval
   folder = tmp_path_factory.mktemp("digit_classifier")
   demo_eval.load_or_train_classifier(str(folder))
   return folder / demo_eval.CLASSIFIER_DIR

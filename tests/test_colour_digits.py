@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from fcdm_jax.data import colour_digits as cd
+from fcdm_jax.demo import colour_digits as cd
 from fcdm_jax.data.captions import CaptionTable
 from fcdm_jax.data.embedded import load_embedded
-from fcdm_jax.evaluation import colour_digit_eval
+from fcdm_jax.demo import colour_digit_judge as colour_digit_eval
 from fcdm_jax.models.text_encoder import load_text_encoder
 from train_helpers import TESTS, load_config, seed_classifier
 

@@ -14,7 +14,8 @@ import pytest
 
 from fcdm_jax.data import load_embedded
 from fcdm_jax.diffusion.objectives import make_objective
-from fcdm_jax.evaluation import demo_eval, hooks
+from fcdm_jax.demo import digit_judge as demo_eval
+from fcdm_jax.evaluation import hooks
 from fcdm_jax.models import FCDM
 from fcdm_jax import sharding
 from train_helpers import TESTS, load_config, seed_classifier

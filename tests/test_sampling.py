@@ -8,7 +8,7 @@ import pytest
 
 from fcdm_jax import sample, sampling
 from fcdm_jax.diffusion.objectives import make_objective
-from fcdm_jax.evaluation import demo_eval
+from fcdm_jax.demo import digit_judge as demo_eval
 from fcdm_jax.models import FCDM
 from fcdm_jax.train import preview as preview_lib
 from fcdm_jax import sharding

@@ -142,7 +142,7 @@ def caption_folder(config) -> str:
   if data.get("captions"):
     return data.captions
   if data.source == "colour_digits":
-    from fcdm_jax.data import colour_digits
+    from fcdm_jax.demo import colour_digits
     return fileio.join(colour_digits.resolve_path(data.get("path", "")), SUBFOLDER)
   if data.get("path"):
     return fileio.join(data.path, SUBFOLDER)

@@ -304,7 +304,7 @@ def make_source(config, *, process_index: int = 0, process_count: int = 1) -> So
     from fcdm_jax.data import embedded
     src = embedded.EmbeddedSource(split=data.get("split", "train"), **common)
   elif source == "colour_digits":
-    from fcdm_jax.data import colour_digits
+    from fcdm_jax.demo import colour_digits
     src = colour_digits.ColourDigitsSource(data.get("path", ""), **common)
   elif source == "tfds":
     from fcdm_jax.data import tfds_images

@@ -40,9 +40,9 @@ def make_evaluators(config, mesh, workdir: str) -> list:
     from fcdm_jax.evaluation.fid_eval import FidEvaluator
     return [FidEvaluator(config, mesh)]
   if kind == "demo":
-    from fcdm_jax.evaluation.demo_eval import DemoJudge
+    from fcdm_jax.demo.digit_judge import DemoJudge
     return [DemoJudge(config, mesh, workdir)]
   if kind == "colour_digits":
-    from fcdm_jax.evaluation.colour_digit_eval import ColourDigitEvaluator
+    from fcdm_jax.demo.colour_digit_judge import ColourDigitEvaluator
     return [ColourDigitEvaluator(config, mesh, workdir)]
   raise ValueError(f"unknown config.eval.kind {kind!r}; expected one of {KINDS}")

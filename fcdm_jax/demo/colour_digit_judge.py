@@ -25,9 +25,10 @@ import numpy as np
 from absl import logging
 
 from fcdm_jax import fileio, sampling, provenance
-from fcdm_jax.data import colour_digits
+from fcdm_jax.demo import colour_digits
 from fcdm_jax.data.embedded import load_embedded
-from fcdm_jax.evaluation import demo_eval, hooks
+from fcdm_jax.demo import digit_judge as demo_eval
+from fcdm_jax.evaluation import hooks
 
 EVAL_FILE = "eval.json"
 GRID_FILE = "eval_grid.png"

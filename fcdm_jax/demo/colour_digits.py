@@ -5,7 +5,7 @@ Images. Every train digit of the embedded MNIST-5k (`data/embedded.py`) appears 
 the `COLOURS`: ink = the digit's grey level times the colour, on black, 32x32x3; 4,000 x 6 =
 24,000 examples, made per batch from the grey digits (nothing stored). Every colour has a
 channel at full strength, so the grey digit is the image's per-pixel maximum (how the
-demo's judge reads the digit back, `evaluation/colour_digit_eval.py`).
+demo's judge reads the digit back, `demo/colour_digit_judge.py`).
 
 Captions. `TEMPLATES` phrase a (colour, digit) pair six ways. For each of the 60 pairs one
 phrasing is held out: it is never a training caption, and these 60 unseen prompts are what
@@ -241,7 +241,7 @@ class ColourDigitsSource(pipeline.Source):
     if _read_marker(self.path) is None:
       if kwargs.get("process_count", 1) > 1:
         raise FileNotFoundError(f"{self.path} is not prepared; prepare it once before a "
-                                "multi-process run: python -m fcdm_jax.data.colour_digits "
+                                "multi-process run: python -m fcdm_jax.demo.colour_digits "
                                 f"--path={self.path}")
       prepare(self.path)
     else:
