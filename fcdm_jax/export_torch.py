@@ -38,13 +38,14 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
   import jax
   from fcdm_jax import convert
-  from fcdm_jax.train import checkpoint, torch_state
+  from fcdm_jax import checkpoint
+  from fcdm_jax.train import torch_state
   if out.endswith(".safetensors"):  # the EMA alone is read, in the run's shardings
     ema, _, step = checkpoint.load_ema_params(workdir, step=step)
     convert.save_torch_checkpoint(out, jax.device_get(ema))
     content = "EMA weights"
   else:
-    state, config, step = checkpoint.restore_on_host(workdir, step)
+    state, config, step = torch_state.restore_on_host(workdir, step)
     convert.save_torch_checkpoint(out, **torch_state.training_checkpoint(state, config))
     content = "model, EMA, AdamW state, args"
   return {"out": out, "step": step, "content": content, "bytes": fileio.path(out).stat().length}

@@ -77,7 +77,7 @@ def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
     raise ValueError("pass exactly one of --workdir (a training run) and --torch_checkpoint "
                      "(a published-layout .pt/.safetensors file, with --config)")
   if workdir:
-    from fcdm_jax.train import checkpoint as ckpt_lib
+    from fcdm_jax import checkpoint as ckpt_lib
     if not fileio.isdir(workdir):
       raise FileNotFoundError(f"workdir {workdir} does not exist")
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
@@ -99,8 +99,8 @@ def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
 def load_model(config, identity: dict, mesh: Mesh):
   """The EMA params named by `identity` (from `resolve_model`), in the config's shardings
   on `mesh` (replicated, or FSDP for L/XL)."""
-  from fcdm_jax.train import checkpoint as ckpt_lib
-  from fcdm_jax.train.state import params_layout
+  from fcdm_jax import checkpoint as ckpt_lib
+  from fcdm_jax.checkpoint import params_layout
   if "workdir" in identity:
     params, _, _ = ckpt_lib.load_ema_params(identity["workdir"], config=config,
                                             step=identity["step"], mesh=mesh)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fcdm_jax.train import checkpoint as ckpt_lib
+from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax.train import loop
 
 from train_helpers import load_config, make_latent_dataset

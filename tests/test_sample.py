@@ -17,7 +17,7 @@ from fcdm_jax import config_base, convert, evaluate, sample, sampling
 from fcdm_jax.sampling import output as sample_output
 from fcdm_jax.models import FCDM, inception
 from fcdm_jax.models import vae as vae_lib
-from fcdm_jax.train import checkpoint as ckpt_lib
+from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax import sharding
 from fcdm_jax.train.state import TrainState, make_optimizer, state_layout
 

@@ -148,7 +148,7 @@ def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
   are those of a replicated restore."""
   import gc
   from test_sample import tiny_config
-  from fcdm_jax.train import checkpoint as ckpt_lib
+  from fcdm_jax import checkpoint as ckpt_lib
   config = tiny_config()
   config.model.hidden_size = 32   # wide enough that most bytes are in sharded kernels
   config.sharding.params = "fsdp"
@@ -156,7 +156,7 @@ def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
   workdir, ema = make_workdir(tmp_path / "run", config, seed=3)
   ema_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(ema))
 
-  from fcdm_jax.train.state import params_layout
+  from fcdm_jax.checkpoint import params_layout
   layout = params_layout(config, sharding.create_mesh(config))
   wanted = max(_bytes_per_device_of_layout(layout).values())   # the EMA bytes per device
 

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 from fcdm_jax import convert, export_torch, torch_fcdm  # noqa: E402
 from fcdm_jax.diffusion import flow  # noqa: E402
 from fcdm_jax.models import FCDM  # noqa: E402
-from fcdm_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from fcdm_jax import checkpoint as ckpt_lib  # noqa: E402
 from fcdm_jax.train import loop, torch_state  # noqa: E402
 from fcdm_jax.train.state import make_optimizer, state_layout  # noqa: E402
 from fcdm_jax.train.step import make_train_step  # noqa: E402
@@ -179,7 +179,7 @@ def test_exported_pt_resumes_in_the_published_training_step(trained_run, tmp_pat
   ema.load_state_dict(ckpt["ema"])
   opt.load_state_dict(ckpt["opt"])
 
-  state, _, _ = ckpt_lib.restore_on_host(workdir)
+  state, _, _ = torch_state.restore_on_host(workdir)
   step_both_and_compare(config, state, (model, ema, opt), fixed_batch(config))
 
 
@@ -189,7 +189,7 @@ def test_exported_safetensors_holds_the_ema_weights(trained_run, tmp_path):
   out = str(tmp_path / "ema.safetensors")
   export_torch.export(workdir, out, step=2)
   from safetensors.torch import load_file
-  state, _, _ = ckpt_lib.restore_on_host(workdir, step=2)
+  state, _, _ = torch_state.restore_on_host(workdir, step=2)
   model = torch_fcdm.from_config(config.model)
   model.load_state_dict(load_file(out), strict=True)
   assert_state_dicts_close(convert.params_to_torch(state.ema_params), model.state_dict(), "EMA")

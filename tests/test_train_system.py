@@ -19,7 +19,7 @@ import pytest
 from fcdm_jax import data as data_lib
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
-from fcdm_jax.train import checkpoint as ckpt_lib
+from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax import sharding
 from fcdm_jax.train import loop
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout

@@ -18,7 +18,7 @@ of the class-conditional FCDM (the null class), `TextEmbeddings` that of a text-
 one (pooled caption embeddings; the empty caption's embedding is the null).
 
 Weights are arguments of every call, already placed in their shardings (replicated, or
-FSDP-sharded as `train/checkpoint.load_ema_params` restores them); the batch is split
+FSDP-sharded as `checkpoint.load_ema_params` restores them); the batch is split
 over the mesh's data-parallel axes.
 """
 

@@ -31,7 +31,7 @@ from fcdm_jax import data as data_lib
 from fcdm_jax import compilation_cache, distributed, fileio, provenance
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
-from fcdm_jax.train import checkpoint as ckpt_lib
+from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax import sharding
 from fcdm_jax.train import events, torch_state
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout

@@ -84,16 +84,6 @@ def state_layout(config, model: FCDM, tx, mesh: Mesh, input_shape):
   return abstract, shardings
 
 
-def params_layout(config, mesh: Mesh):
-  """Abstract params (and so EMA) of the config's model, with the config's shardings
-  attached: where sampling and export place weights, whatever their source."""
-  model = FCDM(**config.model)
-  size = config.latent_size
-  abstract, _ = state_layout(config, model, make_optimizer(config), mesh,
-                             (size, size, config.model.in_channels))
-  return abstract.ema_params
-
-
 def create_train_state(config, model: FCDM, tx, mesh: Mesh, input_shape):
   """Initialises the state directly into its shardings (never whole on one device)."""
   abstract, shardings = state_layout(config, model, tx, mesh, input_shape)

@@ -18,10 +18,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from fcdm_jax import convert
-from fcdm_jax.models import torch_weights
-from fcdm_jax.models import FCDM
-from fcdm_jax.train.state import TrainState, learning_rate_fn
+from fcdm_jax import checkpoint as ckpt_lib
+from fcdm_jax import convert, sharding
+from fcdm_jax.models import FCDM, torch_weights
+from fcdm_jax.train.state import TrainState, learning_rate_fn, make_optimizer, state_layout
 
 _COUNTED = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
 
@@ -197,3 +197,27 @@ def place(host_tree, abstract):
 def state_from_torch(path: str, config, abstract: TrainState) -> TrainState:
   """`host_state_from_torch`, placed in the run's shardings."""
   return place(host_state_from_torch(path, config, abstract), abstract)
+
+
+def restore_on_host(workdir: str, step: int | None = None):
+  """The whole train state of a run's checkpoint as numpy arrays in host memory (no device
+  memory used), with the run's config. Returns (state, config, step).
+
+  For tools that move a checkpoint elsewhere (`fcdm_jax.export_torch`); a damaged
+  checkpoint is reported with its step and folder.
+  """
+  config, step = ckpt_lib.saved_config(workdir, step)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
+  mesh = sharding.create_mesh(devices=jax.devices()[:1])  # shapes only: nothing is placed
+  size = config.latent_size
+  abstract, _ = state_layout(config, FCDM(**config.model), make_optimizer(config), mesh,
+                             (size, size, config.model.in_channels))
+  target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  try:
+    state, _ = ckpt.restore(step, target)
+  except Exception as e:
+    raise ValueError(f"checkpoint at step {step} in {ckpt.directory} cannot be read "
+                     f"(damaged or written by an incompatible version): {e}") from e
+  finally:
+    ckpt.close()
+  return state, config, step

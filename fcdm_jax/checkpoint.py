@@ -12,15 +12,21 @@ only its shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import Mesh
 
-from fcdm_jax import distributed, fileio
+from fcdm_jax import distributed, fileio, provenance, sharding
+from fcdm_jax.models import FCDM
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"  # beside CHECKPOINT_DIR: damaged steps, set aside
@@ -173,7 +179,6 @@ def saved_config(workdir: str, step: int | None = None):
 
 
 def _config_dict(saved: dict):
-  import ml_collections
   config = ml_collections.ConfigDict(saved)
   config.model.depth = tuple(config.model.depth)
   return config
@@ -187,9 +192,6 @@ ARCHITECTURE = ("in_channels", "hidden_size", "depth", "mlp_ratio", "num_classes
 
 def check_same_model(saved_config: dict, config, advice: str) -> None:
   """Refuses, naming the differing fields, a config whose network is not the checkpoint's."""
-  import dataclasses
-  from fcdm_jax import provenance
-  from fcdm_jax.models import FCDM
   # Fields a config saved before they existed holds the defaults of.
   defaults = {f.name: f.default for f in dataclasses.fields(FCDM) if f.name in ARCHITECTURE}
   arch = lambda c, model: dict({k: model.get(k, defaults.get(k)) for k in ARCHITECTURE},
@@ -209,8 +211,6 @@ def load_params(workdir: str, config=None, step: int | None = None, which: str =
   reads its shard only, and neither the AdamW moments nor the other params are read.
   Returns (params, config, step). The config defaults to the one saved with the run.
   """
-  from fcdm_jax import sharding
-  from fcdm_jax.train.state import params_layout
   if which not in PARAM_FIELDS:
     raise ValueError(f"which must be one of {PARAM_FIELDS}, got {which!r}")
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
@@ -241,29 +241,16 @@ def load_ema_params(workdir: str, config=None, step: int | None = None, mesh=Non
   return load_params(workdir, config=config, step=step, which="ema", mesh=mesh)
 
 
-def restore_on_host(workdir: str, step: int | None = None):
-  """The whole train state of a run's checkpoint as numpy arrays in host memory (no device
-  memory used), with the run's config. Returns (state, config, step).
-
-  For tools that move a checkpoint elsewhere (`fcdm_jax.export_torch`); a damaged
-  checkpoint is reported with its step and folder.
-  """
-  import numpy as np
-  from fcdm_jax.models import FCDM
-  from fcdm_jax import sharding
-  from fcdm_jax.train.state import make_optimizer, state_layout
-  config, step = saved_config(workdir, step)
-  ckpt = Checkpointer(workdir, keep=1000, async_save=False, read_only=True)
-  mesh = sharding.create_mesh(devices=jax.devices()[:1])  # shapes only: nothing is placed
-  size = config.latent_size
-  abstract, _ = state_layout(config, FCDM(**config.model), make_optimizer(config), mesh,
-                             (size, size, config.model.in_channels))
-  target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  try:
-    state, _ = ckpt.restore(step, target)
-  except Exception as e:
-    raise ValueError(f"checkpoint at step {step} in {ckpt.directory} cannot be read "
-                     f"(damaged or written by an incompatible version): {e}") from e
-  finally:
-    ckpt.close()
-  return state, config, step
+def params_layout(config, mesh: Mesh):
+  """Abstract params (and so EMA) of the config's model with the config's shardings
+  attached: where sampling and export place weights, whatever their source. The same
+  shardings as the params and EMA of the train state (`sharding.state_shardings`)."""
+  model = FCDM(**config.model)
+  size = int(config.latent_size)
+  x = jnp.zeros((1, size, size, int(config.model.in_channels)), jnp.float32)
+  t = jnp.zeros((1,), jnp.float32)
+  boxed = jax.eval_shape(lambda r: model.init({"params": r}, x, t, model.example_y(1))["params"],
+                         jax.random.PRNGKey(0))
+  shardings = sharding.state_shardings(boxed, config, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
