@@ -2,709 +2,73 @@
 
     python -m fcdm_jax.extract_latents --source=folder:/data/imagenet/train \
         --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/in256
-    python -m fcdm_jax.extract_latents --source=tfds:imagenet2012 --data_dir=/data/tfds \
-        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/in256
 
-Captioned (text-to-image) datasets, latents and caption folder in one go:
-
-    python -m fcdm_jax.extract_latents --source=coco:/data/coco --split=train2014 \
-        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/coco256 \
-        --text_encoder=/models/clip-vit-large-patch14
-    python -m fcdm_jax.extract_latents --source=tfds:coco_captions --data_dir=/data/tfds \
-        --split=train --captions_key=captions/text --resolution=256 \
-        --vae=/models/sd-vae-ft-ema --out=/data/latents/coco256 \
-        --text_encoder=/models/clip-vit-large-patch14
-
-Then train with `--config.data.source=latents --config.data.path=/data/latents/in256`
-(a text-to-image run finds the caption folder at `<data.path>/captions` by itself).
-
-What is stored. Each image gets ADM's centre crop to --resolution (box halving, bicubic,
-centre crop: `fcdm_jax.data.center_crop_arr`); it and its horizontal mirror are encoded,
-and the posterior mean and std of both are kept, unscaled, in the format of
-`fcdm_jax/data/latents.py`. Training draws a fresh latent from them each epoch and flips
-by taking the mirror's posterior (a mirrored latent is not the latent of the mirror).
-
-Sources. `folder:PATH` is the ImageFolder layout (PATH/CLASS/**/IMAGE): labels by sorted
-class-folder name, files in ImageFolder's order; the class names go into the manifest.
-`tfds:NAME` is a prepared TFDS dataset in --data_dir (nothing is downloaded); its
-ClassLabel names go into the manifest. `coco:ROOT` is MS-COCO 2014 as distributed:
-ROOT/<split>/<file_name> and ROOT/annotations/captions_<split>.json for --split=train2014
-or val2014, in ascending image id order, each image with its captions (stripped, in
-annotation id order); an image without a caption is an error (the annotations do not
-fit the images), labels are all 0 (class_names ["coco"]). `tfds:NAME --captions_key=KEY`
-takes the captions from the text feature KEY, '/' stepping into Sequences and dicts
-(TFDS coco_captions: `captions/text`, its `captions` being Sequence({'text', 'id'}));
-labels are then 0 and no ClassLabel is needed.
-
-Captions. For a captioned source each shard's captions (one list per *kept* example) are
-written to `shard-XXXXX.captions.json` before the shard itself, so a complete shard has
-them. With --text_encoder (a local Hugging Face CLIP folder) host 0 then encodes them all,
-in example order, into the caption folder `<out>/captions` (`fcdm_jax/data/captions.py`;
-the training run's config.data.captions). A finished caption folder made by the same
-encoder (path, weights hash, --text_pooling) for the same examples is kept; one made
-otherwise is refused, never overwritten. The encoder is not a latent setting: a run
-without --text_encoder writes only the sidecars, and the same command with it later adds
-the caption folder without encoding an image.
-
-Odd images. CMYK, grayscale (8 and 16 bit) and other modes are converted to RGB as ADM's
-loader does (PIL `convert("RGB")`); files PIL cannot decode are skipped (and their
-captions with them). Each shard counts them (`converted_cmyk`, `converted_grayscale`,
-`converted_other`, `skipped_corrupt`), the manifest's `stats` sums the counts and its
-metadata lists the skipped files.
-
-Resuming. Shards are written atomically one at a time; rerunning the same command keeps
-every complete shard and computes only the missing ones, then (re)writes the manifest.
-The settings that decide the contents (source listing, split, resolution, VAE config and
-weights hash, shard size, storage dtype; for coco: a hash of the listing and captions,
-for tfds: the captions key) are recorded in `extract_settings.json` at the start: a rerun
-with other settings (a changed annotation file, say) into the same --out is refused
-rather than mixed.
-
-Devices and hosts. Batches are split over all local devices. With several hosts (run the
-same command on each, --out on storage all can see), host p encodes shards p, p+P, ...;
-host 0 writes the manifest (and the caption folder) after all have finished.
+Sources, resuming, captions and hosts: `fcdm_jax.extraction`. Exit status 0 when the
+dataset is complete, 1 on an error (one `error:` line naming the problem).
 """
 
-from __future__ import annotations
-
-import dataclasses
-import hashlib
-import json
-import math
 import sys
-from concurrent import futures
-from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import logging
-
-from fcdm_jax import distributed, fileio, images
-from fcdm_jax import provenance
-from fcdm_jax.data import captions as captions_lib
-from fcdm_jax.data import latents as latents_lib
-from fcdm_jax.data.preprocess import center_crop_arr
-from fcdm_jax.models import vae as vae_lib
-from fcdm_jax import sharding
-
-SETTINGS = "extract_settings.json"
-STORAGE_DTYPES = latents_lib.STORAGE_DTYPES
-PRECISIONS = ("default", "high", "highest")
-MAX_LISTED_SKIPS = 1000   # skipped file names kept in the manifest metadata
-COUNTERS = ("images", "encoded", "skipped_corrupt", "converted_cmyk", "converted_grayscale",
-            "converted_other")
-_KIND_COUNTER = {images.CMYK: "converted_cmyk", images.GRAYSCALE: "converted_grayscale",
-                 images.OTHER: "converted_other"}
-
-
-# ------------------------------------------------------------------------------- sources
-
-
-class RawExample(NamedTuple):
-  data: str | bytes   # a file path or the encoded image bytes
-  label: int
-  name: str           # how a skipped example is reported
-  captions: tuple[str, ...] = ()   # a captioned source's captions of this image
-
-
-class FolderImages:
-  """The ImageFolder layout: ROOT/CLASS/**/IMAGE, labels by sorted class-folder name."""
-
-  has_captions = False
-
-  def __init__(self, root: str):
-    self.root = fileio.absolute(root)
-    listing = images.list_image_folder(self.root)
-    if not listing.files:
-      raise ValueError(f"no image files ({', '.join(images.IMAGE_EXTENSIONS)}) under the "
-                       f"class folders of {self.root}")
-    self.class_names = listing.class_names
-    self.files, self.labels = listing.files, listing.labels
-    self.num_examples = len(self.files)
-    digest = hashlib.sha256()
-    for f, label in zip(self.files, self.labels):
-      digest.update(f"{f}\t{label}\n".encode())
-    self.identity = {"source": f"folder:{self.root}", "num_examples": self.num_examples,
-                     "listing_sha256": digest.hexdigest()}
-    self.metadata = {"ignored_files": listing.ignored}
-
-  def examples(self, start: int, end: int) -> list[RawExample]:
-    return [RawExample(fileio.join(self.root, self.files[i]), self.labels[i], self.files[i])
-            for i in range(start, end)]
-
-
-class CocoImages:
-  """MS-COCO (2014) from its official files: ROOT/<split>/<file_name> images and the
-  captions of ROOT/annotations/captions_<split>.json, in ascending image id order."""
-
-  has_captions = True
-
-  def __init__(self, root: str, split: str):
-    self.root, self.split = fileio.absolute(root), split
-    self.image_dir = fileio.join(self.root, split)
-    self.annotations = fileio.join(self.root, "annotations", f"captions_{split}.json")
-    missing = [p for p in (self.image_dir, self.annotations) if not fileio.exists(p)]
-    if missing:
-      raise FileNotFoundError(
-          f"coco:{self.root} with --split={split} reads the images of {self.image_dir} and "
-          f"the captions of {self.annotations}; missing: {', '.join(missing)} (MS-COCO 2014 "
-          "splits: --split=train2014 or --split=val2014)")
-    try:
-      data = json.loads(fileio.read_text(self.annotations))
-      listed = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
-      notes = [(int(a["image_id"]), int(a["id"]), str(a["caption"]))
-               for a in data["annotations"]]
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{self.annotations} is not a COCO captions file ({{'images': [{{'id', "
-                       f"'file_name'}}], 'annotations': [{{'image_id', 'id', 'caption'}}]}}): "
-                       f"{type(e).__name__}: {e}") from e
-    files = dict(listed)
-    if len(files) != len(listed):
-      raise ValueError(f"{self.annotations} lists some image ids more than once")
-    by_image: dict[int, list[tuple[int, str]]] = {i: [] for i in files}
-    unknown = sorted({i for i, _, _ in notes if i not in files})
-    if unknown:
-      raise ValueError(f"{self.annotations}: captions of image ids {unknown[:8]} that are not "
-                       "in its 'images'")
-    for image_id, note_id, caption in notes:
-      if caption.strip():   # an empty caption would be the unconditional input
-        by_image[image_id].append((note_id, caption.strip()))
-    self.ids = sorted(files)
-    self.files = [files[i] for i in self.ids]
-    self.captions = [tuple(c for _, c in sorted(by_image[i])) for i in self.ids]
-    bare = [f"{files[i]} (id {i})" for i, c in zip(self.ids, self.captions) if not c]
-    if bare:
-      raise ValueError(f"{self.annotations}: {len(bare)} images have no caption, e.g. "
-                       f"{', '.join(bare[:5])}: a text-to-image dataset needs one per image "
-                       "(is this the captions file of this split?)")
-    present = set(fileio.listdir(self.image_dir))
-    absent = [f for f in self.files if f not in present]
-    if absent:
-      raise FileNotFoundError(f"{len(absent)} images of {self.annotations} are not in "
-                              f"{self.image_dir}, e.g. {absent[:5]}")
-    self.class_names = ["coco"]
-    self.num_examples = len(self.ids)
-    digest = hashlib.sha256()
-    for i, f, c in zip(self.ids, self.files, self.captions):
-      digest.update((json.dumps([i, f, c]) + "\n").encode())
-    self.identity = {"source": f"coco:{self.root}", "split": split,
-                     "num_examples": self.num_examples, "listing_sha256": digest.hexdigest()}
-    self.metadata = {"annotations": self.annotations,
-                     "num_captions": sum(len(c) for c in self.captions)}
-
-  def examples(self, start: int, end: int) -> list[RawExample]:
-    return [RawExample(fileio.join(self.image_dir, self.files[i]), 0,
-                       f"{self.split}/{self.files[i]}", self.captions[i])
-            for i in range(start, end)]
-
-
-def _split_key(keys, key: str) -> tuple[str | None, str]:
-  """(the longest '/'-prefix of `key` that is one of `keys`, the rest): TFDS names features
-  'image/id' as well as nesting them ('captions' -> 'text')."""
-  parts = key.split("/")
-  for i in range(len(parts), 0, -1):
-    head = "/".join(parts[:i])
-    if head in keys:
-      return head, "/".join(parts[i:])
-  return None, key
-
-
-def _text_feature(features, key: str, where: str):
-  """Checks that `key` names a text feature (inside Sequences and FeaturesDicts)."""
-  from tensorflow_datasets.core.features import Sequence
-  node, rest = features, key
-  while True:
-    while isinstance(node, Sequence):
-      node = node.feature
-    if not rest:
-      break
-    head, rest = _split_key(list(node.keys()) if hasattr(node, "keys") else [], rest)
-    if head is None:
-      raise ValueError(f"{where} has no feature {key!r} (--captions_key); it has "
-                       f"{sorted(features.keys())} (TFDS coco_captions: captions/text)")
-    node = node[head]
-  if getattr(getattr(node, "tf_dtype", None), "name", None) != "string":
-    raise ValueError(f"{where}: feature {key!r} (--captions_key) is {type(node).__name__}, "
-                     "not text")
-
-
-def _texts_at(example, key: str) -> tuple[str, ...]:
-  """The strings under `key` of a decoded (numpy) TFDS example, stripped, empty ones left out."""
-  node, rest = example, key
-  while rest:
-    head, rest = _split_key(node, rest)
-    node = node[head]
-  texts = (t.decode("utf-8") if isinstance(t, bytes) else str(t)
-           for t in np.atleast_1d(np.asarray(node, dtype=object)).reshape(-1))
-  return tuple(t.strip() for t in texts if t.strip())
-
-
-class TfdsImages:
-  """A prepared TFDS image dataset, read by split slices with the images left encoded.
-
-  With `captions_key` (e.g. 'captions/text' of coco_captions) each example carries the
-  captions under that feature path and every label is 0 (no ClassLabel is needed)."""
-
-  def __init__(self, name: str, data_dir: str, split: str, image_key: str, label_key: str,
-               captions_key: str = ""):
-    from fcdm_jax.data.tfds_images import load_builder, load_image_builder
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory
-    self.captions_key = captions_key
-    self.has_captions = bool(captions_key)
-    if captions_key:
-      self.builder, where = load_builder(name, data_dir)
-      features = self.builder.info.features
-      if image_key not in features:
-        raise ValueError(f"{where} has no feature {image_key!r} (--image_key); it has "
-                         f"{sorted(features.keys())}")
-      _text_feature(features, captions_key, where)
-      names = [name]
-    else:
-      self.builder, where, labels = load_image_builder(name, data_dir, image_key, label_key,
-                                                       ("--image_key", "--label_key"))
-      names = labels.names
-    splits = self.builder.info.splits
-    if split not in splits:
-      raise ValueError(f"{where} has no split {split!r}; it has {sorted(splits.keys())}")
-    self.name, self.split = name, split
-    self.image_key, self.label_key = image_key, label_key
-    self.class_names = list(names)
-    self.num_examples = int(splits[split].num_examples)
-    self.identity = {"source": f"tfds:{name}", "version": str(self.builder.info.version),
-                     "split": split, "num_examples": self.num_examples}
-    if captions_key:
-      self.identity["captions_key"] = captions_key
-    self.metadata = {"data_dir": data_dir}
-
-  def examples(self, start: int, end: int) -> list[RawExample]:
-    import tensorflow_datasets as tfds
-    ds = self.builder.as_dataset(
-        split=f"{self.split}[{start}:{end}]", shuffle_files=False,
-        decoders={self.image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(interleave_cycle_length=1))
-    out = []
-    for j, ex in enumerate(tfds.as_numpy(ds)):
-      where = f"{self.name}/{self.split}[{start + j}]"
-      if self.captions_key:
-        captions = _texts_at(ex, self.captions_key)
-        if not captions:
-          raise ValueError(f"TFDS {where} has no caption under {self.captions_key!r}: a "
-                           "text-to-image dataset needs one per image")
-        out.append(RawExample(bytes(ex[self.image_key]), 0, where, captions))
-      else:
-        out.append(RawExample(bytes(ex[self.image_key]), int(ex[self.label_key]), where))
-    if len(out) != end - start:
-      raise RuntimeError(f"TFDS {self.name} {self.split}[{start}:{end}] gave {len(out)} "
-                         f"examples, expected {end - start}")
-    return out
-
-
-def open_source(spec: str, data_dir: str = "", split: str = "train", image_key: str = "image",
-                label_key: str = "label", captions_key: str = ""):
-  kind, _, arg = spec.partition(":")
-  if captions_key and kind != "tfds":
-    raise ValueError(f"--captions_key={captions_key} is for tfds: sources (coco: reads the "
-                     "captions of its annotations file; folder: has none)")
-  if kind == "folder" and arg:
-    return FolderImages(arg)
-  if kind == "coco" and arg:
-    return CocoImages(arg, split)
-  if kind == "tfds" and arg:
-    return TfdsImages(arg, data_dir, split, image_key, label_key, captions_key)
-  raise ValueError(f"unknown --source {spec!r}: expected folder:PATH (ImageFolder layout), "
-                   "coco:ROOT (MS-COCO 2014 images and captions JSON) or tfds:NAME (a "
-                   "prepared TFDS dataset in --data_dir)")
-
-
-# ------------------------------------------------------------------------- loading images
-
-
-@dataclasses.dataclass
-class ShardImages:
-  pixels: np.ndarray            # uint8 (n, R, R, 3), the images that decoded
-  labels: np.ndarray            # int64 (n,)
-  stats: dict[str, Any]
-  captions: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # of the n kept
-
-
-def _prepare(example: RawExample, resolution: int):
-  try:
-    decoded = images.decode_rgb(example.data)
-  except images.CorruptImageError as e:
-    return None, "corrupt", str(e)
-  return center_crop_arr(decoded.pixels, resolution), decoded.kind, None
-
-
-def load_shard(source, start: int, end: int, resolution: int,
-               pool: futures.Executor) -> ShardImages:
-  """Decode and centre-crop examples [start, end) on the pool; corrupt ones are left out."""
-  examples = source.examples(start, end)
-  prepared = list(pool.map(lambda e: _prepare(e, resolution), examples))
-  stats: dict[str, Any] = {k: 0 for k in COUNTERS}
-  stats["images"] = len(examples)
-  stats["skipped_files"] = []
-  pixels, labels, captions = [], [], []
-  for example, (crop, kind, error) in zip(examples, prepared):
-    if crop is None:
-      logging.warning("skipping %s", error)
-      stats["skipped_corrupt"] += 1
-      stats["skipped_files"].append(example.name)
-      continue
-    if kind in _KIND_COUNTER:
-      stats[_KIND_COUNTER[kind]] += 1
-    pixels.append(crop)
-    labels.append(example.label)
-    captions.append(tuple(example.captions))
-  stats["encoded"] = len(pixels)
-  shape = (0, resolution, resolution, 3)
-  return ShardImages(np.stack(pixels) if pixels else np.zeros(shape, np.uint8),
-                     np.asarray(labels, np.int64), stats, captions)
-
-
-# ------------------------------------------------------------------------------ encoding
-
-
-class PosteriorEncoder:
-  """uint8 images -> posterior (mean, std) of each image and of its mirror, on local devices."""
-
-  def __init__(self, model: vae_lib.AutoencoderKL, params, batch_size: int,
-               precision: str = "default"):
-    devices = jax.local_devices()
-    self.batch_size = -(-batch_size // len(devices)) * len(devices)
-    self.precision = precision
-    mesh = sharding.create_mesh(devices=devices)   # this host's devices: local batches
-    self.data = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
-    self.params = jax.device_put(params, replicated)
-
-    def encode(p, pixels):
-      x = pixels.astype(jnp.float32) / 127.5 - 1.0
-      n = x.shape[0]
-      # [image, mirror] of each example side by side, so nothing moves between devices.
-      both = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape((2 * n,) + x.shape[1:])
-      post = model.apply(p, both, method=model.encode)
-      unpair = lambda a: a.reshape((n, 2) + a.shape[1:])
-      return unpair(post.mean), unpair(post.std)
-
-    self._fn = jax.jit(encode, in_shardings=(replicated, self.data),
-                       out_shardings=(self.data, self.data))
-
-  def __call__(self, pixels: np.ndarray, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, R, R, 3) uint8 -> mean, std float32 (n, 2, h, w, c); axis 1 = [image, mirror]."""
-    pending = []
-    with jax.default_matmul_precision(self.precision):
-      for start in range(0, len(pixels), self.batch_size):
-        batch = pixels[start:start + self.batch_size]
-        n = len(batch)
-        if n < self.batch_size:
-          pad = np.zeros((self.batch_size - n,) + batch.shape[1:], batch.dtype)
-          batch = np.concatenate([batch, pad])
-        # Dispatch everything first: the devices work while earlier results come back.
-        pending.append((n, self._fn(self.params, jax.device_put(batch, self.data))))
-    means, stds = [], []
-    for n, (mean, std) in pending:
-      means.append(np.asarray(mean)[:n])
-      stds.append(np.asarray(std)[:n])
-      if progress is not None:
-        progress(n)
-    if not means:
-      return (np.zeros((0, 2, 1, 1, 1), np.float32),) * 2
-    return np.concatenate(means), np.concatenate(stds)
-
-
-# ------------------------------------------------------------------------------ settings
-
-
-def check_settings(out: str, settings: dict) -> None:
-  """Refuse an --out whose shards were written with other settings; record ours if new."""
-  path = fileio.join(out, SETTINGS)
-  saved = provenance.read(path)
-  if saved is not None:
-    provenance.refuse_changes(saved, settings, f"{out} holds latents extracted with other "
-                                "settings", f"use another --out, or delete {out} to start over")
-    return
-  if fileio.exists(fileio.join(out, latents_lib.MANIFEST)) or any(
-      n.startswith("shard-") for n in fileio.listdir(out)):
-    raise ValueError(f"{out} already holds latent shards but no {SETTINGS}: they were not "
-                     "written by this tool's current version; use another --out")
-  if jax.process_index() == 0:
-    provenance.record(path, settings)
-
-
-def _collect_skipped(writer: latents_lib.LatentShardWriter, num_shards: int) -> list[str]:
-  names = []
-  for i in range(num_shards):
-    info = json.loads(fileio.read_text(writer.shard_path(i).with_suffix(".json")))
-    names += info["stats"].get("skipped_files", [])
-    if len(names) >= MAX_LISTED_SKIPS:
-      return names[:MAX_LISTED_SKIPS]
-  return names
-
-
-# ------------------------------------------------------------------------------ captions
-
-CAPTIONS_DIR = captions_lib.SUBFOLDER   # the caption folder (data/captions.py) inside --out
-
-
-def sidecar_path(out: str, index: int) -> str:
-  """The captions of shard `index`'s kept examples: a JSON list of lists of strings."""
-  return fileio.join(out, latents_lib.shard_name(index).replace(".npy", ".captions.json"))
-
-
-def _text_encoder_identity(path: str, pooling: str) -> dict:
-  """What `load_text_encoder(path, pooling).identity` will be, without loading the model."""
-  from fcdm_jax.models.clip_text import find_clip_text_files
-  from fcdm_jax.models.text_encoder import POOLINGS
-  if pooling not in POOLINGS:
-    raise ValueError(f"--text_pooling must be one of {POOLINGS}, got {pooling!r}")
-  _, weights = find_clip_text_files(path)
-  return {"path": fileio.absolute(path), "weights_sha256": fileio.sha256_file(weights),
-          "pooling": pooling}
-
-
-def _existing_captions(folder: str, identity: dict, count: int | None) -> dict | None:
-  """The manifest of a finished caption folder made with `identity` (for `count` examples,
-  when given); None when there is none; ValueError for one made otherwise."""
-  path = fileio.join(folder, captions_lib.MANIFEST)
-  if not fileio.exists(path):
-    return None
-  saved = json.loads(fileio.read_text(path))
-  now = {"encoder": identity, "num_examples": saved.get("num_examples") if count is None
-         else count}
-  provenance.refuse_changes(
-      {k: saved.get(k) for k in now}, now, f"{folder} holds captions encoded otherwise",
-      f"it is left as it is: use another --out, or delete {folder} to encode them again")
-  return saved
-
-
-def _read_sidecars(out: str, manifest: dict) -> list[list[str]]:
-  captions = []
-  for i, shard in enumerate(manifest["shards"]):
-    path = sidecar_path(out, i)
-    if not fileio.exists(path):
-      raise FileNotFoundError(f"{path} is missing (shard {i} was written without its "
-                              "captions): rerun the same command, which encodes it again")
-    part = json.loads(fileio.read_text(path))
-    if len(part) != shard["count"]:
-      raise ValueError(f"{path} holds captions of {len(part)} examples, its shard "
-                       f"{shard['count']}: delete shard {i} and rerun")
-    captions += part
-  return captions
-
-
-def write_caption_folder(out: str, manifest: dict, text_encoder: str, pooling: str,
-                         identity: dict, batch: int, progress: bool) -> tuple[dict, bool]:
-  """(caption manifest, written now): encodes the shards' sidecar captions into
-  <out>/captions, or keeps a finished folder made with the same encoder."""
-  folder = fileio.join(out, CAPTIONS_DIR)
-  kept = _existing_captions(folder, identity, manifest["count"])
-  if kept is not None:
-    logging.info("kept %s: %d captions of %d examples", folder, kept["count"],
-                 kept["num_examples"])
-    return kept, False
-  captions = _read_sidecars(out, manifest)
-  from fcdm_jax.models.text_encoder import load_text_encoder
-  encoder = load_text_encoder(text_encoder, pooling)
-  if encoder.identity != identity:   # the weights changed while the latents were encoded
-    raise ValueError(f"the text encoder in {text_encoder} changed during the run "
-                     f"({identity} -> {encoder.identity}); rerun")
-  from tqdm import tqdm
-  with tqdm(total=sum(len(c) for c in captions), desc="captions", unit="caption",
-            file=sys.stderr, disable=not progress) as bar:
-    def advance(done, total):   # write_captions says what it counts (e.g. distinct ones)
-      bar.total = total
-      bar.update(done - bar.n)
-    written = captions_lib.write_captions(folder, captions, encoder, batch=batch,
-                                          progress=advance)
-  logging.info("wrote %s: %d captions of %d examples, dim %d", folder, written["count"],
-               written["num_examples"], written["dim"])
-  return written, True
-
-
-# ---------------------------------------------------------------------------------- main
-
-
-def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int = 64,
-            shard_size: int = 1000, num_workers: int = 8, dtype: str = "float16",
-            precision: str = "default", data_dir: str = "", split: str = "train",
-            image_key: str = "image", label_key: str = "label", captions_key: str = "",
-            text_encoder: str = "", text_pooling: str = "pooled", text_batch_size: int = 256,
-            progress: bool = True) -> dict:
-  """Writes (or completes) the latent dataset `out`, the captions sidecar of each shard for
-  a captioned source, and with `text_encoder` the caption folder <out>/captions; returns a
-  summary with the manifests."""
-  for name, value in (("resolution", resolution), ("batch_size", batch_size),
-                      ("shard_size", shard_size), ("num_workers", num_workers),
-                      ("text_batch_size", text_batch_size)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-  if dtype not in STORAGE_DTYPES:
-    raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-  if precision not in PRECISIONS:
-    raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
-  if not out:
-    raise ValueError("--out is empty: name the directory to write the latents to")
-
-  _, weights_path = vae_lib.find_vae_files(vae)
-  model, params = vae_lib.load_vae(vae)
-  cfg = model.config
-  if cfg.shift_factor:
-    raise ValueError(f"the VAE in {vae} has shift_factor={cfg.shift_factor}; the latent format "
-                     "stores (mean, std) for latent = (mean + std * eps) * scale only")
-  if resolution % cfg.downsample_factor:
-    raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling "
-                     f"factor {cfg.downsample_factor}")
-  if cfg.in_channels != 3:
-    raise ValueError(f"the VAE in {vae} takes {cfg.in_channels}-channel images, not RGB")
-  size = resolution // cfg.downsample_factor
-  shape = (size, size, cfg.latent_channels)
-
-  src = open_source(source, data_dir, split, image_key, label_key, captions_key)
-  text_identity = None
-  if text_encoder:
-    if not src.has_captions:
-      raise ValueError(f"--text_encoder: {source} has no captions to encode (captioned "
-                       "sources: coco:ROOT, or tfds:NAME with --captions_key)")
-    # Checked now, not after hours of encoding: the encoder is found and an existing caption
-    # folder is one it made. Not part of the latent settings: the latents do not depend on
-    # it, and a later run may add the caption folder to finished latents.
-    text_identity = _text_encoder_identity(text_encoder, text_pooling)
-    _existing_captions(fileio.join(out, CAPTIONS_DIR), text_identity, None)
-  num_shards = math.ceil(src.num_examples / shard_size)
-  settings = dict(src.identity, resolution=resolution, crop="adm_center_crop",
-                  shard_size=shard_size, dtype=dtype,
-                  vae={"config": dataclasses.asdict(cfg),
-                       "weights_sha256": fileio.sha256_file(weights_path)})
-  settings = provenance.as_json(settings)
-  fileio.makedirs(out)
-  check_settings(out, settings)
-  distributed.barrier("extract_latents_settings")
-
-  writer = latents_lib.LatentShardWriter(out, shape=shape, num_classes=len(src.class_names),
-                                         vae_scale=cfg.scaling_factor, dtype=dtype)
-  pid, nproc = jax.process_index(), jax.process_count()
-  mine = list(range(pid, num_shards, nproc))
-  # A captioned source's shard is complete with its captions sidecar (written before it).
-  todo = [i for i in mine if not writer.is_complete(i)
-          or (src.has_captions and not fileio.exists(sidecar_path(out, i)))]
-  logging.info("%s: %d examples in %d shards; this host (%d of %d) has %d to encode, %d "
-               "already complete", settings["source"], src.num_examples, num_shards, pid,
-               nproc, len(todo), len(mine) - len(todo))
-  encoder = PosteriorEncoder(model, params, batch_size, precision)
-  bounds = lambda i: (i * shard_size, min((i + 1) * shard_size, src.num_examples))
-
-  from tqdm import tqdm
-  total = sum(bounds(i)[1] - bounds(i)[0] for i in todo)
-  written = []
-  with tqdm(total=total, desc="encoding", unit="img", file=sys.stderr,
-            disable=not progress or pid != 0) as bar, \
-       futures.ThreadPoolExecutor(num_workers) as pool, \
-       futures.ThreadPoolExecutor(1) as reader:
-    # Shard k+1 is read and decoded while shard k is on the devices.
-    load = lambda i: reader.submit(load_shard, src, *bounds(i), resolution, pool)
-    next_load = load(todo[0]) if todo else None
-    for j, index in enumerate(todo):
-      shard = next_load.result()
-      next_load = load(todo[j + 1]) if j + 1 < len(todo) else None
-      skipped = shard.stats["images"] - shard.stats["encoded"]
-      mean, std = encoder(shard.pixels, progress=bar.update)
-      if skipped:
-        bar.update(skipped)
-      mean = mean.reshape((len(shard.labels), 2) + shape)
-      std = std.reshape((len(shard.labels), 2) + shape)
-      if src.has_captions:   # before the shard: a complete shard has its sidecar
-        fileio.atomic_write_bytes(sidecar_path(out, index),
-                                  json.dumps([list(c) for c in shard.captions]).encode())
-      writer.write_shard(index, mean, std, shard.labels, stats=shard.stats, overwrite=True)
-      written.append(index)
-
-  distributed.barrier("extract_latents_shards")
-  manifest = captions = None
-  captions_written, error = False, None
-  if pid == 0:
-    metadata = dict(settings, tool="fcdm_jax.extract_latents", vae_path=fileio.absolute(vae),
-                    class_names=src.class_names, captions_sidecars=src.has_captions,
-                    skipped_files=_collect_skipped(writer, num_shards), **src.metadata)
-    manifest = writer.finalize(num_shards, metadata=metadata)
-    logging.info("wrote %s: %d latents of %s, stats %s", out, manifest["count"], shape,
-                 manifest["stats"])
-    if text_encoder:
-      try:   # the other hosts wait at the barrier below: reach it, then raise
-        captions, captions_written = write_caption_folder(
-            out, manifest, text_encoder, text_pooling, text_identity, text_batch_size,
-            progress)
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-  distributed.barrier("extract_latents_manifest")
-  if error is not None:
-    raise error
-  return {"out": out, "num_shards": num_shards, "written": written,
-          "kept": [i for i in mine if i not in written], "manifest": manifest,
-          "captions": captions, "captions_written": captions_written}
-
-
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("source", None, "What to encode: folder:PATH (ImageFolder layout, "
-                      "PATH/CLASS/IMAGE; labels by sorted class folder), coco:ROOT (MS-COCO "
-                      "2014: ROOT/<split>/*.jpg and ROOT/annotations/captions_<split>.json, "
-                      "with --split=train2014 or val2014; captioned, labels 0) or tfds:NAME (a "
-                      "prepared TFDS dataset in --data_dir, e.g. tfds:imagenet2012, or "
-                      "tfds:coco_captions with --captions_key=captions/text).", required=True)
-  flags.DEFINE_string("data_dir", "", "TFDS data_dir for tfds: sources (nothing is downloaded).")
-  flags.DEFINE_string("split", "train", "Split: of a tfds: source (e.g. train; coco_captions: "
-                      "train, val, test, restval), or of coco: (train2014 or val2014: the "
-                      "image folder and the captions_<split>.json read).")
-  flags.DEFINE_string("image_key", "image", "TFDS image feature name.")
-  flags.DEFINE_string("label_key", "label", "TFDS ClassLabel feature name (not used with "
-                      "--captions_key: labels are then 0).")
-  flags.DEFINE_string("captions_key", "", "tfds: sources: the feature path of the captions, "
-                      "'/'-separated through Sequences (coco_captions: captions/text); each "
-                      "shard's captions go to a shard-XXXXX.captions.json sidecar. Empty: no "
-                      "captions.")
-  flags.DEFINE_string("text_encoder", "", "Local Hugging Face CLIP folder (text model and "
-                      "tokenizer): after the latents, encode the captions of a captioned source "
-                      "into the caption folder <out>/captions (config.data.captions). A "
-                      "finished one made by the same encoder is kept, another is refused. "
-                      "Empty: only the sidecars are written (rerun with it later to add the "
-                      "folder without encoding any image).")
-  flags.DEFINE_enum("text_pooling", "pooled", ["pooled", "projected"], "Caption embedding: "
-                    "the end-of-text state ('pooled') or its text_projection ('projected'); "
-                    "give the run the same config.data.text_pooling (sampling's --prompt).")
-  flags.DEFINE_integer("text_batch_size", 256, "Captions per text encoder step.")
-  flags.DEFINE_integer("resolution", 256, "Image size after ADM's centre crop (256 -> 32x32x4 "
-                       "latents with the SD-VAE).")
-  flags.DEFINE_string("vae", None, "Local diffusers AutoencoderKL directory (config.json + "
-                      "diffusion_pytorch_model.safetensors or .bin), e.g. sd-vae-ft-ema.",
-                      required=True)
-  flags.DEFINE_string("out", None, "Output directory of the latent dataset; an unfinished one "
-                      "with the same settings is resumed.", required=True)
-  flags.DEFINE_integer("batch_size", 64, "Images per encoder step on this host, split over its "
-                       "local devices (rounded up to a multiple of their count); each is "
-                       "encoded with its mirror, so the VAE sees twice as many.")
-  flags.DEFINE_integer("shard_size", 1000, "Examples per shard file: the unit of resuming and "
-                       "of splitting the work between hosts.")
-  flags.DEFINE_integer("num_workers", 8, "Threads decoding and cropping images.")
-  flags.DEFINE_enum("dtype", "float16", list(STORAGE_DTYPES), "Storage dtype of the posterior "
-                    "mean and std.")
-  flags.DEFINE_enum("precision", "default", list(PRECISIONS), "Matmul/conv precision of the "
-                    "encoder ('default': TF32/bf16 passes on GPU/TPU, like PyTorch's cuDNN "
-                    "default; 'highest': full float32).")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
-                    "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
-  return flags.FLAGS
+from absl import app, flags
+
+from fcdm_jax import distributed, extraction
+
+flags.DEFINE_string("source", None, "What to encode: folder:PATH (ImageFolder layout, "
+                    "PATH/CLASS/IMAGE; labels by sorted class folder), coco:ROOT (MS-COCO "
+                    "2014: ROOT/<split>/*.jpg and ROOT/annotations/captions_<split>.json, "
+                    "with --split=train2014 or val2014; captioned, labels 0) or tfds:NAME (a "
+                    "prepared TFDS dataset in --data_dir, e.g. tfds:imagenet2012, or "
+                    "tfds:coco_captions with --captions_key=captions/text).", required=True)
+flags.DEFINE_string("data_dir", "", "TFDS data_dir for tfds: sources (nothing is downloaded).")
+flags.DEFINE_string("split", "train", "Split: of a tfds: source (e.g. train; coco_captions: "
+                    "train, val, test, restval), or of coco: (train2014 or val2014: the "
+                    "image folder and the captions_<split>.json read).")
+flags.DEFINE_string("image_key", "image", "TFDS image feature name.")
+flags.DEFINE_string("label_key", "label", "TFDS ClassLabel feature name (not used with "
+                    "--captions_key: labels are then 0).")
+flags.DEFINE_string("captions_key", "", "tfds: sources: the feature path of the captions, "
+                    "'/'-separated through Sequences (coco_captions: captions/text); each "
+                    "shard's captions go to a shard-XXXXX.captions.json sidecar. Empty: no "
+                    "captions.")
+flags.DEFINE_string("text_encoder", "", "Local Hugging Face CLIP folder (text model and "
+                    "tokenizer): after the latents, encode the captions of a captioned source "
+                    "into the caption folder <out>/captions (config.data.captions). A "
+                    "finished one made by the same encoder is kept, another is refused. "
+                    "Empty: only the sidecars are written (rerun with it later to add the "
+                    "folder without encoding any image).")
+flags.DEFINE_enum("text_pooling", "pooled", ["pooled", "projected"], "Caption embedding: "
+                  "the end-of-text state ('pooled') or its text_projection ('projected'); "
+                  "give the run the same config.data.text_pooling (sampling's --prompt).")
+flags.DEFINE_integer("text_batch_size", 256, "Captions per text encoder step.")
+flags.DEFINE_integer("resolution", 256, "Image size after ADM's centre crop (256 -> 32x32x4 "
+                     "latents with the SD-VAE).")
+flags.DEFINE_string("vae", None, "Local diffusers AutoencoderKL directory (config.json + "
+                    "diffusion_pytorch_model.safetensors or .bin), e.g. sd-vae-ft-ema.",
+                    required=True)
+flags.DEFINE_string("out", None, "Output directory of the latent dataset; an unfinished one "
+                    "with the same settings is resumed.", required=True)
+flags.DEFINE_integer("batch_size", 64, "Images per encoder step on this host, split over its "
+                     "local devices (rounded up to a multiple of their count); each is "
+                     "encoded with its mirror, so the VAE sees twice as many.")
+flags.DEFINE_integer("shard_size", 1000, "Examples per shard file: the unit of resuming and "
+                     "of splitting the work between hosts.")
+flags.DEFINE_integer("num_workers", 8, "Threads decoding and cropping images.")
+flags.DEFINE_enum("dtype", "float16", list(extraction.STORAGE_DTYPES), "Storage dtype of the posterior "
+                  "mean and std.")
+flags.DEFINE_enum("precision", "default", list(extraction.PRECISIONS), "Matmul/conv precision of the "
+                  "encoder ('default': TF32/bf16 passes on GPU/TPU, like PyTorch's cuDNN "
+                  "default; 'highest': full float32).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
+                  "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
 
 
 def main(argv):
-  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   distributed.maybe_initialize(f.distributed)
   try:
-    summary = extract(f.source, f.resolution, f.vae, f.out, batch_size=f.batch_size,
+    summary = extraction.extract(f.source, f.resolution, f.vae, f.out, batch_size=f.batch_size,
                       shard_size=f.shard_size, num_workers=f.num_workers, dtype=f.dtype,
                       precision=f.precision, data_dir=f.data_dir, split=f.split,
                       image_key=f.image_key, label_key=f.label_key,
@@ -719,11 +83,9 @@ def main(argv):
           f"stats {m['stats']}")
   if summary.get("captions") is not None:
     c = summary["captions"]
-    print(f"{summary['out']}/{CAPTIONS_DIR}: {c['count']} captions of {c['num_examples']} "
+    print(f"{summary['out']}/{extraction.CAPTIONS_DIR}: {c['count']} captions of {c['num_examples']} "
           f"examples, dim {c['dim']} ({'written now' if summary['captions_written'] else 'kept'})")
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
   app.run(main)

@@ -4,382 +4,68 @@
         --num_samples=50000 --sampler=ddpm --steps=250 --cfg_scale=1.5 --out=samples/xl_256
     python -m fcdm_jax.sample --torch_checkpoint=FCDM-XL-256.pt --config=configs/xl_256.py \
         --vae=/models/sd-vae-ft-ema --num_samples=50000 --out=samples/xl_256_published
-    python -m fcdm_jax.evaluate --samples=samples/xl_256/samples_50000x256x256x3.npz ...
 
-Weights. `--workdir` takes the EMA params of the run's latest checkpoint (or `--step`) and
-the config saved with it (`--config` overrides it, e.g. for another compute dtype);
-`--torch_checkpoint` takes the 'ema' weights of a published-layout `.pt` (read with
-`weights_only=True`) or `.safetensors` file, with the run config given by `--config`.
-
-Sampling. The sampler is the objective's (`fcdm_jax.diffusion.objectives`) with
-`config.sample`'s settings; `--sampler`, `--steps`, `--cfg_scale`, ... override them.
-Labels are uniform over the classes, drawn from the seed (`--labels=random`), or
-`balanced` (sample i gets class i mod K), or given (a comma list, cycled, or a `.npy` /
-`.txt` file with one label per sample).
-
-Determinism. The images come from `fcdm_jax.sampling.Generator` (as training previews
-and evaluation do): sample i's noise depends on (seed, i) alone, and its random label
-likewise, so the same seed gives the same images whatever the batch size, device count or
-how often the run was resumed (up to floating-point differences between batch shapes).
-
-Images. Latent models (config.data.source latents / torch_features / torch_zarr) are
-decoded with the SD-VAE given by `--vae` after dividing by config.data.vae_scale;
-pixel-space models (e.g. configs/demo.py) are their own images. Values in [-1, 1] become
-uint8 as DiT's sampler does (`clip(127.5 x + 128, 0, 255)`, truncated). One-channel models
-are written to PNG as grayscale and replicated to three channels in the `.npz`, because
-ADM's evaluator (and `fcdm_jax.evaluate`) take RGB batches.
-
-Output, in --out: `samples_{N}x{H}x{W}x3.npz` (`arr_0` uint8 NHWC, `arr_1` int64 labels;
-written atomically at the end), `png/{i:06d}.png` with --png, and `sample_settings.json`.
-While running, each finished batch is a file in `parts/`; a rerun of the same command
-resumes from them (and a finished one does nothing). An --out holding samples made with
-other settings is refused, never overwritten. The parts are deleted once the `.npz` is
-written unless --keep_parts.
-
-Devices and hosts. The mesh is the config's (`sharding.create_mesh`): the EMA
-params are restored alone, in the config's shardings (FSDP for L/XL configs), and each
-batch is split over all devices (all hosts run the same command; host 0 writes the files
-to --out).
+Weights, labels, determinism, the output folder and resuming: `fcdm_jax.sampling.run`.
+Exit status 0 when the sample batch is complete, 1 on an error (one `error:` line).
 """
 
-from __future__ import annotations
-
-import dataclasses
-import hashlib
-import io
-import re
 import sys
-from typing import Any
 
 import jax
-import numpy as np
-from absl import logging
-from jax.sharding import Mesh
+from absl import app, flags
+from ml_collections import config_flags
 
-from fcdm_jax import distributed, fileio, sampling
-from fcdm_jax.sampling import adm_npz
-from fcdm_jax import provenance
-from fcdm_jax.sampling.output import OUT_COMPLETE, SampleOutput, out_verdict
-from fcdm_jax import sharding
+from fcdm_jax import distributed
+from fcdm_jax.sampling import run
 
-# config.sample fields the command line may override (None = keep the config's).
-SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
-                    "clip_denoised")
-
-
-# ----------------------------------------------------------------------------- the model
-
-
-def resolve_model(workdir: str | None, torch_checkpoint: str | None, config,
-                  step: int | None):
-  """(config, identity dict naming the weights), checked before any weights are read."""
-  if bool(workdir) == bool(torch_checkpoint):
-    raise ValueError("pass exactly one of --workdir (a training run) and --torch_checkpoint "
-                     "(a published-layout .pt/.safetensors file, with --config)")
-  if workdir:
-    from fcdm_jax import checkpoint as ckpt_lib
-    if not fileio.isdir(workdir):
-      raise FileNotFoundError(f"workdir {workdir} does not exist")
-    ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
-    if not fileio.isdir(ckpt_dir) or not any(n.isdigit() for n in fileio.listdir(ckpt_dir)):
-      raise FileNotFoundError(f"no checkpoint in {workdir}: expected {ckpt_dir}/STEP written "
-                              "by `python -m fcdm_jax.main`")
-    saved, step = ckpt_lib.saved_config(workdir, step)
-    return (saved if config is None else config), {"workdir": fileio.absolute(workdir),
-                                                   "step": int(step)}
-  if config is None:
-    raise ValueError("--torch_checkpoint needs --config (the run config the weights were "
-                     "trained with, e.g. configs/xl_256.py)")
-  if not fileio.isfile(torch_checkpoint):
-    raise FileNotFoundError(f"checkpoint file not found: {torch_checkpoint}")
-  return config, {"torch_checkpoint": fileio.absolute(torch_checkpoint),
-                  "sha256": fileio.sha256_file(torch_checkpoint)}
-
-
-def load_model(config, identity: dict, mesh: Mesh):
-  """The EMA params named by `identity` (from `resolve_model`), in the config's shardings
-  on `mesh` (replicated, or FSDP for L/XL)."""
-  from fcdm_jax import checkpoint as ckpt_lib
-  from fcdm_jax.checkpoint import params_layout
-  if "workdir" in identity:
-    params, _, _ = ckpt_lib.load_ema_params(identity["workdir"], config=config,
-                                            step=identity["step"], mesh=mesh)
-    return params
-  from fcdm_jax import convert
-  from fcdm_jax.models import torch_weights
-  from fcdm_jax.models import FCDM
-  path = identity["torch_checkpoint"]
-  state_dict = torch_weights.load_torch_state_dict(path, which="ema")
-  try:
-    params = convert.params_from_torch(state_dict, model=FCDM(**config.model))
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from e
-  shardings = jax.tree.map(lambda a: a.sharding, params_layout(config, mesh))
-  return jax.device_put(params, shardings)
-
-
-def sample_settings(config, overrides: dict) -> Any:
-  """config.sample with the command line's overrides applied (None = keep)."""
-  cfg = config.sample.copy_and_resolve_references()
-  with cfg.unlocked():
-    for key, value in overrides.items():
-      if value is not None:
-        cfg[key] = value
-  return cfg
-
-
-# ------------------------------------------------------------------------------ labels
-
-
-def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.ndarray:
-  """int32 labels of samples 0..N-1 from --labels (see the module docstring)."""
-  spec = (spec or "random").strip()
-  if spec == "random":
-    labels = sampling.random_labels(seed, num_samples, num_classes)
-  elif spec == "balanced":
-    labels = np.arange(num_samples) % num_classes
-  elif re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*", spec):
-    given = np.asarray([int(v) for v in spec.split(",")])
-    labels = np.resize(given, num_samples)
-  elif fileio.isfile(spec):
-    data = io.BytesIO(fileio.read_bytes(spec))
-    if spec.endswith(".npy"):
-      labels = np.load(data, allow_pickle=False)
-    else:
-      labels = np.loadtxt(data, dtype=np.int64, ndmin=1)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"--labels file {spec} must hold a 1-D array of integers, got "
-                       f"{labels.dtype} {labels.shape}")
-    if len(labels) != num_samples:
-      raise ValueError(f"--labels file {spec} holds {len(labels)} labels, but "
-                       f"--num_samples is {num_samples}")
-  else:
-    raise ValueError(f"--labels {spec!r}: expected 'random', 'balanced', a comma-separated "
-                     "list of class indices, or an existing .npy/.txt file")
-  return sampling.ClassLabels(num_classes, None).check(np.asarray(labels, np.int64))
-
-
-def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_samples: int,
-                    seed: int):
-  """(int64 labels for the batch's arr_1, the generator's conditions, their settings record,
-  the empty caption's embedding or None). Text models: sample i gets prompt i mod P, its
-  arr_1 entry is i mod P; class models: `make_labels`."""
-  if config.model.get("condition", "class") != "text":
-    if prompts:
-      raise ValueError("--prompt/--prompts are for text-conditioned models; this model is "
-                       "class-conditional (use --labels)")
-    values = make_labels(labels, num_samples, int(config.model.num_classes), seed)
-    record = {"spec": labels if labels in ("random", "balanced") else "given",
-              "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
-    return values, values, record, None
-  if not prompts:
-    raise ValueError("a text-conditioned model samples from captions: pass --prompt=TEXT "
-                     "(repeatable) or --prompts=FILE (one a line)")
-  if labels not in ("random", None, ""):
-    raise ValueError("--labels is for class-conditional models; this one takes --prompt")
-  encoder_dir = text_encoder or _recorded_text_encoder(config)
-  from fcdm_jax.models.text_encoder import load_text_encoder
-  encoder = load_text_encoder(encoder_dir, config.data.get("text_pooling", "pooled"))
-  if encoder.dim != int(config.model.text_dim):
-    raise ValueError(f"the text encoder in {encoder_dir} gives {encoder.dim}-dimensional "
-                     f"embeddings; the model takes text_dim={config.model.text_dim}")
-  prompts = [str(p) for p in prompts]
-  index = np.arange(num_samples) % len(prompts)
-  embeddings = encoder.encode(prompts)[index]
-  record = {"prompts": prompts, "encoder": encoder.identity}
-  return index.astype(np.int64), embeddings, record, encoder.empty()
-
-
-def _recorded_text_encoder(config) -> str:
-  """The text encoder a run's captions were encoded with (their manifest records it)."""
-  import json
-  from fcdm_jax.data.captions import caption_folder
-  path = caption_folder(config)
-  manifest = fileio.join(path, "captions.json") if path else ""
-  if manifest and fileio.isfile(manifest):
-    recorded = json.loads(fileio.read_text(manifest)).get("encoder", {}).get("path")
-    if recorded and fileio.isdir(recorded):
-      return recorded
-  raise ValueError("pass --text_encoder=DIR (the CLIP folder the run's captions were encoded "
-                   f"with); none is recorded in the run's caption folder {path!r}")
-
-
-def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
-  """--prompt values, then the non-empty lines of --prompts."""
-  out = list(prompt or [])
-  if prompts_file:
-    out += [line.strip() for line in fileio.read_text(prompts_file).splitlines() if line.strip()]
-  return out
-
-
-# ---------------------------------------------------------------------------- generation
-
-
-def load_decoder(vae_dir: str, config, mesh: Mesh):
-  """(the SD-VAE as a `sampling.Decoder`, replicated; its identity for the settings)."""
-  from fcdm_jax.models import vae as vae_lib
-  decoder = sampling.load_decoder(vae_dir, config, mesh)
-  _, weights = vae_lib.find_vae_files(vae_dir)
-  identity = {"config": provenance.as_json(dataclasses.asdict(decoder.model.config)),
-              "weights_sha256": fileio.sha256_file(weights)}
-  return decoder, identity
-
-
-# ---------------------------------------------------------------------------------- main
-
-
-def sample(out: str, num_samples: int, *, workdir: str | None = None,
-           torch_checkpoint: str | None = None, config=None, step: int | None = None,
-           vae: str | None = None, labels: str = "random", seed: int = 0,
-           batch_size: int = 64, png: bool = False, keep_parts: bool = False,
-           progress: bool = True, prompts=None, text_encoder: str | None = None,
-           **overrides) -> dict:
-  """Writes (or finishes) the sample batch in `out`; returns a summary.
-
-  `prompts` (a list of captions, cycled over the samples) and `text_encoder` (the CLIP
-  folder that encodes them) are for text-conditioned models, `labels` for class ones.
-  `overrides`: config.sample fields from SAMPLE_OVERRIDES (None = the config's).
-  """
-  unknown = set(overrides) - set(SAMPLE_OVERRIDES)
-  if unknown:
-    raise TypeError(f"unknown sample overrides {sorted(unknown)}; expected {SAMPLE_OVERRIDES}")
-  for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-      raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-  if not out:
-    raise ValueError("--out is empty: name the directory to write the samples to")
-
-  # Everything is checked before the weights are read: a mistake fails in seconds.
-  config, weights = resolve_model(workdir, torch_checkpoint, config, step)
-  mesh = sharding.create_mesh(config)
-  sample_cfg = sample_settings(config, overrides)
-  decoder, vae_identity = _decoder_for(config, vae, mesh)
-  label_values, conditions, condition_settings, empty = make_conditions(
-      config, labels, prompts, text_encoder, num_samples, seed)
-  generator = sampling.Generator(config, sample_cfg, mesh, decoder,   # checks the sampler
-                                 empty_embedding=empty)
-  size = int(config.latent_size)
-  factor = decoder.model.config.downsample_factor if decoder else 1
-  image_shape = (size * factor, size * factor,
-                 3 if decoder else int(config.model.in_channels))
-  settings = provenance.as_json({
-      "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
-      "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
-      "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,
-      "labels": condition_settings,
-      "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if decoder else None,
-      "image_shape": image_shape})
-
-  batch = generator.padded_size(batch_size)
-  ranges = [(s, min(s + batch, num_samples)) for s in range(0, num_samples, batch)]
-  final = adm_npz.npz_name(num_samples, image_shape[0], image_shape[1])
-  output = SampleOutput(out, final, ranges, label_values, image_shape, png)
-  summary = {"npz": output.npz, "num_samples": num_samples, "image_shape": image_shape,
-             "batch_size": batch, "generated": [], "kept": []}
-  if out_verdict(out, settings, final) == OUT_COMPLETE:
-    logging.info("%s is already complete", output.npz)
-    output.pngs_of_finished()
-    return summary
-
-  params = load_model(config, weights, mesh)
-  output.start(settings)
-  summary["kept"] = output.finished_batches()
-  output.pngs_of_resumed(summary["kept"])
-  todo = [b for b in range(len(ranges)) if b not in summary["kept"]]
-  logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
-               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), mesh.size)
-  from tqdm import tqdm
-  resumed = sum(ranges[b][1] - ranges[b][0] for b in summary["kept"])
-  with tqdm(total=num_samples, initial=resumed, desc="sampling", unit="img", file=sys.stderr,
-            disable=not progress or jax.process_index() != 0) as bar:
-    pending = None
-    for b in todo + [None]:
-      if b is not None:   # dispatched before the previous batch is fetched and written
-        start, end = ranges[b]
-        batch_conditions = generator.condition.pad(conditions[start:end], batch)
-        indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
-        result = generator(params, seed, indices, batch_conditions)
-      if pending is not None:
-        done, images = pending
-        n = ranges[done][1] - ranges[done][0]
-        output.write_batch(done, sampling.fetch(images)[:n])
-        summary["generated"].append(done)
-        bar.update(n)
-      pending = None if b is None else (b, result[0])
-  output.assemble(keep_parts)
-  logging.info("wrote %s", output.npz)
-  return summary
-
-
-def _decoder_for(config, vae: str | None, mesh: Mesh):
-  """(decoder, its identity) for a latent model, (None, None) for a pixel model; checks
-  that --vae is given exactly when it is needed."""
-  if sampling.is_latent(config):
-    if not vae:
-      raise ValueError(f"the model samples SD-VAE latents (config.data.source="
-                       f"{config.data.source!r}): pass --vae=DIR to decode them")
-    return load_decoder(vae, config, mesh)
-  if vae:
-    raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
-                     "--vae is for latent models only")
-  if int(config.model.in_channels) not in (1, 3):
-    raise ValueError(f"a pixel-space model with {config.model.in_channels} channels cannot be "
-                     "saved as images (1 or 3 expected)")
-  return None, None
-
-
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  flags.DEFINE_string("workdir", None, "Training run directory: its latest checkpoint's EMA "
-                      "params (or --step's) and its saved config.")
-  flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: latest).")
-  flags.DEFINE_string("torch_checkpoint", None, "A published-layout FCDM checkpoint (.pt with "
-                      "'ema'/'model', or .safetensors) instead of --workdir; needs --config.")
-  config_flags.DEFINE_config_file(
-      "config", None, "Run config file (configs/*.py): required with --torch_checkpoint; with "
-      "--workdir it replaces the saved config. Fields: --config.FIELD=VALUE.")
-  flags.DEFINE_integer("num_samples", None, "How many images to sample (ADM's FID: 50000).",
-                       required=True)
-  flags.DEFINE_string("out", None, "Output directory: the .npz, png/ and the resumable parts.",
-                      required=True)
-  flags.DEFINE_string("vae", None, "Local diffusers SD-VAE directory; required for latent "
-                      "models, whose samples it decodes.")
-  flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "sde", "ode"], "Sampler (DDPM objective: "
-                    "ddpm|ddim; flow: sde|ode). Default: the config's sample.sampler.")
-  flags.DEFINE_integer("steps", None, "Sampling steps (DDPM: respaced steps; flow: time-grid "
-                       "points). Default: the config's sample.steps (250).")
-  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none. Default: "
-                     "the config's sample.cfg_scale (1.5).")
-  flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
-  flags.DEFINE_enum("method", None, ["euler", "heun", "dopri5"], "Flow samplers: the SDE/ODE "
-                    "integration method (dopri5: ODE only).")
-  flags.DEFINE_bool("guide_all_eps", None, "Guide all eps channels instead of the published "
-                    "first three.")
-  flags.DEFINE_bool("clip_denoised", None, "DDPM/DDIM: clip the predicted x0 to [-1, 1] (useful "
-                    "for pixel-space models).")
-  flags.DEFINE_string("labels", "random", "Class labels: 'random' (uniform, from --seed), "
-                      "'balanced' (i mod num_classes), a comma-separated list (cycled), or a "
-                      ".npy/.txt file with one label per sample.")
-  flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels; sample i depends "
-                       "only on (seed, i).")
-  flags.DEFINE_integer("batch_size", 64, "Samples per step over all devices (rounded up to a "
-                       "multiple of the device count); the unit of resuming.")
-  flags.DEFINE_multi_string("prompt", None, "Text-conditioned models: a caption to sample "
-                            "from (repeatable; sample i takes prompt i mod P).")
-  flags.DEFINE_string("prompts", None, "Text-conditioned models: a file of captions, one a "
-                      "line (after any --prompt).")
-  flags.DEFINE_string("text_encoder", None, "Text-conditioned models: the local CLIP folder "
-                      "(weights + tokenizer) that encodes the prompts; default: the one the "
-                      "run's captions record.")
-  flags.DEFINE_bool("png", False, "Also write png/{index:06d}.png.")
-  flags.DEFINE_bool("keep_parts", False, "Keep parts/ after the .npz is written.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
-                    "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
+flags.DEFINE_string("workdir", None, "Training run directory: its latest checkpoint's EMA "
+                    "params (or --step's) and its saved config.")
+flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: latest).")
+flags.DEFINE_string("torch_checkpoint", None, "A published-layout FCDM checkpoint (.pt with "
+                    "'ema'/'model', or .safetensors) instead of --workdir; needs --config.")
+config_flags.DEFINE_config_file(
+    "config", None, "Run config file (configs/*.py): required with --torch_checkpoint; with "
+    "--workdir it replaces the saved config. Fields: --config.FIELD=VALUE.")
+flags.DEFINE_integer("num_samples", None, "How many images to sample (ADM's FID: 50000).",
+                     required=True)
+flags.DEFINE_string("out", None, "Output directory: the .npz, png/ and the resumable parts.",
+                    required=True)
+flags.DEFINE_string("vae", None, "Local diffusers SD-VAE directory; required for latent "
+                    "models, whose samples it decodes.")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "sde", "ode"], "Sampler (DDPM objective: "
+                  "ddpm|ddim; flow: sde|ode). Default: the config's sample.sampler.")
+flags.DEFINE_integer("steps", None, "Sampling steps (DDPM: respaced steps; flow: time-grid "
+                     "points). Default: the config's sample.steps (250).")
+flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none. Default: "
+                   "the config's sample.cfg_scale (1.5).")
+flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
+flags.DEFINE_enum("method", None, ["euler", "heun", "dopri5"], "Flow samplers: the SDE/ODE "
+                  "integration method (dopri5: ODE only).")
+flags.DEFINE_bool("guide_all_eps", None, "Guide all eps channels instead of the published "
+                  "first three.")
+flags.DEFINE_bool("clip_denoised", None, "DDPM/DDIM: clip the predicted x0 to [-1, 1] (useful "
+                  "for pixel-space models).")
+flags.DEFINE_string("labels", "random", "Class labels: 'random' (uniform, from --seed), "
+                    "'balanced' (i mod num_classes), a comma-separated list (cycled), or a "
+                    ".npy/.txt file with one label per sample.")
+flags.DEFINE_integer("seed", 0, "Seed of the noise and the random labels; sample i depends "
+                     "only on (seed, i).")
+flags.DEFINE_integer("batch_size", 64, "Samples per step over all devices (rounded up to a "
+                     "multiple of the device count); the unit of resuming.")
+flags.DEFINE_multi_string("prompt", None, "Text-conditioned models: a caption to sample "
+                          "from (repeatable; sample i takes prompt i mod P).")
+flags.DEFINE_string("prompts", None, "Text-conditioned models: a file of captions, one a "
+                    "line (after any --prompt).")
+flags.DEFINE_string("text_encoder", None, "Text-conditioned models: the local CLIP folder "
+                    "(weights + tokenizer) that encodes the prompts; default: the one the "
+                    "run's captions record.")
+flags.DEFINE_bool("png", False, "Also write png/{index:06d}.png.")
+flags.DEFINE_bool("keep_parts", False, "Keep parts/ after the .npz is written.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
+                  "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
 
 
 def main(argv):
-  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -388,13 +74,13 @@ def main(argv):
   if config is not None:
     config = config.copy_and_resolve_references()
     config.model.depth = tuple(config.model.depth)
-  overrides = {k: f[k].value for k in SAMPLE_OVERRIDES}
+  overrides = {k: f[k].value for k in run.SAMPLE_OVERRIDES}
   try:
-    summary = sample(f.out, f.num_samples, workdir=f.workdir,
+    summary = run.sample(f.out, f.num_samples, workdir=f.workdir,
                      torch_checkpoint=f.torch_checkpoint, config=config, step=f.step,
                      vae=f.vae, labels=f.labels, seed=f.seed, batch_size=f.batch_size,
                      png=f.png, keep_parts=f.keep_parts,
-                     prompts=read_prompts(f.prompt, f.prompts), text_encoder=f.text_encoder,
+                     prompts=run.read_prompts(f.prompt, f.prompts), text_encoder=f.text_encoder,
                      **overrides)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
@@ -406,6 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
   app.run(main)

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from fcdm_jax import evaluate, extract_latents
+from fcdm_jax import extraction
+from fcdm_jax.evaluation import adm, fid_eval
 from fcdm_jax.data.captions import CaptionTable
 from fcdm_jax.evaluation.fid_eval import draw_captions
 from test_clip_vision import write_whole_clip
@@ -38,7 +39,7 @@ def coco(tmp_path_factory):
   write_whole_clip(torch, transformers, clip)
   dirs["clip"] = str(clip)
   for split in ("train2014", "val2014"):
-    extract_latents.extract(f"coco:{root}", RESOLUTION, dirs["vae"], str(d / split),
+    extraction.extract(f"coco:{root}", RESOLUTION, dirs["vae"], str(d / split),
                             split=split, batch_size=4, shard_size=4, num_workers=2,
                             text_encoder=dirs["text"], text_batch_size=8, progress=False)
   return dirs
@@ -53,7 +54,7 @@ def test_coco_extract_reference_train_and_evaluate(coco, tmp_path):
 
   # The val2014 reference: statistics of its decodable images, centre-cropped.
   ref = str(tmp_path / "val_ref.npz")
-  made = evaluate.make_reference(f"coco:{d / 'coco'}", ref, coco["inception"],
+  made = adm.make_reference(f"coco:{d / 'coco'}", ref, coco["inception"],
                                  resolution=RESOLUTION, split="val2014", batch_size=4,
                                  shard_size=4, progress=False)
   assert (made["num_images"], made["skipped"]) == (len(KEPT), len(IMAGES) - len(KEPT))
@@ -81,7 +82,7 @@ def test_coco_extract_reference_train_and_evaluate(coco, tmp_path):
   assert 0.0 <= logged["eval/clip_score"][2] <= 100.0
 
   # The evaluate command samples the same captions from the same noise: the same numbers.
-  results = evaluate.evaluate_run(workdir, ref, coco["inception"], 8, batch_size=8,
+  results = fid_eval.evaluate_run(workdir, ref, coco["inception"], 8, batch_size=8,
                                   captions=val_captions, clip=coco["clip"], progress=False)
   assert results["step"] == 2 and results["num_samples"] == 8
   for key, tag in (("fid", "eval/fid"), ("clip_score", "eval/clip_score")):
@@ -95,7 +96,7 @@ def test_coco_extract_reference_train_and_evaluate(coco, tmp_path):
 def test_eval_captions_of_another_encoder_are_refused(coco, tmp_path):
   from fcdm_jax.evaluation.fid_eval import eval_captions
   other = write_text_encoder(tmp_path / "other", seed=1)
-  extract_latents.extract(f"coco:{coco['base'] / 'coco'}", RESOLUTION, coco["vae"],
+  extraction.extract(f"coco:{coco['base'] / 'coco'}", RESOLUTION, coco["vae"],
                           str(tmp_path / "val"), split="val2014", batch_size=4, shard_size=4,
                           num_workers=2, text_encoder=other, progress=False)
   config = load_config(**{"model.condition": "text", "model.text_dim": 16,

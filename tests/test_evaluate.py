@@ -11,7 +11,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fcdm_jax import evaluate, metrics
+from fcdm_jax import metrics
+from fcdm_jax.evaluation import adm
 from fcdm_jax.models import inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def test_evaluate_wires_features_into_adm_metrics(files, monkeypatch):
     return float(len(calls))
 
   monkeypatch.setattr(metrics, "frechet_distance", record)
-  results = evaluate.evaluate(files["samples"], files["ref"], files["inception"], batch_size=4,
+  results = adm.evaluate(files["samples"], files["ref"], files["inception"], batch_size=4,
                               split_size=4)
 
   model, variables = inception.load_inception(files["inception"])
@@ -126,7 +127,7 @@ def _batch(path, **arrays):
 
 
 def test_bad_inputs(files, tmp_path):
-  run = lambda samples, inception_path=files["inception"], ref=files["ref"]: evaluate.evaluate(
+  run = lambda samples, inception_path=files["inception"], ref=files["ref"]: adm.evaluate(
       samples, ref, inception_path, batch_size=8)
   good = files["samples"]
   with pytest.raises(FileNotFoundError, match="Inception weights not found"):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcdm_jax import extract_latents
+from fcdm_jax import extraction
+from fcdm_jax.data import image_sources
 from fcdm_jax.data import LatentDataset
 from fcdm_jax.data.captions import CaptionTable
 from fcdm_jax.models.text_encoder import load_text_encoder
@@ -77,7 +78,7 @@ def dirs(tmp_path_factory):
 def run(dirs, out, source=None, **kw):
   kw = dict(dict(split=SPLIT, batch_size=4, shard_size=2, num_workers=2, text_batch_size=4,
                  progress=False), **kw)
-  return extract_latents.extract(source or f"coco:{dirs['coco']}", RESOLUTION, dirs["vae"],
+  return extraction.extract(source or f"coco:{dirs['coco']}", RESOLUTION, dirs["vae"],
                                  str(out), **kw)
 
 
@@ -125,7 +126,7 @@ def test_coco_latents_sidecars_then_caption_folder(dirs, extracted):
   assert len(ds) == len(KEPT) and ds.shape == (8, 8, 4)
   assert ds.read(np.arange(len(ds)))["label"].tolist() == [0] * len(KEPT)
   # Sidecars: the kept examples' captions of each shard (ids 3 7 | 19 25 | 42 88).
-  sidecars = [json.loads(open(extract_latents.sidecar_path(out, i)).read()) for i in range(3)]
+  sidecars = [json.loads(open(extraction.sidecar_path(out, i)).read()) for i in range(3)]
   assert sidecars == [[captions_of(3), captions_of(7)], [captions_of(25)],
                       [captions_of(42), captions_of(88)]]
 
@@ -196,11 +197,11 @@ def test_bad_coco_input(dirs, tmp_path):
   data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 88]
   path.write_text(json.dumps(data))
   with pytest.raises(ValueError, match=f"1 images have no caption, e.g. {file_name(88)}"):
-    extract_latents.CocoImages(str(root), SPLIT)
+    image_sources.CocoImages(str(root), SPLIT)
   path.write_text(original)
   os.remove(root / SPLIT / file_name(7))   # listed, but not in the image folder
   with pytest.raises(FileNotFoundError, match=f"1 images .* are not in .*{file_name(7)}"):
-    extract_latents.CocoImages(str(root), SPLIT)
+    image_sources.CocoImages(str(root), SPLIT)
   assert not os.path.exists(out / "manifest.json")
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import jax.numpy as jnp
 
-from fcdm_jax import config_base, extract_latents, images
+from fcdm_jax import config_base, extraction, images
 from fcdm_jax.data import LatentDataset, center_crop_arr, make_source
 from fcdm_jax.models import vae as vae_lib
 
@@ -86,7 +86,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def extracted(dirs):
   out = str(dirs["base"] / "latents")
-  summary = extract_latents.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
+  summary = extraction.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
                                     batch_size=4, shard_size=3, num_workers=2, progress=False)
   return out, summary
 
@@ -151,7 +151,7 @@ def test_rerun_recomputes_only_the_missing_shard(dirs, extracted):
   os.utime(shards[2], ns=(1, 1))
   os.remove(shards[1])
   os.remove(os.path.join(out, "manifest.json"))
-  summary = extract_latents.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
+  summary = extraction.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
                                     batch_size=2, shard_size=3, num_workers=1, progress=False)
   assert summary["written"] == [1] and summary["kept"] == [0, 2]
   assert os.stat(shards[0]).st_mtime_ns == 1 and os.stat(shards[2]).st_mtime_ns == 1
@@ -165,7 +165,7 @@ def test_rerun_recomputes_only_the_missing_shard(dirs, extracted):
   assert LatentDataset(out).count == 7
 
   # A finished dataset: a rerun writes nothing.
-  again = extract_latents.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
+  again = extraction.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
                                   batch_size=2, shard_size=3, num_workers=1, progress=False)
   assert again["written"] == [] and again["manifest"]["count"] == 7
 
@@ -173,11 +173,11 @@ def test_rerun_recomputes_only_the_missing_shard(dirs, extracted):
 def test_other_settings_into_the_same_out_are_refused(dirs, extracted):
   out, _ = extracted
   with pytest.raises(ValueError, match=r"other settings .*'shard_size': \(3, 4\)"):
-    extract_latents.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
+    extraction.extract(f"folder:{dirs['images']}", RESOLUTION, dirs["vae"], out,
                             shard_size=4, progress=False)
   other_vae = write_vae_dir(dirs["base"] / "vae_other", seed=5)
   with pytest.raises(ValueError, match="other settings .*weights_sha256"):
-    extract_latents.extract(f"folder:{dirs['images']}", RESOLUTION, other_vae, out,
+    extraction.extract(f"folder:{dirs['images']}", RESOLUTION, other_vae, out,
                             shard_size=3, progress=False)
 
 
@@ -204,7 +204,7 @@ def test_decode_rgb_conversions(dirs):
 
 def test_bad_input(dirs, tmp_path):
   run = lambda source=f"folder:{dirs['images']}", vae=dirs["vae"], out=str(tmp_path / "o"), \
-      **kw: extract_latents.extract(source, kw.pop("resolution", RESOLUTION), vae, out,
+      **kw: extraction.extract(source, kw.pop("resolution", RESOLUTION), vae, out,
                                     progress=False, **kw)
   with pytest.raises(FileNotFoundError, match="VAE directory not found"):
     run(vae=str(tmp_path / "no_vae"))
@@ -278,7 +278,7 @@ def test_tfds_source(dirs, tmp_path):
   builder = FcdmExtractShapes(data_dir=data_dir, file_format="tfrecord")
   builder.download_and_prepare()
   out = str(tmp_path / "lat")
-  summary = extract_latents.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
+  summary = extraction.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
                                     data_dir=data_dir, batch_size=2, shard_size=2,
                                     progress=False)
   manifest = summary["manifest"]
@@ -294,8 +294,8 @@ def test_tfds_source(dirs, tmp_path):
   np.testing.assert_allclose(rec["latent"][:, 0, 0].astype(np.float32), np.asarray(post.mean),
                              rtol=2e-3, atol=2e-3)
   with pytest.raises(ValueError, match="has no split 'validation'"):
-    extract_latents.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
+    extraction.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
                             data_dir=data_dir, split="validation", progress=False)
   with pytest.raises(ValueError, match=r"no feature 'digit' \(--label_key\)"):
-    extract_latents.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
+    extraction.extract("tfds:fcdm_extract_shapes", RESOLUTION, dirs["vae"], out,
                             data_dir=data_dir, label_key="digit", progress=False)

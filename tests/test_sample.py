@@ -13,7 +13,10 @@ from PIL import Image
 
 import jax
 
-from fcdm_jax import config_base, convert, evaluate, sample, sampling
+from fcdm_jax import config_base, convert, distributed, sampling
+from fcdm_jax.sampling import run as sampling_run
+from fcdm_jax.sampling import weights as sampling_weights
+from fcdm_jax.evaluation import adm
 from fcdm_jax.sampling import output as sample_output
 from fcdm_jax.models import FCDM, inception
 from fcdm_jax.models import vae as vae_lib
@@ -135,7 +138,7 @@ def test_cli_sample_then_evaluate(pixel_run):
   ref = d / "ref.npz"
   rng = np.random.default_rng(0)
   np.savez(ref, arr_0=rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8))
-  results = evaluate.evaluate(str(npz), str(ref), write_inception(d / "inception.safetensors"),
+  results = adm.evaluate(str(npz), str(ref), write_inception(d / "inception.safetensors"),
                               batch_size=8, which=("is", "pr"), split_size=5)
   assert results["num_samples"] == 10 and results["num_reference"] == 9
   assert results["inception_score"] >= 0.99
@@ -145,7 +148,7 @@ def test_cli_sample_then_evaluate(pixel_run):
 @pytest.mark.slow
 def test_same_seed_same_images_whatever_the_batch(pixel_run):
   d = pixel_run["base"]
-  run = lambda out, **kw: sample.sample(str(d / out), 10, workdir=pixel_run["workdir"],
+  run = lambda out, **kw: sampling_run.sample(str(d / out), 10, workdir=pixel_run["workdir"],
                                         progress=False, **kw)
   a = run("a", batch_size=8, seed=1, labels="balanced")
   b = run("b", batch_size=16, seed=1, labels="balanced")
@@ -161,7 +164,7 @@ def test_same_seed_same_images_whatever_the_batch(pixel_run):
 def test_resume_recomputes_only_missing_parts(pixel_run):
   d = pixel_run["base"]
   out = d / "resume"
-  run = lambda **kw: sample.sample(str(out), 20, workdir=pixel_run["workdir"], batch_size=8,
+  run = lambda **kw: sampling_run.sample(str(out), 20, workdir=pixel_run["workdir"], batch_size=8,
                                    keep_parts=True, progress=False, seed=5, **kw)
   first = run()
   assert first["generated"] == [0, 1, 2]
@@ -195,19 +198,19 @@ def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   convert.save_torch_checkpoint(weights, ema, ema)
   # The same weights, whether from the run or from the published-layout file.
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
-  from_file = sample.load_model(*sample.resolve_model(None, weights, config, None), mesh)
-  from_run = sample.load_model(*sample.resolve_model(workdir, None, None, None), mesh)
+  from_file = sampling_weights.load_model(*sampling_weights.resolve_model(None, weights, config, None), mesh)
+  from_run = sampling_weights.load_model(*sampling_weights.resolve_model(workdir, None, None, None), mesh)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_file),
                jax.device_get(from_run))
 
-  result = sample.sample(str(tmp_path / "a"), 5, torch_checkpoint=weights, config=config,
+  result = sampling_run.sample(str(tmp_path / "a"), 5, torch_checkpoint=weights, config=config,
                          vae=vae_dir, batch_size=8, progress=False, seed=3, sampler="ddim",
                          steps=2)
   with np.load(result["npz"]) as z:
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (5, 8, 8, 3)   # 4x4 latents, VAE factor 2
-  decoder, _ = sample.load_decoder(vae_dir, config, mesh)
-  gen = sampling.Generator(config, sample.sample_settings(
+  decoder, _ = sampling_run.load_decoder(vae_dir, config, mesh)
+  gen = sampling.Generator(config, sampling_run.sample_settings(
       config, dict(sampler="ddim", steps=2)), mesh, decoder)
   again, lat = gen.generate(from_file, 3, np.arange(8), np.resize(labels, 8))
   np.testing.assert_array_equal(again[:5], images)
@@ -218,18 +221,18 @@ def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   assert np.abs(want.astype(int) - images.astype(int)).max() <= 1
 
   with pytest.raises(ValueError, match="pass --vae=DIR"):
-    sample.sample(str(tmp_path / "c"), 2, workdir=workdir, progress=False)
+    sampling_run.sample(str(tmp_path / "c"), 2, workdir=workdir, progress=False)
   with pytest.raises(FileNotFoundError, match="VAE directory not found"):
-    sample.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=str(tmp_path / "nope"),
+    sampling_run.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=str(tmp_path / "nope"),
                   progress=False)
   other = write_vae_dir(tmp_path / "vae8", dict(TINY_VAE, latent_channels=8))
   with pytest.raises(ValueError, match="8 latent channels, the model samples 4"):
-    sample.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=other, progress=False)
+    sampling_run.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=other, progress=False)
 
 
 def test_bad_input(pixel_run, tmp_path):
   workdir = pixel_run["workdir"]
-  run = lambda out=str(tmp_path / "o"), n=2, **kw: sample.sample(out, n, progress=False, **kw)
+  run = lambda out=str(tmp_path / "o"), n=2, **kw: sampling_run.sample(out, n, progress=False, **kw)
   with pytest.raises(ValueError, match="--num_samples must be a positive integer, got 0"):
     run(n=0, workdir=workdir)
   with pytest.raises(ValueError, match="--num_samples must be a positive integer, got -3"):
@@ -300,16 +303,16 @@ def test_out_refused_on_host0_stops_every_host(pixel_run, tmp_path, monkeypatch)
     shared.append(int(value))
     return value
 
-  monkeypatch.setattr(sample.distributed, "broadcast_from_host0", broadcast)
+  monkeypatch.setattr(distributed, "broadcast_from_host0", broadcast)
   with pytest.raises(ValueError, match="refusing to overwrite"):
-    sample.sample(str(foreign), 3, workdir=workdir, progress=False)
+    sampling_run.sample(str(foreign), 3, workdir=workdir, progress=False)
   assert shared == [sample_output.OUT_REFUSED]
 
   # Another host: it never reads --out and gets host 0's verdict.
-  monkeypatch.setattr(sample.distributed, "broadcast_from_host0",
+  monkeypatch.setattr(distributed, "broadcast_from_host0",
                       lambda value: np.int32(sample_output.OUT_REFUSED))
-  monkeypatch.setattr(sample.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(sampling_run.jax, "process_index", lambda: 1)
   out = tmp_path / "other_host"
   with pytest.raises(ValueError, match="host 0 refused --out .*other_host"):
-    sample.sample(str(out), 3, workdir=workdir, progress=False)
+    sampling_run.sample(str(out), 3, workdir=workdir, progress=False)
   assert not out.exists()

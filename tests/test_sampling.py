@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from fcdm_jax import sample, sampling
+from fcdm_jax import sampling
+from fcdm_jax.sampling import run as sampling_run
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.demo import digit_judge as demo_eval
 from fcdm_jax.models import FCDM
@@ -38,7 +39,7 @@ def test_cli_preview_and_eval_give_identical_images(tmp_path):
   params = jax.device_put(ema, sharding.replicated(mesh))
   labels = np.arange(10, dtype=np.int32)   # the grid's rows, and the eval's balanced labels
 
-  summary = sample.sample(str(tmp_path / "out"), 10, workdir=workdir, labels="balanced",
+  summary = sampling_run.sample(str(tmp_path / "out"), 10, workdir=workdir, labels="balanced",
                           seed=config.seed, batch_size=16, sampler="ddim", steps=3,
                           cfg_scale=4.0, eta=0.0, progress=False)
   with np.load(summary["npz"]) as z:
@@ -180,7 +181,7 @@ def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
   assert grown <= 1.1 * wanted                # and nothing else of the state stayed behind
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ema)
 
-  run = lambda out, cfg: sample.sample(str(tmp_path / out), 8, workdir=workdir, config=cfg,
+  run = lambda out, cfg: sampling_run.sample(str(tmp_path / out), 8, workdir=workdir, config=cfg,
                                        batch_size=8, seed=1, progress=False)
   replicated = restored_config.copy_and_resolve_references()
   replicated.sharding.params = "replicated"

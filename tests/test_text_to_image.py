@@ -132,12 +132,12 @@ def test_text_run_resumes_bit_identically_and_samples_from_prompts(data, tmp_pat
     images = z["arr_0"]
   assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 0  # other prompt
   # Class labels for a text model, or no prompt, are refused before any weights are read.
-  from fcdm_jax import sample
+  from fcdm_jax.sampling import run as sampling_run
   config = text_config(data)
   with pytest.raises(ValueError, match="takes --prompt"):
-    sample.make_conditions(config, "balanced", ["a red zero"], data["encoder"], 4, 0)
+    sampling_run.make_conditions(config, "balanced", ["a red zero"], data["encoder"], 4, 0)
   with pytest.raises(ValueError, match="pass --prompt=TEXT"):
-    sample.make_conditions(config, "random", [], data["encoder"], 4, 0)
+    sampling_run.make_conditions(config, "random", [], data["encoder"], 4, 0)
 
 def test_class_configs_are_untouched_by_the_text_fields():
   config = config_base.get_config("S", 256, "ddpm")

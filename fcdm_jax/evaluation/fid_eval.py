@@ -17,12 +17,18 @@ batch at a time: only their features are kept.
 
 from __future__ import annotations
 
+import sys
 import time
 
+import jax
 import numpy as np
 from absl import logging
+from clu import metric_writers
+from tqdm import tqdm
 
-from fcdm_jax import evaluate, fileio, sampling
+from fcdm_jax import fileio, sampling, sharding
+from fcdm_jax.evaluation import adm
+from fcdm_jax.sampling import weights
 from fcdm_jax.evaluation.hooks import check_count, sample_settings
 
 WHICH = ("fid", "sfid", "is")
@@ -101,13 +107,13 @@ class FidEvaluator:
     self.generator = sampling.Generator(config, sample_settings(config), mesh, decoder,
                                         empty_embedding=empty)
     model, variables = inception.load_inception(ev.inception)
-    self.extract = evaluate.FeatureExtractor(model, variables, self.batch)
+    self.extract = adm.FeatureExtractor(model, variables, self.batch)
     self.reference = ev.reference
     with fileio.open_read(ev.reference) as fh, np.load(fh) as z:
       has_images = "arr_0" in z.files
     self.ref_feats = None   # the reference's features, once (its statistics at the first call)
     if has_images:
-      self.ref_feats = self.extract(evaluate.NpzImages(ev.reference), "reference features",
+      self.ref_feats = self.extract(adm.NpzImages(ev.reference), "reference features",
                                     progress=False)
     self.stats = None
 
@@ -119,7 +125,7 @@ class FidEvaluator:
                                                    self.batch, progress):
       if images.shape[-1] == 1:   # grey: Inception reads RGB
         images = np.repeat(images, 3, axis=-1)
-      for k, v in self.extract(evaluate.ArrayImages(images), "eval features",
+      for k, v in self.extract(adm.ArrayImages(images), "eval features",
                                progress=False).items():
         feats.setdefault(k, []).append(v)
       if self.clip is not None:
@@ -127,10 +133,10 @@ class FidEvaluator:
                                            batch=self.batch).per_image)
     feats = {k: np.concatenate(v) for k, v in feats.items()}
     if self.stats is None:
-      self.stats = evaluate.reference_statistics(self.reference, self.ref_feats, ("fid", "sfid"),
+      self.stats = adm.reference_statistics(self.reference, self.ref_feats, ("fid", "sfid"),
                                                  feats["pool"].shape[1],
                                                  feats["spatial"].shape[1])
-    results = evaluate.sample_metrics(feats, self.stats, WHICH, split_size=self.num_samples)
+    results = adm.sample_metrics(feats, self.stats, WHICH, split_size=self.num_samples)
     scalars = {"eval/fid": results["fid"], "eval/sfid": results["sfid"],
                "eval/inception_score": results["inception_score"]}
     if clip_scores:
@@ -143,3 +149,26 @@ class FidEvaluator:
                  f", CLIP score {results['clip_score']:.3f}" if clip_scores else "",
                  time.time() - start)
     return dict(results, step=int(step), num_samples=self.num_samples)
+
+
+def evaluate_run(workdir: str, ref: str, inception_path: str, num_samples: int, *,
+                 batch_size: int = 256, step: int | None = None, captions: str = "",
+                 clip: str = "", vae: str = "", progress: bool = True, **sampler) -> dict:
+  """FID, sFID, IS (and the CLIP score) of `num_samples` samples of a run's EMA weights:
+  `evaluation.fid_eval.FidEvaluator`, the training hook, run once. `sampler`: sampler,
+  steps, cfg_scale overrides of the run's preview/eval settings (None = keep)."""
+  config, identity = weights.resolve_model(workdir, None, None, step)
+  with config.unlocked():
+    config.eval.update(num_samples=int(num_samples), batch_size=int(batch_size),
+                       inception=inception_path, reference=ref, captions=captions, clip=clip)
+    config.eval.update({k: v for k, v in sampler.items() if v is not None})
+    if vae:
+      config.preview.vae_dir = vae
+  mesh = sharding.create_mesh(config)
+  evaluator = FidEvaluator(config, mesh)
+  params = weights.load_model(config, identity, mesh)
+  with tqdm(total=int(num_samples), desc="sampling + features", unit="img", file=sys.stderr,
+            disable=not progress or jax.process_index() != 0) as bar:
+    results = evaluator(identity["step"], params, metric_writers.LoggingWriter(),
+                        progress=lambda done, total: bar.update(done - bar.n))
+  return dict(results, workdir=identity["workdir"], captions=captions or None)
