@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from fcdm_jax.diffusion import samplers
 from fcdm_jax.models.variants import get_variant
 
 VAE_SCALE = 0.18215  # SD-VAE ft-ema latent scale
@@ -55,6 +56,15 @@ def run_layout(config: ml_collections.ConfigDict, remat: str, params: str
   config.sharding.params = params
   config.mesh.axes = PARAM_MESH_AXES[params]
   return config
+
+
+def sampler_fields(objective: str, **chosen) -> dict:
+  """Every sampler setting of the objective's samplers with its default, then `chosen`; an
+  unset default (None) is a typed placeholder, so that the command line can set it."""
+  fields = {k: placeholder(setting.type) if setting.default is None else setting.default
+            for k, setting in samplers.declared_settings(objective).items()}
+  fields.update(chosen)
+  return fields
 
 
 def text_to_image(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -156,19 +166,20 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   c.ema_decay = 0.9999
 
   # --- sampling (FID setting and training previews) ------------------------------
+  # Each section declares every setting of the objective's samplers (their keys and
+  # defaults come from the registry, fcdm_jax.diffusion.samplers; None: the sampler's own
+  # default), so `--config.sample.respacing=ddim50` and the like can set them.
   if objective == "ddpm":
-    c.sample = ml_collections.ConfigDict(dict(
-        sampler="ddpm", steps=250, cfg_scale=1.5, guide_all_eps=False, eta=0.0))
-    c.preview = ml_collections.ConfigDict(dict(
-        sampler="ddim", steps=250, cfg_scale=4.0, guide_all_eps=False, eta=0.0,
-        every_steps=50_000, num_classes_shown=8, per_class=4))
+    c.sample = ml_collections.ConfigDict(sampler_fields(
+        objective, sampler="ddpm", steps=250, cfg_scale=1.5))
+    c.preview = ml_collections.ConfigDict(sampler_fields(
+        objective, sampler="ddim", steps=250, cfg_scale=4.0))
   else:
-    c.sample = ml_collections.ConfigDict(dict(
-        sampler="sde", steps=250, cfg_scale=1.5, guide_all_eps=False,
-        diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04))
-    c.preview = ml_collections.ConfigDict(dict(
-        sampler="ode", steps=50, cfg_scale=4.0, guide_all_eps=False,
-        every_steps=50_000, num_classes_shown=8, per_class=4))
+    c.sample = ml_collections.ConfigDict(sampler_fields(
+        objective, sampler="sde", steps=250, cfg_scale=1.5))
+    c.preview = ml_collections.ConfigDict(sampler_fields(
+        objective, sampler="ode", steps=50, cfg_scale=4.0))
+  c.preview.update(every_steps=50_000, num_classes_shown=8, per_class=4)
 
   # Latent models' preview grids are decoded with this SD-VAE directory ('' = show the
   # first three latent channels).
@@ -212,15 +223,14 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   # --- in-training evaluation (fcdm_jax.evaluation; runs under `python -m fcdm_jax.main`) ---
   c.eval = ml_collections.ConfigDict(dict(
       enabled=False,
+      # One evaluator or a comma-separated list, from fcdm_jax.evaluation.EVALUATORS:
       # 'fid': FID / sFID / Inception Score of num_samples samples against a reference
       # batch (FID-k); 'demo': the embedded digits' classifier judge (configs/demo.py);
-      # 'colour_digits': the text-to-image demo's judge (configs/t2i_demo.py).
+      # 'colour_digits': the text-to-image demo's judge (configs/t2i_demo.py); e.g. 'fid,demo'.
       kind="fid",
       every_steps=0,       # also every N steps; 0: once, when training completes
       num_samples=5000,
       batch_size=64,       # samples per sampling step over all devices
-      # Sampler overrides of config.preview's settings (unset: the preview's).
-      sampler=placeholder(str), steps=placeholder(int), cfg_scale=placeholder(float),
       unguided=False,      # demo: also judge cfg_scale=1 samples from the same noise
       inception="",        # fid: pytorch-fid's FID-Inception weights (.pth / .safetensors)
       reference="",        # fid: reference batch .npz (arr_0 images and/or mu/sigma, mu_s/sigma_s)
@@ -231,5 +241,9 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       clip="",
       # Latent models' samples are decoded with config.preview.vae_dir.
   ))
+  # Overrides of config.preview's sampler settings: every setting of config.preview, unset
+  # (None: the preview's).
+  c.eval.update({k: placeholder(setting.type)
+                 for k, setting in samplers.declared_settings(objective).items()})
   return run_layout(c, *RUN_LAYOUTS.get((variant.upper().removeprefix("FCDM-"), resolution),
                                         ("none", "replicated")))

@@ -186,7 +186,7 @@ def params_from_torch(state_dict: Mapping[str, Any], model: FCDM | None = None) 
   keys are all listed in one error.
   """
   model = model or infer_model(state_dict)
-  layout = torch_layout(model.depth, model.text_embedder if model.condition == "text" else None)
+  layout = torch_layout(model.depth, model.condition_kind.torch_text_embedder(model))
   shapes = expected_shapes(model)
   torch_weights.check_state_dict(
       state_dict, {e.torch_key: _torch_shape(e, shapes[e.flax_path]) for e in layout},

@@ -33,6 +33,7 @@ import sys
 from absl import app, flags
 
 from fcdm_jax import fileio
+from fcdm_jax.diffusion import samplers
 from fcdm_jax.evaluation import adm, fid_eval
 from fcdm_jax.models import inception
 
@@ -76,8 +77,8 @@ flags.DEFINE_string("clip", "", "--workdir, text models: a whole CLIP model fold
                     "(e.g. clip-vit-large-patch14): also the mean CLIP score.")
 flags.DEFINE_string("vae", "", "--workdir, latent models: the SD-VAE that decodes the "
                     "samples (default: the run's config.preview.vae_dir).")
-flags.DEFINE_string("sampler", None, "--workdir: sampler override (default: the run's "
-                    "eval/preview sampler).")
+flags.DEFINE_enum("sampler", None, list(samplers.names()), "--workdir: sampler override "
+                  "(default: the run's eval/preview sampler).")
 flags.DEFINE_integer("steps", None, "--workdir: sampling steps override.")
 flags.DEFINE_float("cfg_scale", None, "--workdir: guidance scale override.")
 # --reference_from

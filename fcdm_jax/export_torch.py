@@ -24,32 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
-from fcdm_jax import fileio  # noqa: E402
-
-EXTENSIONS = (".pt", ".safetensors")
-
-
-def export(workdir: str, out: str, step: int | None = None, overwrite: bool = False) -> dict:
-  """Writes `out` from `workdir`'s checkpoint (latest, or `step`). Returns a summary."""
-  if not out.endswith(EXTENSIONS):
-    raise ValueError(f"--out must end in .pt (full training checkpoint) or .safetensors (EMA "
-                     f"weights), got {out!r}")
-  if fileio.exists(out) and not overwrite:
-    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-  import jax
-  from fcdm_jax import convert
-  from fcdm_jax import checkpoint
-  from fcdm_jax.train import torch_state
-  if out.endswith(".safetensors"):  # the EMA alone is read, in the run's shardings
-    ema, _, step = checkpoint.load_ema_params(workdir, step=step)
-    convert.save_torch_checkpoint(out, jax.device_get(ema))
-    content = "EMA weights"
-  else:
-    state, config, step = torch_state.restore_on_host(workdir, step)
-    convert.save_torch_checkpoint(out, **torch_state.training_checkpoint(state, config))
-    content = "model, EMA, AdamW state, args"
-  return {"out": out, "step": step, "content": content, "bytes": fileio.path(out).stat().length}
-
+from fcdm_jax.train import torch_state  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
@@ -62,8 +37,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    summary = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
-  except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    summary = torch_state.export_checkpoint(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
+  except (FileNotFoundError, ValueError, ImportError) as e:
     sys.exit(f"error: {e}")
   logging.info("exported %s", summary)
   print(f"{summary['out']}: step {summary['step']} ({summary['content']}), "

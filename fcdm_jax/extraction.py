@@ -78,13 +78,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from fcdm_jax import distributed, fileio
-from fcdm_jax import provenance
+from fcdm_jax import distributed, fileio, provenance, sharding
 from fcdm_jax.data import captions as captions_lib
 from fcdm_jax.data import latents as latents_lib
 from fcdm_jax.data.image_sources import load_shard, open_source
+from fcdm_jax.models import text_encoder as text_encoder_lib
 from fcdm_jax.models import vae as vae_lib
-from fcdm_jax import sharding
+from fcdm_jax.models.clip_text import find_clip_text_files
 
 SETTINGS = "extract_settings.json"
 STORAGE_DTYPES = latents_lib.STORAGE_DTYPES
@@ -182,10 +182,8 @@ def sidecar_path(out: str, index: int) -> str:
 
 def _text_encoder_identity(path: str, pooling: str) -> dict:
   """What `load_text_encoder(path, pooling).identity` will be, without loading the model."""
-  from fcdm_jax.models.clip_text import find_clip_text_files
-  from fcdm_jax.models.text_encoder import POOLINGS
-  if pooling not in POOLINGS:
-    raise ValueError(f"--text_pooling must be one of {POOLINGS}, got {pooling!r}")
+  if pooling not in text_encoder_lib.POOLINGS:
+    raise ValueError(f"--text_pooling must be one of {text_encoder_lib.POOLINGS}, got {pooling!r}")
   _, weights = find_clip_text_files(path)
   return {"path": fileio.absolute(path), "weights_sha256": fileio.sha256_file(weights),
           "pooling": pooling}
@@ -232,8 +230,7 @@ def write_caption_folder(out: str, manifest: dict, text_encoder: str, pooling: s
                  kept["num_examples"])
     return kept, False
   captions = _read_sidecars(out, manifest)
-  from fcdm_jax.models.text_encoder import load_text_encoder
-  encoder = load_text_encoder(text_encoder, pooling)
+  encoder = text_encoder_lib.load_text_encoder(text_encoder, pooling)
   if encoder.identity != identity:   # the weights changed while the latents were encoded
     raise ValueError(f"the text encoder in {text_encoder} changed during the run "
                      f"({identity} -> {encoder.identity}); rerun")

@@ -4,7 +4,8 @@ ImageNet holds a few CMYK JPEGs, grayscale JPEGs, PNGs in disguise and the odd b
 ADM opens each with PIL and calls `convert("RGB")`; we do the same (16-bit grayscale is
 first scaled to 8 bits, which `convert` would clip instead) and report which conversion
 happened, so that an extraction can count them. Files PIL cannot decode raise
-`CorruptImageError`; callers skip and count those.
+`CorruptImageError`; callers skip and count those. `image_grid` lays samples out as one
+picture (previews, demo judges).
 """
 
 from __future__ import annotations
@@ -110,3 +111,14 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
         else:
           ignored += 1
   return ImageFolderListing(classes, files, labels, ignored)
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+  """(rows*cols, H, W, C) uint8 -> one (rows*H, cols*W, C) image with 1-pixel gutters."""
+  n, h, w, c = images.shape
+  cols = n // rows
+  grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, np.uint8)
+  for i in range(rows * cols):
+    r, col = divmod(i, cols)
+    grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = images[i]
+  return grid

@@ -13,6 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fcdm_jax.evaluation import make_evaluators  # noqa: E402
+from fcdm_jax.train.loop import train_and_evaluate  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (a configs/*.py with get_config()); fields can be "
     "overridden with --config.FIELD=VALUE.", lock_config=True)
@@ -37,8 +40,6 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TF (for TFDS / clu) must not take GPU memory
-  from fcdm_jax.evaluation import make_evaluators
-  from fcdm_jax.train.loop import train_and_evaluate
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, make_evaluators=make_evaluators)
   summary.pop("state", None)
   logging.info("done: %s", summary)

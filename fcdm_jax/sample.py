@@ -16,6 +16,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fcdm_jax import distributed
+from fcdm_jax.diffusion import samplers
+from fcdm_jax.diffusion.objectives import OBJECTIVES
 from fcdm_jax.sampling import run
 
 flags.DEFINE_string("workdir", None, "Training run directory: its latest checkpoint's EMA "
@@ -32,8 +34,9 @@ flags.DEFINE_string("out", None, "Output directory: the .npz, png/ and the resum
                     required=True)
 flags.DEFINE_string("vae", None, "Local diffusers SD-VAE directory; required for latent "
                     "models, whose samples it decodes.")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "sde", "ode"], "Sampler (DDPM objective: "
-                  "ddpm|ddim; flow: sde|ode). Default: the config's sample.sampler.")
+flags.DEFINE_enum("sampler", None, list(samplers.names()), "Sampler (" + "; ".join(
+    f"{o} objective: {'|'.join(samplers.names(o))}" for o in OBJECTIVES) + "). Default: the "
+                  "config's sample.sampler.")
 flags.DEFINE_integer("steps", None, "Sampling steps (DDPM: respaced steps; flow: time-grid "
                      "points). Default: the config's sample.steps (250).")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none. Default: "

@@ -21,12 +21,14 @@ import math
 import os
 import re
 
+from jax.experimental import topologies
+
 INSTALL_HINT = 'pip install -e ".[tpu]"'
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Vendor figures per chip: HBM capacity and bandwidth (dense bf16 peak: `bench`)."""
+  """Vendor figures per chip: HBM capacity and bandwidth (dense bf16 peak: `perf.machine`)."""
   family: str          # 'v5e'
   device_kind: str     # what JAX reports, e.g. 'TPU v5 lite'
   hbm_bytes: int
@@ -129,7 +131,6 @@ def abstract_devices(tpu_slice: Slice):
   # compile-only client touches no TPU, so several preflights (or a test run beside one)
   # may share the machine.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
   desc = topologies.get_topology_desc(topology_name=tpu_slice.topology_name, platform="tpu",
                                       **tpu_slice.topology_kwargs())
   devices = list(desc.devices)

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before JAX starts), the reference fixtures in
-`tests/reference/`, and the `slow` marker."""
+`tests/reference/` and the session-wide fixtures (GCS emulator, judge classifier). Markers
+and paths are in pyproject.toml."""
 
 import os
 import pathlib
@@ -42,19 +43,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-def pytest_configure(config):
-  config.addinivalue_line(
-      "markers", "slow: starts subprocesses or trains for many steps (the demo command, "
-      "signals, two-process jax.distributed, command lines); `pytest -m \"not slow\"` is the "
-      "quick loop")
-
-
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A GCS emulator on 127.0.0.1 with bucket `bucket`; every client of this process and of
-  the subprocesses the tests start is pointed at it (tests/gcs_emulator.py). Yields a
+  the subprocesses the tests start is pointed at it (tests/helpers/gcs_emulator.py). Yields a
   function giving a fresh `gs://bucket/<test>-<n>` prefix per call."""
-  from gcs_emulator import Emulator, client_env
+  from helpers.gcs_emulator import Emulator, client_env
   root = tmp_path_factory.mktemp("gcs")
   (root / "data").mkdir()
   emulator = Emulator(str(root / "data")).start()

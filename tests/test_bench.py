@@ -1,32 +1,40 @@
-"""The benchmark tool on a tiny config: the report has every figure, and they are consistent.
+"""The benchmark on a tiny config: the report has every figure, and they are consistent; the
+programs it times (`fcdm_jax.programs`) take their batch from the model and the source.
 
 Speed is never asserted (the machine is shared); the fields and their relations are.
 """
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from fcdm_jax import bench, config_base
+from fcdm_jax.perf import benchmark, input_bench, machine, measure
+from fcdm_jax.perf.dwconv_study import dwconv_study
+from fcdm_jax.programs import Programs
 
-# The grouped-conv formulation compiles fastest; the formulations are tested in test_dwconv.
-TINY_MODEL = dict(hidden_size=16, depth=(2, 2, 2, 2, 2), num_classes=10, dwconv_impl="xla")
+from helpers.training import TINY_CONFIG, load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# tiny.py (8x8x4 latents, XLA's grouped conv) with two blocks a level of 16 channels: the
+# figures below are checked on this model's levels and scanned blocks.
+TINY_MODEL = {"model.hidden_size": 16, "model.depth": (2, 2, 2, 2, 2), "model.num_classes": 10}
 
 
 def tiny_config():
-  config = config_base.get_config("S", 256, "ddpm")
-  config.model.update(TINY_MODEL)
-  config.latent_size = 8
-  return config
+  return load_config(**TINY_MODEL)
 
 
 @pytest.fixture(scope="module")
 def report():
   pytest.importorskip("torch")
-  return bench.run(tiny_config(), batch=2, repeats=2, warmup=1, vs_torch=True, num_devices=1,
-                   log=lambda s: None)
+  return benchmark.run(tiny_config(), batch=2, repeats=2, warmup=1, vs_torch=True,
+                       num_devices=1, log=lambda s: None)
 
 
 @pytest.mark.slow
@@ -55,9 +63,9 @@ def test_report_fields(report):
     assert r["speedup_vs_torch_best"] == pytest.approx(t["step_s"]["min"] / st["min"])
     for side in (r, t):  # per-step load of other processes, and the quiet steps among them
       assert len(side["other_load"]) == 2 and all(0 <= o <= 1 for o in side["other_load"])
-      assert side["quiet_steps"] == sum(o < bench.QUIET for o in side["other_load"])
+      assert side["quiet_steps"] == sum(o < measure.QUIET for o in side["other_load"])
   assert report["torch"]["checkpoint_blocks"] is False
-  text = bench.format_report(report)
+  text = benchmark.format_report(report)
   assert "train" in text and "sample" in text and "JAX/PyTorch" in text
 
 
@@ -73,14 +81,14 @@ def test_xla_flops_count_every_scanned_block(report):
 
 
 def test_peak_table_and_cpu_peak():
-  assert bench.chip_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
-  assert bench.chip_peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
-  assert bench.chip_peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 19.5
-  assert bench.chip_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
-  assert bench.chip_peak_tflops("TPU v5p", "float32") == 459.0  # TPUs: the bf16 MXU rate
-  assert bench.chip_peak_tflops("TPU v6 lite", "bfloat16") == 918.0
-  assert bench.chip_peak_tflops("Some future chip", "bfloat16") is None
-  cpu = bench.cpu_peak(cores=2)
+  assert machine.chip_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+  assert machine.chip_peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+  assert machine.chip_peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 19.5
+  assert machine.chip_peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+  assert machine.chip_peak_tflops("TPU v5p", "float32") == 459.0  # TPUs: the bf16 MXU rate
+  assert machine.chip_peak_tflops("TPU v6 lite", "bfloat16") == 918.0
+  assert machine.chip_peak_tflops("Some future chip", "bfloat16") is None
+  cpu = machine.cpu_peak(cores=2)
   if cpu["clock_ghz"]:
     per_cycle = 2 * cpu["fma_units"] * cpu["vector_bits"] // 32
     assert cpu["peak_tflops"] == pytest.approx(2 * cpu["clock_ghz"] * 1e9 * per_cycle / 1e12)
@@ -88,28 +96,20 @@ def test_peak_table_and_cpu_peak():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown mode"):
-    bench.run(tiny_config(), modes=("infer",), log=lambda s: None)
+    benchmark.run(tiny_config(), modes=("infer",), log=lambda s: None)
   with pytest.raises(ValueError, match="unknown dtype"):
-    bench.run(tiny_config(), dtype="fp8", log=lambda s: None)
+    benchmark.run(tiny_config(), dtype="fp8", log=lambda s: None)
 
 
 @pytest.mark.slow
 def test_command_line_writes_json(tmp_path):
   """The CLI (absl flags, --config file with overrides, --json) on a compile-only run."""
-  cfg = tmp_path / "tiny.py"
-  cfg.write_text(
-      "from fcdm_jax import config_base\n"
-      "def get_config():\n"
-      "  c = config_base.get_config('S', 256, 'flow')\n"
-      f"  c.model.update({TINY_MODEL!r})\n"
-      "  c.latent_size = 8\n"
-      "  return c\n")
   out = tmp_path / "report.json"
-  cmd = [sys.executable, "-m", "fcdm_jax.bench", f"--config={cfg}", "--config.model.mlp_ratio=2",
-         "--batch=2", "--mode=sample", "--compile_only", "--remat=block", f"--json={out}"]
-  env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                        cwd=str(bench.__file__).rsplit("/fcdm_jax/", 1)[0])
+  cmd = [sys.executable, "-m", "fcdm_jax.bench", f"--config={TINY_CONFIG}:flow",
+         "--config.model.mlp_ratio=2", "--batch=2", "--mode=sample", "--compile_only",
+         "--remat=block", f"--json={out}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["compile_only"] is True and report["remat"] == "block"
@@ -119,10 +119,61 @@ def test_command_line_writes_json(tmp_path):
   assert report["command"].startswith("python -m fcdm_jax.bench --config=")
 
 
+def tiny_text_config():
+  """The tiny model conditioned on text embeddings, on a pixel source without a posterior."""
+  config = tiny_config()
+  config.model.update(condition="text", text_dim=16, in_channels=3)
+  config.data.source = "colour_digits"
+  config.image_size = 8
+  return config
+
+
+def test_programs_take_the_batch_from_the_model_and_the_source():
+  """Class labels and a latent posterior; text embeddings and pixels: the abstract batch,
+  the host values filling it, and the train step and guided forward lowered on it."""
+  programs = Programs(tiny_config(), 8)
+  b = programs.abstract_batch
+  assert set(b) == {"x", "y", "x_std"} and b["x"].shape == b["x_std"].shape == (8, 8, 8, 4)
+  assert (b["y"].shape, b["y"].dtype) == ((8,), np.int32)
+  batch, t = programs.random_batch()
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (a.shape, a.dtype) for k, a in b.items()} and t.shape == (8,)
+  y = np.asarray(batch["y"])
+  assert y.min() >= 0 and y.max() < 10 and len(set(y.tolist())) > 1   # in range, not all 0
+
+  text = Programs(tiny_text_config(), 8, cfg_scale=4.0)
+  b = text.abstract_batch
+  assert set(b) == {"x", "y"} and b["x"].shape == (8, 8, 8, 3) and text.input_shape == (8, 8, 3)
+  assert (b["y"].shape, b["y"].dtype) == ((8, 16), np.float32)
+  batch, _ = text.random_batch()
+  assert batch["y"].shape == (8, 16) and batch["y"].dtype == np.float32
+  assert 0.5 < float(np.std(np.asarray(batch["y"]))) < 1.5
+  assert text.lower_train() is not None
+  guided = text.lower_sample().as_text()   # the batch [x; x] with [y; the empty caption's]
+  assert "tensor<16x8x8x3xf32>" in guided and "tensor<16x16xf32>" in guided
+  with pytest.raises(ValueError, match="divisible by the 8 data-parallel devices"):
+    Programs(tiny_config(), 4)
+
+
+@pytest.mark.slow
+def test_text_config_benches_from_the_command_line(tmp_path):
+  """configs/t2i_demo.py (text conditions, pixels): the training step compiled and timed."""
+  out = tmp_path / "report.json"
+  cmd = [sys.executable, "-m", "fcdm_jax.bench", "--config=configs/t2i_demo.py", "--mode=train",
+         "--batch=2", "--repeats=1", "--warmup=0", f"--json={out}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["model"]["condition"] == "text" and report["latent_shape"] == [32, 32, 3]
+  train = report["results"]["train"]
+  assert train["step_s"]["median"] > 0 and train["xla_flops_per_step"] > 0
+
+
 @pytest.mark.slow
 def test_dwconv_study_fields():
   impls = ("xla", "shift_vjp")
-  study = bench.dwconv_study(tiny_config(), batch=2, repeats=1, impls=impls, log=lambda s: None)
+  study = dwconv_study(tiny_config(), batch=2, repeats=1, impls=impls, log=lambda s: None)
   assert [row["shape"] for row in study["levels"]] == [[2, 8, 8, 16], [2, 4, 4, 32], [2, 2, 2, 64]]
   for row in study["levels"]:
     assert set(row) == {"shape", *impls}
@@ -135,14 +186,14 @@ def test_input_mode_times_every_source_kind(tmp_path):
   """Synthetic datasets of each kind at the config's shape, the config's own data, and
   grain's reader beside ours on the latent shards (the same records)."""
   pytest.importorskip("grain")
-  from train_helpers import make_latent_dataset
+  from helpers.training import make_latent_dataset
   config = tiny_config()
   config.model.in_channels = 4
   config.model.num_classes = 4
   config.data.update(source="latents", path=make_latent_dataset(tmp_path / "own", count=40))
   kinds = ["latents", "torch_features", "torch_zarr", "embedded"]
-  report = bench.run_input(config, batch=8, steps=3, warmup=1, sources=["config", *kinds],
-                           num_examples=64, log=lambda s: None)
+  report = input_bench.run_input(config, batch=8, steps=3, warmup=1,
+                                 sources=["config", *kinds], num_examples=64, log=lambda s: None)
   assert list(report["results"]) == ["config:latents", *kinds]
   for name, r in report["results"].items():
     assert r["examples_per_s"] > 0 and r["batch"] == 8 and r["steps"] == 3
@@ -155,18 +206,16 @@ def test_input_mode_times_every_source_kind(tmp_path):
   assert "config:latents" in report["results"] and "own" in \
       report["results"]["config:latents"]["description"]
   with pytest.raises(ValueError, match="unknown input source"):
-    bench.run_input(config, batch=8, sources=["parquet"], log=lambda s: None)
+    input_bench.run_input(config, batch=8, sources=["parquet"], log=lambda s: None)
 
 
 def test_grain_reads_the_records_our_source_reads(tmp_path):
   """The grain side of the comparison does the same work: each example's flip posterior."""
   pytest.importorskip("grain")
-  import numpy as np
-  from fcdm_jax.bench.input import grain_latent_batches
   from fcdm_jax.data import LatentDataset
-  from train_helpers import make_latent_dataset
+  from helpers.training import make_latent_dataset
   ds = LatentDataset(make_latent_dataset(tmp_path / "d", count=16))
-  batch = grain_latent_batches(ds, 4, 2, 0.5)(0)
+  batch = input_bench.grain_latent_batches(ds, 4, 2, 0.5)(0)
   assert batch["x"].shape == batch["x_std"].shape == (4, 8, 8, 4)
   np.testing.assert_allclose(batch["x_std"], 0.05, rtol=1e-6)   # std 0.1 x vae_scale 0.5
   rec = ds.read(np.arange(16))

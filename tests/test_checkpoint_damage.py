@@ -15,7 +15,7 @@ import pytest
 from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax.train import loop
 
-from train_helpers import load_config, make_latent_dataset
+from helpers.training import load_config, make_latent_dataset
 
 
 @pytest.fixture(scope="module")

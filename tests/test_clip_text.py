@@ -9,7 +9,8 @@ import pytest
 
 from fcdm_jax.models import clip_text
 
-from torch_compat import import_torchvision
+from helpers.model_files import random_weights
+from helpers.torch_compat import import_torchvision
 
 VOCAB, BOS, EOS = 300, 298, 299
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -23,16 +24,6 @@ def hf():
   torch = pytest.importorskip("torch")
   import_torchvision()   # transformers imports torchvision when it is installed
   return torch, pytest.importorskip("transformers")
-
-
-def random_weights(torch, model, seed=0):
-  """Every parameter moved off its init (LayerNorms off 1/0, biases off 0), so that a
-  misplaced or untransposed tensor shows."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for _, p in model.named_parameters():
-      p.add_(torch.randn(p.shape, generator=g) * 0.2)
-  return model.eval()
 
 
 def token_rows(seed=0, eos=EOS, length=77):

@@ -7,15 +7,9 @@ import pytest
 
 from fcdm_jax.models import clip_tokenizer as ct
 
-from torch_compat import import_torchvision
+from helpers.model_files import CORPUS, learn_bpe, write_folder
+from helpers.torch_compat import import_torchvision
 
-CORPUS = [
-    "a photo of a cat sitting on the mat", "the quick brown fox jumps over the lazy dog",
-    "an astronaut riding a horse on mars, digital art", "café crème brûlée at the bistro",
-    "portrait of a woman, 4k, highly detailed, trending on artstation",
-    "it's a dog's life, isn't it? they're here, we've seen, i'm sure, you'll see, he'd go",
-    "東京の夜景 beautiful night", "a red car and a blue bicycle", "oil painting of mountains",
-]
 PROMPTS = [
     "a photo of a cat", "A PHOTO   of\ta\n\ncat!!  ", "Hello, World... (really?) #1 @home",
     "café crème brûlée", "Cafe\u0301 na\u0308ive", "東京の夜景 tokyo", "中文 한국어 日本語",
@@ -26,15 +20,6 @@ PROMPTS = [
     " ".join(["photograph"] * 100),            # far longer than 77 tokens: truncated
     "an astronaut riding a horse " * 12,
 ]
-
-
-def learn_bpe(corpus, num_merges):
-  return ct.learn_merges(corpus, num_merges)
-
-
-def write_folder(path, merges, drop=(), **config):
-  ct.write_tokenizer_folder(str(path), merges, drop, **config)
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,9 @@ import pytest
 from fcdm_jax.evaluation.clip_score import CLIPScorer
 from fcdm_jax.models import clip_vision
 
-from test_clip_text import random_weights
-from test_clip_tokenizer import CORPUS, learn_bpe, write_folder
-from torch_compat import import_torchvision
+from helpers.model_files import CLIP_VISION as VISION, random_weights, write_whole_clip
+from helpers.torch_compat import import_torchvision
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=32, patch_size=8, projection_dim=24)
-TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77)
 TOL = 1e-4
 # One uint8 level after normalising, at the smallest std: the unit of preprocessing error.
 LEVEL = 1 / (255 * min(clip_vision.CLIP_STD))
@@ -89,21 +84,6 @@ def test_with_projection_bin_in_the_v4_layout_in_a_pipeline(hf, tmp_path):
   with torch.no_grad():
     pooled = tmodel.vision_model(pixel_values=torch_pixels(torch, x)).pooler_output.numpy()
   np.testing.assert_allclose(got.pooled, pooled, atol=TOL)
-
-
-def write_whole_clip(torch, transformers, folder, seed=3):
-  """A whole CLIPModel folder (random weights) with a tokenizer learned here; the text
-  tower's vocabulary and special ids are the tokenizer's. Returns the torch model."""
-  write_folder(folder, learn_bpe(CORPUS, 100))
-  vocab = json.loads((folder / "vocab.json").read_text())
-  text = dict(TEXT, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
-              eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-  # vision_config's own projection_dim (24) is not what CLIPModel builds (20).
-  config = transformers.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=20)
-  torch.manual_seed(seed)   # transformers' init draws from the global generator
-  tmodel = random_weights(torch, transformers.CLIPModel(config), seed=seed)
-  tmodel.save_pretrained(folder)
-  return tmodel
 
 
 @pytest.fixture(scope="module")

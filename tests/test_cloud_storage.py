@@ -1,4 +1,4 @@
-"""The pod path on a real remote store: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py).
+"""The pod path on a real remote store: a GCS emulator on 127.0.0.1 (tests/helpers/gcs_emulator.py).
 
 Latents are extracted into the bucket, the tiny config trains from them with its workdir in
 the bucket, is SIGKILLed mid-run and resumed to a final state bit-identical to a run that
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from fcdm_jax import fileio
-from test_extract_latents import write_image_folder, write_vae_dir
-from test_sample import write_inception
-from test_train_system import REPO, TINY_CONFIG, restore_final
+from helpers.image_files import write_image_folder
+from helpers.model_files import write_inception, write_vae_dir
+from helpers.runs import REPO, restore_final
+from helpers.training import TINY_CONFIG
 
 
 def _env():
@@ -28,7 +29,7 @@ def _env():
 
 
 def _run(*args, wait=True, step_delay=None):
-  entry = [str(REPO / "tests/slow_main.py")] if step_delay else ["-m", args[0]]
+  entry = [str(REPO / "tests/helpers/slow_main.py")] if step_delay else ["-m", args[0]]
   rest = args[1:] if not step_delay else args
   env = dict(_env(), STEP_DELAY=str(step_delay or 0))
   proc = subprocess.Popen([sys.executable, *entry, *rest], cwd=REPO, env=env,

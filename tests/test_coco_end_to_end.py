@@ -14,19 +14,17 @@ from fcdm_jax import extraction
 from fcdm_jax.evaluation import adm, fid_eval
 from fcdm_jax.data.captions import CaptionTable
 from fcdm_jax.evaluation.fid_eval import draw_captions
-from test_clip_vision import write_whole_clip
-from test_eval_hooks import scalars
-from test_extract_coco import IMAGES, KEPT, RESOLUTION, captions_of, write_coco
-from test_extract_latents import write_vae_dir
-from test_sample import write_inception
-from text_helpers import write_text_encoder
-from train_helpers import load_config
+from helpers.image_files import IMAGES, KEPT, captions_of, write_coco
+from helpers.model_files import RESOLUTION, write_inception, write_vae_dir, write_whole_clip
+from helpers.runs import scalars
+from helpers.text import write_text_encoder
+from helpers.training import load_config
 
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
   torch = pytest.importorskip("torch")
-  from torch_compat import import_torchvision
+  from helpers.torch_compat import import_torchvision
   import_torchvision()
   transformers = pytest.importorskip("transformers")
   d = tmp_path_factory.mktemp("coco_e2e")

@@ -14,7 +14,7 @@ from fcdm_jax.data.captions import CaptionTable
 from fcdm_jax.data.embedded import load_embedded
 from fcdm_jax.demo import colour_digit_judge as colour_digit_eval
 from fcdm_jax.models.text_encoder import load_text_encoder
-from train_helpers import TESTS, load_config, seed_classifier
+from helpers.training import TESTS, load_config, seed_classifier
 
 CONFIG = TESTS.parent / "configs" / "t2i_demo.py"
 

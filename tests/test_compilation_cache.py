@@ -11,7 +11,7 @@ import pytest
 
 from fcdm_jax import compilation_cache
 
-from train_helpers import TINY_CONFIG, make_latent_dataset
+from helpers.training import TINY_CONFIG, make_latent_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

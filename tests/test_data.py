@@ -3,13 +3,16 @@ and resumable order, host splits, flips, latent posteriors, the latent writer, a
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from fcdm_jax import config_base
-from fcdm_jax.data import (LatentDataset, LatentShardWriter, center_crop_arr, embedded,
-                           load_embedded, make_source, pipeline)
+from fcdm_jax.data import (SOURCES, LatentDataset, LatentShardWriter, SourceSpec,
+                           center_crop_arr, embedded, load_embedded, make_source, pipeline,
+                           source_spec)
 
 SHAPE = (4, 4, 2)       # tiny latents (H, W, C)
 SHARDS = (5, 3, 4)      # 12 examples over three shards of unequal size
@@ -47,7 +50,7 @@ def make_config(source="latents", batch_size=4, **data):
   c.seed = 1
   c.data.source = source
   c.data.prefetch = 0
-  if source in ("latents", "torch_features", "torch_zarr"):
+  if source in SOURCES and source_spec(source).latent:
     c.latent_size, c.model.in_channels, c.model.num_classes = SHAPE[0], SHAPE[2], CLASSES
     c.data.vae_scale = 0.5
   elif source == "embedded":
@@ -449,9 +452,42 @@ def test_torch_zarr_store(tmp_path):
     make_source(config)
 
 
+# --- the registry -------------------------------------------------------------------------------
+def test_registry_says_what_each_source_is_without_loading_it():
+  for name, spec in SOURCES.items():
+    assert spec.name == name
+    cls = spec.load()
+    assert issubclass(cls, pipeline.Source) and "from_config" in vars(cls), name
+  assert {n for n, s in SOURCES.items() if s.latent} == {"latents", "torch_features",
+                                                         "torch_zarr"}
+  assert [n for n, s in SOURCES.items() if s.posterior] == ["latents"]
+  c = make_config("embedded")
+  c.latent_size = 8
+  assert source_spec("embedded").element_shape(c) == (32, 32, 1)
+  assert source_spec("latents").element_shape(c) == (8, 8, 1)
+  # Naming sources loads none of their modules, nor their optional dependencies.
+  code = ("import sys, fcdm_jax.data as d; d.source_spec('tfds'); d.source_spec('torch_zarr');"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow_datasets', 'zarr', 'torch') or m in ('fcdm_jax.data.tfds_images', "
+          "'fcdm_jax.data.torch_latents', 'fcdm_jax.demo.colour_digits')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_source_is_one_registry_line(monkeypatch):
+  monkeypatch.setitem(SOURCES, "digits", SourceSpec("digits",
+                                                    "fcdm_jax.data.embedded:EmbeddedSource"))
+  config = make_config("digits", batch_size=6, split="test")
+  config.image_size, config.model.in_channels, config.model.num_classes = 32, 1, 10
+  src = make_source(config)
+  assert isinstance(src, embedded.EmbeddedSource) and src.num_examples == 1000
+  assert src.batch(0)["x"].shape == (6, 32, 32, 1)
+
+
 # --- bad input gets a clear error before any work ----------------------------------------------
 def test_unknown_source():
-  with pytest.raises(ValueError, match="unknown config.data.source 'imagenet'"):
+  with pytest.raises(ValueError, match="unknown config.data.source 'imagenet'; expected one of "
+                                       r"\('latents', 'tfds', 'embedded'"):
     make_source(make_config("imagenet"))
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from train_helpers import seed_classifier
+from helpers.training import seed_classifier
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

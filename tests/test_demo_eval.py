@@ -15,12 +15,10 @@ import pytest
 from fcdm_jax.data import load_embedded
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.demo import digit_judge as demo_eval
-from fcdm_jax.evaluation import hooks
 from fcdm_jax.models import FCDM
-from fcdm_jax import sharding
-from train_helpers import TESTS, load_config, seed_classifier
+from fcdm_jax import sampling, sharding
+from helpers.training import DEMO_CONFIG, load_config, seed_classifier, tiny_demo_config
 
-DEMO_CONFIG = TESTS.parent / "configs" / "demo.py"
 QUICK_RECIPE = dict(epochs=1)  # 62 steps: for the cache mechanics only
 
 
@@ -160,18 +158,22 @@ def test_bad_inputs_are_refused(judge):
     demo_eval.load_or_train_classifier("/nonexistent", dict(epoch=1))
 
 
-def test_sample_config_is_the_preview_with_eval_overrides():
+def test_judged_runs_are_the_preview_settings_with_eval_overrides():
   config = load_config(DEMO_CONFIG, "ddpm")
   config.preview.update(eta=0.5, steps=7, cfg_scale=2.0)
-  config.eval.update(steps=3, cfg_scale=5.0, sampler="ddpm", batch_size=8)
-  cfg = hooks.sample_settings(config)
+  config.eval.update(steps=3, cfg_scale=5.0, sampler="ddpm", batch_size=8, unguided=False)
+  [(name, cfg)] = demo_eval.guidance_runs(config)
+  assert name == "guided" and cfg == sampling.sampler_settings(config, "eval")
   assert cfg["eta"] == 0.5 and cfg["steps"] == 3 and cfg["cfg_scale"] == 5.0
   assert cfg["sampler"] == "ddpm"
   for key in ("every_steps", "per_class", "num_samples", "enabled", "batch_size", "kind",
               "inception", "reference", "vae_dir"):
     assert key not in cfg
-  config.eval.steps = None   # unset: the preview's
-  assert hooks.sample_settings(config)["steps"] == 7
+  config.eval.update(steps=None, unguided=True)   # unset: the preview's
+  (_, guided), (name, unguided) = demo_eval.guidance_runs(config)
+  assert guided["steps"] == 7 and name == "unguided" and unguided == dict(guided, cfg_scale=1.0)
+  config.eval.cfg_scale = 1.0   # nothing to compare without guidance: one run
+  assert [name for name, _ in demo_eval.guidance_runs(config)] == ["conditional"]
 
 
 class _Recorder:
@@ -186,8 +188,8 @@ def _tiny_run(objective="ddpm"):
   """A tiny demo-shaped FCDM with random weights everywhere (the output conv too, so that
   guidance changes the samples), replicated over the mesh as the training loop holds it.
   Random weights from the shapes: jitted or eager init of even this FCDM costs ~15 s here."""
-  config = load_config(DEMO_CONFIG, objective)
-  config.model.update(hidden_size=16, depth=(1, 1, 1, 1, 1))
+  config = tiny_demo_config(objective, **{"model.hidden_size": 16,
+                                          "model.dwconv_impl": "auto"})  # the demo's own
   config.eval.update(num_samples=12, steps=2, cfg_scale=4.0, batch_size=8, unguided=True)
   model = FCDM(**config.model)
   mesh = sharding.create_mesh(config)

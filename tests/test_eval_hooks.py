@@ -1,18 +1,21 @@
-"""In-training evaluation as hooks: a tiny real run writes FID-k to TensorBoard every N
-steps, and a setup that cannot be evaluated fails before training."""
+"""In-training evaluation as hooks: a tiny real run writes FID-k and the demo judge's
+numbers to TensorBoard every N steps (two evaluators named by config.eval.kind), and a
+setup that cannot be evaluated fails before training."""
 
 import glob
 
 import numpy as np
 import pytest
 
-from fcdm_jax.evaluation import make_evaluators
+from fcdm_jax import sharding
+from fcdm_jax.demo.digit_judge import DemoJudge
+from fcdm_jax.evaluation import EVALUATORS, make_evaluators
+from fcdm_jax.evaluation.fid_eval import FidEvaluator
 from fcdm_jax.train import loop
 
-from test_sample import write_inception
-from train_helpers import TESTS, load_config
-
-DEMO_CONFIG = TESTS.parent / "configs" / "demo.py"
+from helpers.model_files import write_inception
+from helpers.runs import scalars
+from helpers.training import seed_classifier, tiny_demo_config
 
 
 def fid_run_config(tmp_path):
@@ -20,8 +23,7 @@ def fid_run_config(tmp_path):
   rng = np.random.default_rng(0)
   reference = tmp_path / "ref.npz"
   np.savez(reference, arr_0=rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
-  config = load_config(DEMO_CONFIG, "ddpm")
-  config.model.update(hidden_size=8, depth=(1, 1, 1, 1, 1), dwconv_impl="xla")
+  config = tiny_demo_config("ddpm")
   config.update(batch_size=8, num_train_steps=4, log_every_steps=2, checkpoint_every_steps=4)
   config.optimizer.warmup_steps = 1
   config.preview.every_steps = 0
@@ -31,30 +33,41 @@ def fid_run_config(tmp_path):
   return config
 
 
-def scalars(workdir: str) -> dict:
-  """{tag: {step: value}} from the run's TensorBoard event files."""
-  import tensorflow as tf
-  out = {}
-  for path in glob.glob(f"{workdir}/events.out.tfevents*"):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag.startswith("eval/"):
-          out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-  return out
+def test_eval_kind_names_one_evaluator_or_several(tmp_path):
+  config = fid_run_config(tmp_path)
+  mesh = sharding.create_mesh(config)
+  [fid] = make_evaluators(config, mesh, str(tmp_path / "run"))
+  assert isinstance(fid, FidEvaluator) and fid.every_steps == 2
+  config.eval.kind = " demo, fid "
+  demo, fid = make_evaluators(config, mesh, str(tmp_path / "run"))
+  assert isinstance(demo, DemoJudge) and isinstance(fid, FidEvaluator)
+  config.eval.enabled = False
+  assert make_evaluators(config, mesh, str(tmp_path / "run")) == []
+  config.eval.enabled = True
+  for kind, message in (("fid,fid", "names an evaluator twice"), (" ,", "names no evaluator"),
+                        ("fid,clip", "unknown config.eval.kind 'clip'; expected one or more")):
+    config.eval.kind = kind
+    with pytest.raises(ValueError, match=message) as error:
+      make_evaluators(config, mesh, str(tmp_path / "run"))
+    assert kind == "fid,fid" or str(tuple(EVALUATORS)) in str(error.value)
 
 
 @pytest.mark.slow
-def test_fid_hook_writes_fid_to_tensorboard_every_n_steps(tmp_path):
+def test_two_evaluators_write_to_tensorboard_every_n_steps(tmp_path, digit_classifier):
   config = fid_run_config(tmp_path)
+  config.eval.kind = "fid,demo"
   workdir = str(tmp_path / "run")
+  seed_classifier(digit_classifier, workdir)
   summary = loop.train_and_evaluate(config, workdir, make_evaluators=make_evaluators)
   written = scalars(workdir)
-  for tag in ("eval/fid", "eval/sfid", "eval/inception_score"):
+  for tag in ("eval/fid", "eval/sfid", "eval/inception_score", "eval/accuracy",
+              "eval/frechet_distance"):
     assert sorted(written[tag]) == [2, 4], (tag, written.get(tag))
     assert all(np.isfinite(v) for v in written[tag].values())
   assert all(v > 0 for v in written["eval/fid"].values())
-  [final] = summary["eval"]
-  assert final["step"] == 4 and final["fid"] == pytest.approx(written["eval/fid"][4], rel=1e-5)
+  fid, demo = summary["eval"]
+  assert fid["step"] == 4 and fid["fid"] == pytest.approx(written["eval/fid"][4], rel=1e-5)
+  assert demo["step"] == 4 and demo["accuracy"] == written["eval/accuracy"][4]
 
 
 def test_bad_evaluation_setups_fail_before_training(tmp_path):

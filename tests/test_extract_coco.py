@@ -16,56 +16,12 @@ from fcdm_jax.data import image_sources
 from fcdm_jax.data import LatentDataset
 from fcdm_jax.data.captions import CaptionTable
 from fcdm_jax.models.text_encoder import load_text_encoder
-from test_extract_latents import RESOLUTION, write_vae_dir
-from text_helpers import write_text_encoder
+from helpers.image_files import (CORRUPT, IMAGES, KEPT, SPLIT, captions_of, file_name,
+                                  write_coco)
+from helpers.model_files import RESOLUTION, write_vae_dir
+from helpers.text import write_text_encoder
 
-SPLIT = "train2014"
 TEXT_DIM = 16   # write_text_encoder's default width
-# image id -> (height, width) and its captions as (annotation id, caption); the JSON lists
-# images and annotations out of id order, some captions carry stray whitespace.
-IMAGES = {
-    42: ((20, 24), [(310, "a red zero on a table"), (12, "  the digit zero in red\n")]),
-    7: ((24, 18), [(5, "a green one"), (900, "one green digit"), (77, "green, one.")]),
-    19: ((16, 16), [(40, "a corrupt image's caption"), (41, "never encoded")]),   # corrupt
-    3: ((30, 20), [(8, "a blue two"), (2, "two in blue "), (600, "blue two"),
-                   (601, "the digit two"), (9, "a two")]),
-    88: ((18, 26), [(1000, "yellow three"), (999, " a yellow three ")]),
-    25: ((22, 22), [(61, "zero"), (60, "red"), (62, "red zero"), (3, "a red thing")]),
-}
-CORRUPT = 19
-KEPT = [i for i in sorted(IMAGES) if i != CORRUPT]
-
-
-def file_name(image_id, split=SPLIT):
-  return f"COCO_{split}_{image_id:012d}.jpg"
-
-
-def captions_of(image_id):
-  return [c.strip() for _, c in sorted(IMAGES[image_id][1])]
-
-
-def write_coco(root, split=SPLIT, seed=3):
-  """ROOT/<split>/*.jpg and ROOT/annotations/captions_<split>.json, as COCO ships them."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(os.path.join(root, split))
-  for image_id, ((h, w), _) in IMAGES.items():
-    path = os.path.join(root, split, file_name(image_id, split))
-    if image_id == CORRUPT:
-      with open(path, "wb") as f:
-        f.write(b"\xff\xd8\xff\xe0 not really a JPEG" + bytes(64))
-    else:
-      Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
-  notes = [{"image_id": i, "id": a, "caption": c} for i, (_, cs) in IMAGES.items() for a, c in cs]
-  notes = [notes[k] for k in rng.permutation(len(notes))]
-  data = {"info": {"description": "tiny COCO 2014"}, "licenses": [],
-          "images": [{"license": 1, "file_name": file_name(i, split), "height": hw[0], "width": hw[1],
-                      "id": i, "coco_url": "", "date_captured": ""}
-                     for i, (hw, _) in IMAGES.items()],
-          "annotations": notes}
-  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-  with open(os.path.join(root, "annotations", f"captions_{split}.json"), "w") as f:
-    json.dump(data, f)
-  return str(root)
 
 
 @pytest.fixture(scope="module")

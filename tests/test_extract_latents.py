@@ -14,63 +14,17 @@ from PIL import Image
 
 import jax.numpy as jnp
 
-from fcdm_jax import config_base, extraction, images
+from fcdm_jax import extraction, images
 from fcdm_jax.data import LatentDataset, center_crop_arr, make_source
 from fcdm_jax.models import vae as vae_lib
 
+from helpers.image_files import write_image_folder
+from helpers.model_files import RESOLUTION, TINY_VAE, write_vae_dir
+from helpers.training import load_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A two-level SD-VAE (downsampling x2), random weights: 16 px images -> 8x8x4 latents.
-TINY_VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
-                block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
-                down_block_types=["DownEncoderBlock2D"] * 2,
-                up_block_types=["UpDecoderBlock2D"] * 2, scaling_factor=0.5)
-RESOLUTION = 16
 
-
-def write_vae_dir(path, config=TINY_VAE, seed=0):
-  """A diffusers-format VAE directory (config.json + safetensors) with random weights."""
-  from safetensors.numpy import save_file
-  model = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(config))
-  rng = np.random.default_rng(seed)
-  state_dict = {}
-  for key, (_, shape) in vae_lib.torch_layout(model).items():
-    if len(shape) > 1:   # conv / linear weight, fan-in scaled
-      a = rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))
-    elif "norm" in key and key.endswith("weight"):
-      a = rng.uniform(0.8, 1.2, shape)
-    else:
-      a = rng.uniform(-0.2, 0.2, shape)
-    state_dict[key] = a.astype(np.float32)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f)
-  save_file(state_dict, os.path.join(path, "diffusion_pytorch_model.safetensors"))
-  return str(path)
-
-
-def write_image_folder(root):
-  """Three classes, eight image files (one corrupt, one CMYK, one grayscale, one RGBA) and
-  a text file that is not an image. Listing order: ants/*, bees/*, cats/*."""
-  rng = np.random.default_rng(1)
-  rgb = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-  for name in ("ants", "bees", "cats", "empty_class"):
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-  Image.fromarray(rgb(20, 30)).save(os.path.join(root, "ants", "a0.jpg"), quality=95)
-  Image.fromarray(rgb(40, 18)).save(os.path.join(root, "ants", "a1.png"))
-  Image.fromarray(rgb(16, 16)).convert("CMYK").save(os.path.join(root, "ants", "a2_cmyk.jpg"))
-  Image.fromarray(rgb(24, 24)[..., 0]).save(os.path.join(root, "bees", "b0_gray.jpg"))
-  with open(os.path.join(root, "bees", "b1_corrupt.jpg"), "wb") as f:
-    f.write(b"\xff\xd8\xff\xe0 this is not really a JPEG" + bytes(100))
-  Image.fromarray(np.concatenate([rgb(17, 33), np.full((17, 33, 1), 128, np.uint8)], -1),
-                  "RGBA").save(os.path.join(root, "bees", "b2_rgba.png"))
-  os.makedirs(os.path.join(root, "cats", "nested"), exist_ok=True)
-  Image.fromarray(rgb(64, 48)).save(os.path.join(root, "cats", "c0.bmp"))
-  Image.fromarray(rgb(33, 21)).save(os.path.join(root, "cats", "nested", "c1.png"))
-  with open(os.path.join(root, "cats", "notes.txt"), "w") as f:
-    f.write("not an image")
-  return str(root)
-
-
+# What write_image_folder writes, in listing order.
 FILES = ["ants/a0.jpg", "ants/a1.png", "ants/a2_cmyk.jpg", "bees/b0_gray.jpg",
          "bees/b1_corrupt.jpg", "bees/b2_rgba.png", "cats/c0.bmp", "cats/nested/c1.png"]
 LABELS = [0, 0, 0, 1, 1, 1, 2, 2]
@@ -132,10 +86,7 @@ def test_extracts_a_dataset_the_training_pipeline_reads(dirs, extracted):
   assert np.abs(mean[:, 0] - mean[:, 1]).max() > 1e-2   # the mirror is really encoded
 
   # The training input pipeline takes it as a `latents` source.
-  config = config_base.get_config("S", RESOLUTION * 2, "ddpm")
-  config.latent_size, config.model.in_channels, config.model.num_classes = 8, 4, 4
-  config.data.update(source="latents", path=out, vae_scale=0.5)
-  config.batch_size = 4
+  config = load_config(batch_size=4, **{"data.path": out, "data.vae_scale": 0.5})  # 8x8x4
   source = make_source(config, process_index=0, process_count=1)
   assert source.num_examples == 7 and source.element_shape == (8, 8, 4)
   batch = next(iter(source.iterate(0)))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fcdm_jax import conditions
 from fcdm_jax.config_base import get_config
 from fcdm_jax.flops import fcdm_forward_macs
 from fcdm_jax.models import FCDM
@@ -162,7 +163,37 @@ def test_errors(mlp_model):
     apply(x, t[:1], y)
   with pytest.raises(ValueError, match="force_drop_ids applies to class labels"):
     apply(x, t, y, force_drop_ids=jnp.ones(2, jnp.int32))
-  with pytest.raises(ValueError, match="unknown condition 'image'"):
+  with pytest.raises(ValueError, match=r"unknown condition 'image'; expected one of "
+                                       r"\('class', 'text'\)"):
     FCDM(**TINY, condition="image").init(jax.random.key(0), x, t, y)
   with pytest.raises(ValueError, match="unknown text_embedder 'attention'"):
     text_model("attention").init(jax.random.key(0), x, t, y)
+
+
+def test_the_condition_kind_answers_for_the_model_the_data_and_the_sampler():
+  """One object per condition says what y is, whether the data carries captions, the
+  PyTorch layout's embedder, and (bound to a model) the guidance null and padding."""
+  text, labels = text_model("mlp"), FCDM(**TINY)
+  assert text.condition_kind is conditions.TextEmbeddings
+  assert labels.condition_kind is conditions.ClassLabels
+  y = conditions.abstract_y(text, 6)
+  assert (y.shape, y.dtype) == ((6, TEXT_DIM), jnp.float32)
+  assert text.example_y(2).shape == (2, TEXT_DIM) and labels.example_y(2).dtype == jnp.int32
+  config = get_config("S", 256)
+  assert not conditions.of_config(config).uses_captions
+  config.model.condition = "text"
+  assert conditions.of_config(config).uses_captions
+  assert (text.condition_kind.torch_text_embedder(text),
+          labels.condition_kind.torch_text_embedder(labels)) == ("mlp", None)
+
+  empty = np.full((TEXT_DIM,), 0.5, np.float32)
+  bound = conditions.condition_of(text, empty)
+  padded = bound.pad(bound.check(np.ones((2, TEXT_DIM))), 4)
+  np.testing.assert_array_equal(padded, np.stack([np.ones(TEXT_DIM)] * 2 + [empty] * 2))
+  with pytest.raises(ValueError, match="pass empty_embedding"):
+    conditions.condition_of(text)
+  bound = conditions.condition_of(labels)
+  assert bound.null == 3 and bound.pad(bound.check([2, 1]), 3).tolist() == [2, 1, 0]
+  assert conditions.condition_of(FCDM(**dict(TINY, class_dropout_prob=0.0))).null is None
+  with pytest.raises(ValueError, match=r"labels \[3\] are outside \[0, 3\)"):
+    bound.check([0, 3])

@@ -12,8 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fcdm_jax.diffusion import flow, objectives, ode, samplers
-from reference_helpers import assert_close, load_npz, nhwc
+from fcdm_jax.diffusion import flow, objectives, ode
+from fcdm_jax.diffusion.samplers import ode as ode_sampler, sde as sde_sampler
+from helpers.reference import assert_close, load_npz, nhwc
 
 RTOL = 1e-5
 LOOP_RTOL = 1e-4
@@ -61,7 +62,7 @@ def test_loss(ref):
 
 
 def test_sde_euler_trajectory_with_recorded_noise(ref):
-  run = jax.jit(lambda x, n: samplers.sde_sample_loop(
+  run = jax.jit(lambda x, n: sde_sampler.sde_sample_loop(
       toy_velocity, x, num_steps=10, method="Euler", diffusion_form="sigma", last_step="Mean",
       last_step_size=0.04, step_noise=n, return_trajectory=True))
   final, trajectory = run(nhwc(ref["sde_init"]), nhwc(ref["sde_euler10_step_noise"]))
@@ -164,7 +165,7 @@ def test_dopri5_meets_its_tolerance():
 
 def test_adaptive_sampler_marks_an_unfinished_solve():
   x = jnp.ones((2, 1, 1, 1))
-  out, info = jax.jit(lambda x: samplers.ode_sample_adaptive(
+  out, info = jax.jit(lambda x: ode_sampler.ode_sample_adaptive(
       toy_velocity, x, rtol=1e-9, atol=1e-9, max_steps=2, return_info=True))(x)
   assert not bool(info.success) and np.isnan(np.asarray(out)).all()
 
@@ -175,7 +176,7 @@ def test_fixed_step_ode_convergence_order(method, order):
   expected = exact_ode_solution(0.7, 1.0)
   errors = []
   for steps in (21, 41):  # 20 and 40 intervals
-    y = samplers.ode_sample_loop(toy_velocity, y0, num_steps=steps, method=method)
+    y = ode_sampler.ode_sample_loop(toy_velocity, y0, num_steps=steps, method=method)
     errors.append(abs(float(y.ravel()[0]) - expected))
   assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.25)
 

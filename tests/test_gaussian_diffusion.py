@@ -13,8 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fcdm_jax.diffusion import gaussian, likelihood, objectives, respace, samplers
-from reference_helpers import assert_close, load_npz, nhwc
+from fcdm_jax.diffusion import gaussian, likelihood, objectives, respace
+from fcdm_jax.diffusion.samplers import ddim as ddim_sampler, ddpm as ddpm_sampler
+from helpers.reference import assert_close, load_npz, nhwc
 
 RTOL = 1e-5       # single-step quantities
 LOOP_RTOL = 1e-4  # 10-step loops, whose values grow large
@@ -76,7 +77,7 @@ def test_respaced_model_is_called_on_original_timesteps():
     jax.debug.callback(lambda tt: seen.append(np.asarray(tt)), t, ordered=True)
     return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],))
 
-  jax.block_until_ready(jax.jit(lambda x: samplers.ddim_sample_loop(spaced, model, x))(
+  jax.block_until_ready(jax.jit(lambda x: ddim_sampler.ddim_sample_loop(spaced, model, x))(
       jnp.zeros((2, 2, 2, 1))))
   jax.effects_barrier()
   firsts = [float(t[0]) for t in seen]
@@ -155,14 +156,16 @@ def test_ddim_eta1_has_the_ddpm_posterior_variance(diffusion):
 
 def test_ddim10_loop(ref):
   spaced = respace.spaced_diffusion("linear", 1000, "10")
-  x = jax.jit(lambda x0: samplers.ddim_sample_loop(spaced, toy_model, x0))(nhwc(ref["loop_init"]))
+  x = jax.jit(lambda x0: ddim_sampler.ddim_sample_loop(spaced, toy_model, x0))(
+      nhwc(ref["loop_init"]))
   assert_close(x, nhwc(ref["ddim10_eta0"]), LOOP_RTOL)
 
 
 def test_ddpm10_loop_with_recorded_noise(ref):
   spaced = respace.spaced_diffusion("linear", 1000, "10")
   noise = nhwc(ref["ddpm10_step_noise"])
-  x = jax.jit(lambda x0, n: samplers.ddpm_sample_loop(spaced, toy_model, x0, step_noise=n))(
+  x = jax.jit(lambda x0, n: ddpm_sampler.ddpm_sample_loop(spaced, toy_model, x0,
+                                                          step_noise=n))(
       nhwc(ref["loop_init"]), noise)
   assert_close(x, nhwc(ref["ddpm10"]), LOOP_RTOL)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from fcdm_jax.models import inception
 
-from torch_compat import import_torchvision
+from helpers.torch_compat import import_torchvision
 
 
 def _randomize_batchnorm(model, seed):

@@ -9,7 +9,7 @@ import pytest
 
 from fcdm_jax import fileio
 from fcdm_jax.train.loop import train_and_evaluate
-from train_helpers import load_config
+from helpers.training import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

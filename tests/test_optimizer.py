@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fcdm_jax.train.state import learning_rate_fn, make_optimizer
-from train_helpers import load_config
+from helpers.training import load_config
 
 
 def _lr(config, step):

@@ -15,7 +15,7 @@ import pytest
 
 from fcdm_jax.train import loop
 
-from train_helpers import TINY_CONFIG, make_latent_dataset
+from helpers.training import TINY_CONFIG, make_latent_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
                JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}", STEP_DELAY="0.3",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid))
-    cmd = [sys.executable, str(REPO / "tests/slow_main.py"), f"--config={TINY_CONFIG}",
+    cmd = [sys.executable, str(REPO / "tests/helpers/slow_main.py"), f"--config={TINY_CONFIG}",
            f"--workdir={tmp_path / 'run'}", f"--config.data.path={dataset}",
            "--config.num_train_steps=1000", "--config.checkpoint_every_steps=10",
            "--config.log_every_steps=5"]

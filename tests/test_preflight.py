@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from fcdm_jax import preflight, tpu_topology
+from fcdm_jax import tpu_topology
+from fcdm_jax.perf import tpu_preflight
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.py"
@@ -21,10 +22,10 @@ needs_libtpu = pytest.mark.skipif(not tpu_topology.libtpu_available(),
                                   reason='libtpu not installed (pip install -e ".[tpu]")')
 
 
-def preflight_cli(tmp_path, *args):
+def preflight_cli(tmp_path, *args, config=TINY):
   out = tmp_path / "report.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight", f"--config={TINY}",
+  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight", f"--config={config}",
                          f"--json={out}", *args], capture_output=True, text=True,
                         timeout=600, cwd=REPO, env=env)
   return proc, (json.loads(out.read_text()) if out.exists() else None)
@@ -58,22 +59,22 @@ def test_bad_topology_names_list_the_accepted_forms(name):
 def test_out_of_memory_messages():
   new = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (45.75G) exceeds available HBM (15.75G).")
-  assert preflight.parse_oom(new) == dict(required_bytes=int(45.75 * 2**30),
+  assert tpu_preflight.parse_oom(new) == dict(required_bytes=int(45.75 * 2**30),
                                           available_bytes=int(15.75 * 2**30))
   old = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 17.5G of 15.5G hbm."
-  assert preflight.parse_oom(old)["required_bytes"] == int(17.5 * 2**30)
-  assert preflight.parse_oom("INVALID_ARGUMENT: bad shape") is None
+  assert tpu_preflight.parse_oom(old)["required_bytes"] == int(17.5 * 2**30)
+  assert tpu_preflight.parse_oom("INVALID_ARGUMENT: bad shape") is None
 
 
 def test_roofline_picks_the_binding_resource():
-  r = preflight.roofline(flops=197e12, nbytes=819e9 / 2, peak_tflops=197.0, bandwidth=819e9,
+  r = tpu_preflight.roofline(flops=197e12, nbytes=819e9 / 2, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=98.5e12, images=256)
   assert r["binds"] == "compute" and r["step_s_bound"] == pytest.approx(1.0)
   assert r["img_per_s_bound"] == pytest.approx(256) and r["mfu_bound"] == pytest.approx(0.5)
-  r = preflight.roofline(flops=197e12, nbytes=1e9, peak_tflops=197.0, bandwidth=819e9,
+  r = tpu_preflight.roofline(flops=197e12, nbytes=1e9, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=1.02 * 197e12, images=256)   # nominal > counted
   assert r["mfu_bound"] == 1.0
-  r = preflight.roofline(flops=1e12, nbytes=819e9 * 2, peak_tflops=197.0, bandwidth=819e9,
+  r = tpu_preflight.roofline(flops=1e12, nbytes=819e9 * 2, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=1e12, images=8)
   assert r["binds"] == "HBM bandwidth" and r["step_s_bound"] == pytest.approx(2.0)
 
@@ -92,6 +93,27 @@ def test_without_libtpu_one_line_and_nonzero_exit(tmp_path):
   assert proc.returncode == 2
   assert 'pip install -e ".[tpu]"' in proc.stderr and "Traceback" not in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bad_input_exits_2(tmp_path):
+  """Exit 1 means 'does not fit' (launch/tpu_pod.sh tells them apart): a missing or unknown
+  flag, a bad topology or an impossible batch is bad input, 2, with a one-line reason."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  tiny = f"--config={TINY}"
+  cases = [(["--topology=v5e-8"], "--config and --topology are required"),
+           ([tiny, "--topology=v5e-8", "--no_such_flag=1"], "no_such_flag"),
+           ([tiny, "--topology=v5e-8", "--config.model.no_such_field=1"], "no_such_field"),
+           (["--config=no_such_config.py", "--topology=v5e-8"], "no_such_config.py"),
+           ([tiny, "--topology=v7-8"], "unknown TPU topology 'v7-8'")]
+  if tpu_topology.libtpu_available():
+    cases.append(([tiny, "--topology=v5e:2x2", "--batch=6"],
+                  "batch 6 must be positive and divisible by the 4 data-parallel devices"))
+  for args, reason in cases:
+    proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight", *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 2, (args, proc.stderr[-3000:])
+    assert reason in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-3000:])
 
 
 @needs_libtpu
@@ -161,3 +183,20 @@ def test_model_beyond_hbm_does_not_fit(tmp_path):
   else:  # the compiler refused: its own figures
     assert train["required_bytes"] > train["available_bytes"] > 0
     assert train["margin_bytes"] < 0 and "RESOURCE_EXHAUSTED" in train["compiler_error"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_text_to_image_config_on_v5e_8(tmp_path):
+  """configs/t2i_s_256.py (text embeddings as y, latents with their posterior std): its
+  train step, guided sampling forward and preview sampler compile for a v5e-8 (a smaller
+  batch than the config's, to keep the test short)."""
+  proc, report = preflight_cli(tmp_path, "--topology=v5e-8", "--batch=16", "--sample_batch=8",
+                               config=REPO / "configs" / "t2i_s_256.py")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert report["model"]["condition"] == "text" and report["fits"] is True
+  progs = report["programs"]
+  assert set(progs) == {"train", "sample", "preview"}
+  assert all(r["compiled"] and r["fits"] for r in progs.values())
+  assert progs["sample"]["forward_batch"] == 16   # guided with the empty caption: [x; x]
+  assert progs["train"]["per_chip"]["flops"] >= 0.95 * progs["train"]["per_chip"]["model_flops"]

@@ -1,14 +1,32 @@
-"""The TPU table script: its rows, skipping what is done, saving each row, rendering the doc.
+"""The TPU table: its rows, skipping what is done, saving each row, rendering the doc.
 
 No compile here (`run_entry` is replaced): the preflight itself is tests/test_preflight.py.
+Paths (config files, the committed table) are relative to the repository's root, where the
+table runs.
 """
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from fcdm_jax import config_base
-from fcdm_jax import preflight_table as table
+from fcdm_jax.perf import tpu_table as table
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+  monkeypatch.chdir(REPO)
+
+
+def update(results, doc, **kwargs):
+  """One sitting of the table over these files (what the command's main does)."""
+  return table.update(results, doc, log=lambda s: None, **kwargs)
 
 
 def fake_row(e, hbm=20 * 2**30, fits=False):
@@ -95,7 +113,7 @@ def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
     return fake_row(e, hbm=8 * 2**30, fits=True)
 
   monkeypatch.setattr(table, "run_entry", fake_run)
-  table.main(["--results", str(results), "--doc", str(doc)])
+  update(results, doc)
   assert ran == [es[0]["key"]]  # only the missing row
   saved = json.loads(results.read_text())
   assert saved[es[0]["key"]]["fits"] is True and len(saved) == len(es)
@@ -105,7 +123,7 @@ def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
   assert ("| XL/512 | v5p-64 | bf16 | block **(default)** | xla | fsdp8 (fsdp) | 8.0 of 16.0 | "
           "yes | 500.0 |") \
       in text
-  table.main(["--results", str(results), "--doc", str(doc)])
+  update(results, doc)
   assert len(ran) == 1  # a second sitting has nothing left to do
 
 
@@ -127,8 +145,7 @@ def test_failed_rows_are_retried_only_when_asked(tmp_path, monkeypatch, retry, e
   results.write_text(json.dumps(done))
   ran = []
   monkeypatch.setattr(table, "run_entry", lambda e, t, log: ran.append(e) or fake_row(e))
-  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md")]
-             + (["--retry_errors"] if retry else []))
+  update(results, tmp_path / "d.md", retry_errors=retry)
   assert len(ran) == expected
 
 
@@ -151,7 +168,7 @@ def test_rows_compiled_side_by_side_are_all_saved(tmp_path, monkeypatch):
     return fake_row(e, hbm=es.index(e) * 2**30, fits=True)
 
   monkeypatch.setattr(table, "run_entry", fake_run)
-  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md"), "--jobs", "3"])
+  update(results, tmp_path / "d.md", jobs=3)
   saved = json.loads(results.read_text())
   assert len(saved) == len(es) and peak[0] == 3
   assert [saved[e["key"]]["hbm_used_bytes"] for e in es[:6]] == [i * 2**30 for i in range(6)]
@@ -170,15 +187,14 @@ def test_two_sittings_on_disjoint_rows_share_the_file(tmp_path, monkeypatch):
 
   def fake_run(e, timeout_s, log):
     if e["key"] == shift[-1]["key"]:   # meanwhile, the other sitting finishes its rows
-      table.main(["--results", str(results), "--doc", str(tmp_path / "d.md"),
-                  "--skip", "shift"])
+      update(results, tmp_path / "d.md", skip="shift")
     return fake_row(e)
 
   monkeypatch.setattr(table, "run_entry", fake_run)
   done = {e["key"]: fake_row(e) for e in shift[:-1]}
   saved = json.loads(results.read_text())
   results.write_text(json.dumps({**saved, **done}))
-  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md"), "--only", "shift"])
+  update(results, tmp_path / "d.md", only="shift")
   saved = json.loads(results.read_text())
   assert set(saved) == {e["key"] for e in es}, set(e["key"] for e in es) - set(saved)
   assert len(rest) + len(shift) == len(es)
@@ -198,7 +214,7 @@ def test_a_row_compiled_under_an_old_default_is_compiled_again(tmp_path, monkeyp
   results.write_text(json.dumps(rows))
   ran = []
   monkeypatch.setattr(table, "run_entry", lambda e, t, log: ran.append(e["key"]) or fake_row(e))
-  table.main(["--results", str(results), "--doc", str(tmp_path / "d.md")])
+  update(results, tmp_path / "d.md")
   assert ran == [s512["key"]]
   saved = json.loads(results.read_text())
   assert saved[s512["key"]]["dwconv_used"] == "xla"
@@ -304,7 +320,7 @@ def test_configs_follow_the_committed_table():
   where layouts are compared, is the table's choice (where its candidates' rows are in),
   and 'auto' on a TPU is the sweep's dwconv."""
   from fcdm_jax.models.layers import resolve_dwconv_impl
-  results = table.load(table.RESULTS)
+  results = table.load(REPO / table.RESULTS)
   dw = table.choose_dwconv(results)
   assert dw["dwconv"] == resolve_dwconv_impl("auto", backend="tpu"), dw["why"]
   decided = []
@@ -323,3 +339,40 @@ def test_configs_follow_the_committed_table():
         decided.append(f"{config_file} layout")
   # The committed table has every row: every config's remat and both layouts are decided.
   assert len(decided) == 2 * len(table.VARIANTS) + len(table.LAYOUT_CANDIDATES), decided
+
+
+def test_a_config_without_candidates_gets_its_default_rows_and_no_choice(monkeypatch):
+  """A config REMAT_CANDIDATES does not list: its default row on every slice, and the
+  choice says there are no candidates (no KeyError), in the library and the rendered doc."""
+  assert table.choose_remat("configs/t2i_s_256.py", {}) == dict(
+      remat=None, why="the table lists no remat candidates for t2i_s_256 (REMAT_CANDIDATES "
+      f"has {', '.join(sorted(table.REMAT_CANDIDATES))})")
+  assert table.choose_layout("configs/t2i_s_256.py", {}) is None
+  monkeypatch.setattr(table, "REMAT_CANDIDATES",
+                      {k: v for k, v in table.REMAT_CANDIDATES.items() if k != "s_512"})
+  rows = [e for e in table.entries() if e["config"] == "configs/s_512.py"]
+  assert sorted(e["topology"] for e in rows) == sorted(table.TOPOLOGIES)
+  assert all(table.is_default(e) for e in rows)
+  assert "- S/512: remat **undecided** (the table lists no remat candidates for s_512" \
+      in table.render({})
+
+
+@pytest.mark.slow
+def test_command_paths_are_relative_to_where_it_runs(tmp_path):
+  """`--render --results=r.json --doc=d.md` in a folder with the configs: both files are
+  that folder's (absl flags; nothing found through the package's location)."""
+  (tmp_path / "configs").symlink_to(REPO / "configs")
+  e = table.entries()[0]
+  row = dict(e, date="2026-12-01", jax="0.10.2", **table.settings(e), mesh={"data": 1, "fsdp": 32},
+             chips=32, hosts=8, hbm_bytes=95 * 2**30, compile_s=250.0, fits=True,
+             margin_bytes=90 * 2**30, hbm_used_bytes=5 * 2**30, step_s_bound=0.5,
+             binds="compute", img_per_s_bound=512.0, mfu_bound=0.7, compute_s=0.5, memory_s=0.2)
+  (tmp_path / "r.json").write_text(json.dumps({e["key"]: row}))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight_table", "--render",
+                         "--results=r.json", "--doc", "d.md"], capture_output=True, text=True,
+                        timeout=300, cwd=tmp_path, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = (tmp_path / "d.md").read_text()
+  assert table.START in text and "| XL/512 | v5p-64 | bf16 | block **(default)** |" in text
+  assert f"Still missing ({len(table.entries()) - 1} of" in text

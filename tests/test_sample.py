@@ -13,92 +13,26 @@ from PIL import Image
 
 import jax
 
-from fcdm_jax import config_base, convert, distributed, sampling
+from fcdm_jax import convert, distributed, sampling
 from fcdm_jax.sampling import run as sampling_run
 from fcdm_jax.sampling import weights as sampling_weights
 from fcdm_jax.evaluation import adm
 from fcdm_jax.sampling import output as sample_output
-from fcdm_jax.models import FCDM, inception
+from fcdm_jax.sampling.settings import sampler_settings
 from fcdm_jax.models import vae as vae_lib
-from fcdm_jax import checkpoint as ckpt_lib
-from fcdm_jax import sharding
-from fcdm_jax.train.state import TrainState, make_optimizer, state_layout
 
-from test_extract_latents import TINY_VAE, write_vae_dir
+from helpers.model_files import TINY_VAE, write_inception, write_vae_dir
+from helpers.runs import STEP, make_workdir
+from helpers.training import sampling_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP = 7
-
-
-def tiny_config(latent=False, objective="ddpm"):
-  """A pixel-space (8x8x1, like configs/demo.py) or latent (4x4x4) FCDM of a few blocks."""
-  c = config_base.get_config("S", 256, objective)
-  c.image_size = 8
-  c.latent_size = 4 if latent else 8
-  c.model.update(in_channels=4 if latent else 1, hidden_size=8, depth=(1, 1, 1, 1, 1),
-                 num_classes=3, dwconv_impl="xla")   # one op: the fastest to compile
-  c.data.update(source="latents" if latent else "embedded", vae_scale=0.5)
-  c.sample.steps = 3
-  c.batch_size = 8
-  return c
-
-
-def make_workdir(path, config, seed=0):
-  """A training checkpoint of an untrained model, as the training loop lays it out.
-
-  The state is built on `state_layout` (the layout `create_train_state` initialises into)
-  with random numpy values rather than by compiling the initialiser (about 25 s on two CPU
-  cores), and with non-zero output layers, so that samples depend on weights and labels.
-  """
-  model = FCDM(**config.model)
-  # One device: saving replicated arrays from 8 fake devices costs orbax a slice per copy.
-  mesh = sharding.create_mesh(config, jax.devices()[:1])
-  size = config.latent_size
-  abstract, _ = state_layout(config, model, make_optimizer(config), mesh,
-                             (size, size, config.model.in_channels))
-  rng = np.random.default_rng(seed)
-
-  def weights(a):
-    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 10
-    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(a.dtype)
-
-  put = lambda values, ref: jax.tree.map(lambda v, r: jax.device_put(v, r.sharding), values, ref)
-  zeros = lambda tree: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
-  params = jax.tree.map(weights, abstract.params)
-  ema = jax.tree.map(weights, abstract.ema_params)
-  state = TrainState(step=put(np.int32(STEP), abstract.step), params=put(params, abstract.params),
-                     opt_state=put(zeros(abstract.opt_state), abstract.opt_state),
-                     ema_params=put(ema, abstract.ema_params),
-                     rng=put(np.arange(2, dtype=np.uint32), abstract.rng))
-  ckpt = ckpt_lib.Checkpointer(str(path), keep=2)
-  ckpt.save(STEP, state, {"data_position": STEP,
-                          "config": json.loads(config.to_json_best_effort())})
-  ckpt.close()
-  return str(path), ema
 
 
 @pytest.fixture(scope="module")
 def pixel_run(tmp_path_factory):
   d = tmp_path_factory.mktemp("sample")
-  workdir, ema = make_workdir(d / "run", tiny_config())
+  workdir, ema = make_workdir(d / "run", sampling_config())
   return dict(base=d, workdir=workdir, ema=ema)
-
-
-def write_inception(path, seed=0):
-  """Random FID-Inception weights in pytorch-fid's key layout, as .safetensors."""
-  from safetensors.numpy import save_file
-  rng = np.random.default_rng(seed)
-  state_dict = {}
-  for key, (_, shape) in inception.torch_layout().items():
-    if key.endswith(("running_var", "bn.weight")):
-      a = rng.uniform(0.5, 1.5, shape)
-    elif key.endswith(("running_mean", ".bias")):
-      a = rng.uniform(-0.2, 0.2, shape)
-    else:
-      a = rng.uniform(-1, 1, shape) * np.sqrt(3.0 / int(np.prod(shape[1:])))
-    state_dict[key] = a.astype(np.float32)
-  save_file(state_dict, str(path))
-  return str(path)
 
 
 def _cli(*args):
@@ -187,11 +121,30 @@ def test_resume_recomputes_only_missing_parts(pixel_run):
                                 before[13, ..., 0])
 
 
+def test_a_folder_recorded_before_sampler_settings_were_declared_resumes(pixel_run):
+  """Sample folders record the settings the sampler runs with; one written when the config
+  declared fewer keys (sampler, steps, cfg_scale, guide_all_eps, eta) samples alike and is
+  taken as the same, while a real change is still refused."""
+  out = pixel_run["base"] / "old_record"
+  run = lambda **kw: sampling_run.sample(str(out), 4, workdir=pixel_run["workdir"], batch_size=8,
+                                         progress=False, seed=2, **kw)
+  first = run(sampler="ddpm", steps=3)
+  record = out / "sample_settings.json"
+  saved = json.loads(record.read_text())
+  saved["sample"] = {"sampler": "ddpm", "steps": 3, "cfg_scale": saved["sample"]["cfg_scale"],
+                     "guide_all_eps": False, "eta": 0.0}   # the record's form before
+  record.write_text(json.dumps(saved))
+  again = run(sampler="ddpm", steps=3)
+  assert again["generated"] == [] and again["npz"] == first["npz"]
+  with pytest.raises(ValueError, match="made with different settings"):
+    run(sampler="ddpm", steps=4)
+
+
 @pytest.mark.slow
 def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   """A latent model's weights from its workdir and from a published-layout .safetensors file
   are the same, and its images are the VAE decode of its latents divided by vae_scale."""
-  config = tiny_config(latent=True)
+  config = sampling_config(latent=True)
   workdir, ema = make_workdir(tmp_path / "run", config, seed=4)
   vae_dir = write_vae_dir(tmp_path / "vae", TINY_VAE)
   weights = str(tmp_path / "fcdm.safetensors")
@@ -209,9 +162,9 @@ def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   with np.load(result["npz"]) as z:
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (5, 8, 8, 3)   # 4x4 latents, VAE factor 2
-  decoder, _ = sampling_run.load_decoder(vae_dir, config, mesh)
-  gen = sampling.Generator(config, sampling_run.sample_settings(
-      config, dict(sampler="ddim", steps=2)), mesh, decoder)
+  decoder = sampling.image_decoder(config, vae_dir, mesh, "--vae")
+  gen = sampling.Generator(config, sampler_settings(
+      config, "sample", dict(sampler="ddim", steps=2)), mesh, decoder)
   again, lat = gen.generate(from_file, 3, np.arange(8), np.resize(labels, 8))
   np.testing.assert_array_equal(again[:5], images)
   model, params = vae_lib.load_vae(vae_dir)
@@ -220,7 +173,7 @@ def test_published_checkpoint_and_latent_model_with_vae(tmp_path):
   assert lat.shape == (8, 4, 4, 4)
   assert np.abs(want.astype(int) - images.astype(int)).max() <= 1
 
-  with pytest.raises(ValueError, match="pass --vae=DIR"):
+  with pytest.raises(ValueError, match="--vae must name the SD-VAE directory"):
     sampling_run.sample(str(tmp_path / "c"), 2, workdir=workdir, progress=False)
   with pytest.raises(FileNotFoundError, match="VAE directory not found"):
     sampling_run.sample(str(tmp_path / "c"), 2, workdir=workdir, vae=str(tmp_path / "nope"),
@@ -245,7 +198,7 @@ def test_bad_input(pixel_run, tmp_path):
   assert not (tmp_path / "empty_run" / "checkpoints").exists()
   with pytest.raises(ValueError, match="exactly one of --workdir"):
     run()
-  config = tiny_config()
+  config = sampling_config()
   with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
     run(torch_checkpoint=str(tmp_path / "fcdm.pt"), config=config)
   with pytest.raises(ValueError, match="needs --config"):
@@ -258,7 +211,7 @@ def test_bad_input(pixel_run, tmp_path):
   assert not (tmp_path / "o").exists()   # nothing written before the weights loaded
   with pytest.raises(ValueError, match=r"labels \[5\] are outside \[0, 3\)"):
     run(workdir=workdir, labels="1,5")
-  with pytest.raises(ValueError, match="unknown sampler 'sde' for the 'ddpm' objective"):
+  with pytest.raises(ValueError, match="sampler 'sde' does not serve the 'ddpm' objective"):
     run(workdir=workdir, sampler="sde")
   with pytest.raises(ValueError, match="--vae is for latent models only"):
     run(workdir=workdir, vae=str(tmp_path))
@@ -284,7 +237,7 @@ def test_bad_input(pixel_run, tmp_path):
 def test_cli_help_and_errors(tmp_path):
   proc = _cli("--help")
   for flag in ("--workdir", "--torch_checkpoint", "--config", "--num_samples", "--sampler",
-               "--steps", "--cfg_scale", "--out", "--vae", "--labels", "--png", "--seed"):
+               "--steps", "--cfg_scale", "--out", "--vae", "--labels", "--[no]png", "--seed"):
     assert flag in proc.stdout
   proc = _cli(f"--workdir={tmp_path}", "--num_samples=0", f"--out={tmp_path / 'o'}")
   assert proc.returncode != 0 and "error: --num_samples must be a positive integer" in proc.stderr

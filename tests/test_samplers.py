@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fcdm_jax.diffusion import gaussian, guidance, objectives, respace, samplers
+from fcdm_jax.diffusion import gaussian, guidance, objectives, respace
+from fcdm_jax.diffusion.samplers import ddpm
 from fcdm_jax.diffusion.gaussian import GaussianDiffusion
 
 
@@ -415,9 +416,9 @@ def config_error(objective, **overrides):
     (lambda: ddpm_objective().make_sampler(dict(sampler="ddpm", steps=50, cfg_interval=(5, 1)),
                                            None), "low <= high"),
     (lambda: ddpm_objective().make_sampler(dict(sampler="sde", steps=50), None),
-     "unknown sampler 'sde' for the 'ddpm' objective"),
+     "sampler 'sde' does not serve the 'ddpm' objective"),
     (lambda: flow_objective().make_sampler(dict(sampler="ddim", steps=50), None),
-     "unknown sampler 'ddim' for the 'flow' objective"),
+     "sampler 'ddim' does not serve the 'flow' objective"),
     (lambda: flow_objective().make_sampler(dict(sampler="sde", steps=50, diffusion_form="cubic"),
                                            None), "unknown diffusion form"),
     (lambda: flow_objective().make_sampler(dict(sampler="sde", steps=50, last_step="Median"),
@@ -444,12 +445,12 @@ def test_bad_arguments_raise_clear_errors(build, message):
 def test_model_output_channels_are_checked():
   d = respace.spaced_diffusion("linear", 1000, "10")
   with pytest.raises(ValueError, match="needs 8 channels"):
-    samplers.ddpm_sample_loop(d, lambda x, t: x, jnp.zeros((1, 2, 2, 4)), rng=jax.random.key(0))
+    ddpm.ddpm_sample_loop(d, lambda x, t: x, jnp.zeros((1, 2, 2, 4)), rng=jax.random.key(0))
   with pytest.raises(ValueError, match="one draw per step"):
-    samplers.ddpm_sample_loop(d, lambda x, t: jnp.concatenate([x, x], -1), jnp.zeros((1, 2, 2, 4)),
-                              step_noise=jnp.zeros((9, 1, 2, 2, 4)))
+    ddpm.ddpm_sample_loop(d, lambda x, t: jnp.concatenate([x, x], -1), jnp.zeros((1, 2, 2, 4)),
+                          step_noise=jnp.zeros((9, 1, 2, 2, 4)))
   with pytest.raises(ValueError, match="PRNG key"):
-    samplers.ddpm_sample_loop(d, lambda x, t: jnp.concatenate([x, x], -1), jnp.zeros((1, 2, 2, 4)))
+    ddpm.ddpm_sample_loop(d, lambda x, t: jnp.concatenate([x, x], -1), jnp.zeros((1, 2, 2, 4)))
 
 
 def test_fixed_variance_objective():
@@ -463,3 +464,53 @@ def test_fixed_variance_objective():
   out = jax.jit(lambda x, n: sample(lambda x, t, y: 0.5 * x, x, jnp.zeros((4,), jnp.int32), None,
                                     step_noise=n))(x, randn(9, (10,) + x.shape))
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_a_sampler_is_one_registry_entry(monkeypatch):
+  """Registering a sampler makes it a name `make_sampler`, the config sections and the errors
+  know, with its own settings and their defaults; nothing else changes."""
+  from fcdm_jax import config_base
+  from fcdm_jax.diffusion import samplers
+  from fcdm_jax.diffusion.samplers.base import Sampler, Setting
+
+  def make(objective, settings, guide):
+    diffusion = objective.sampling_diffusion(settings)
+    model = lambda model_fn, y: guidance.guided_model(model_fn, y, **guide)
+    return lambda model_fn, x_T, y, rng, step_noise=None: ddpm.ddpm_sample_loop(
+        diffusion, model(model_fn, y), x_T, rng=rng, step_noise=step_noise,
+        clip_denoised=settings["clip_x0"])
+
+  monkeypatch.setitem(samplers.SAMPLERS, "ancestral", Sampler(
+      objectives=("ddpm",), make=make, help="DDPM under another name",
+      settings={"respacing": ddpm.RESPACING, "clip_x0": Setting(True, bool, "clip x0")}))
+  assert samplers.names("ddpm") == ("ddpm", "ddim", "ancestral")
+  assert samplers.names("flow") == ("sde", "ode")
+  config = config_base.get_config("S", 256, "ddpm")
+  assert config.sample.clip_x0 is True and config.eval.clip_x0 is None
+  assert samplers.resolve(samplers.SAMPLERS["ancestral"], dict(steps=5))["clip_x0"] is True
+
+  x, noise = randn(1, (2, 4, 4, 4)), randn(2, (5, 2, 4, 4, 4))
+  model_fn = lambda x, t, y: jnp.concatenate([0.3 * x, jnp.zeros_like(x)], -1)
+  labels = jnp.zeros((2,), jnp.int32)
+  ours = ddpm_objective().make_sampler(dict(sampler="ancestral", steps=5, clip_x0=False), None)
+  theirs = ddpm_objective().make_sampler(dict(sampler="ddpm", steps=5), None)
+  np.testing.assert_array_equal(ours(model_fn, x, labels, None, noise),
+                                theirs(model_fn, x, labels, None, noise))
+  with pytest.raises(ValueError, match=r"unknown sampler 'dpm'; expected one of \('ddpm', "
+                                       r"'ddim', 'sde', 'ode', 'ancestral'\)"):
+    ddpm_objective().make_sampler(dict(sampler="dpm", steps=5), None)
+  with pytest.raises(ValueError, match=r"\['clip_x0'\] for the 'flow' objective"):
+    flow_objective().make_sampler(dict(sampler="ode", steps=5, clip_x0=True), None)
+
+
+def test_settings_two_samplers_read_with_different_defaults_default_to_each_sampler():
+  """`method` is 'euler' for the SDE and 'heun' for the ODE: the flow sections declare it
+  unset, so switching the sampler keeps each one's default."""
+  from fcdm_jax.diffusion import samplers
+  declared = samplers.declared_settings("flow")
+  assert declared["method"].default is None and declared["last_step"].default == "Mean"
+  assert samplers.resolve(samplers.get("ode", "flow"), dict(method=None))["method"] == "heun"
+  assert samplers.resolve(samplers.get("sde", "flow"), {})["method"] == "euler"
+  # last_step=None is a value (no last step), not "the default".
+  assert samplers.resolve(samplers.get("sde", "flow"), dict(last_step=None))["last_step"] is None
+  assert samplers.resolve(samplers.get("sde", "flow"), {})["last_step"] == "Mean"

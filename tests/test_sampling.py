@@ -5,30 +5,109 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from fcdm_jax import sampling
-from fcdm_jax.sampling import run as sampling_run
+from fcdm_jax import config_base, sampling, sharding
+from fcdm_jax.diffusion import samplers
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.demo import digit_judge as demo_eval
 from fcdm_jax.models import FCDM
+from fcdm_jax.sampling import run as sampling_run
+from fcdm_jax.sampling.settings import sampler_settings
 from fcdm_jax.train import preview as preview_lib
-from fcdm_jax import sharding
 
-from test_sample import make_workdir
-from train_helpers import TESTS, load_config
-
-DEMO_CONFIG = TESTS.parent / "configs" / "demo.py"
+from helpers.runs import make_workdir
+from helpers.training import DEMO_CONFIG, TESTS, load_config, sampling_config, tiny_demo_config
 
 
 def demo_shaped_config():
   """The demo's shape (32x32x1 digits, 10 classes) with a model of a few channels."""
-  config = load_config(DEMO_CONFIG, "ddpm")
-  config.seed = 11
-  config.model.update(hidden_size=8, depth=(1, 1, 1, 1, 1), dwconv_impl="xla")
+  config = tiny_demo_config("ddpm", seed=11)
   config.preview.update(sampler="ddim", steps=3, cfg_scale=4.0, eta=0.0, num_classes_shown=10,
                         per_class=1)
   config.eval.update(sampler="ddim", steps=3, cfg_scale=4.0, num_samples=10, batch_size=16)
   return config
+
+
+def parse_config(path, *args):
+  """The config of `--config=path args...` as a command parses it (locked, as commands get it)."""
+  argv = ["prog", f"--config={path}", *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_every_sampler_setting_can_be_set_from_the_command_line():
+  ddpm = parse_config(TESTS.parent / "configs" / "s_256.py", "--config.sample.respacing=ddim50",
+                      "--config.sample.cfg_interval=(100,261)", "--config.eval.eta=0.5",
+                      "--config.preview.clip_denoised=True")
+  assert ddpm.is_locked and ddpm.objective == "ddpm"
+  sample = sampler_settings(ddpm, "sample")
+  assert (sample["respacing"], sample["cfg_interval"]) == ("ddim50", (100, 261))
+  assert make_objective(ddpm).sampling_diffusion(sample).num_timesteps == 50
+  assert sampler_settings(ddpm, "eval")["eta"] == 0.5
+  assert sampler_settings(ddpm, "eval")["clip_denoised"] is True   # the preview's
+  flow = parse_config(DEMO_CONFIG, "--config.sample.atol=1e-5", "--config.sample.sampler=ode",
+                      "--config.sample.method=dopri5", "--config.sample.max_steps=64",
+                      "--config.sample.last_step=None")
+  sample = sampler_settings(flow, "sample")
+  assert (sample["atol"], sample["method"], sample["max_steps"]) == (1e-5, "dopri5", 64)
+  make_objective(flow).make_sampler(sample, null_label=10)   # valid settings
+  # Every setting of every sampler of the objective is declared in each section.
+  for config in (ddpm, flow):
+    keys = set(samplers.setting_keys(config.objective))
+    for section in ("sample", "preview", "eval"):
+      assert keys <= set(config[section].keys()), section
+
+
+@pytest.mark.parametrize("section", ["sample", "preview", "eval"])
+def test_an_unknown_sampler_setting_is_an_error_naming_the_allowed_keys(section):
+  config = config_base.get_config("S", 256, "flow")
+  with config.unlocked():
+    config[section].no_such_key = 1
+  with pytest.raises(ValueError, match=rf"unknown config.{section} sampler settings "
+                                       r"\['no_such_key'\] for the 'flow' objective; allowed "
+                                       r"keys: \['sampler', 'steps', .*'atol'"):
+    sampler_settings(config, section)
+  config = config_base.get_config("S", 256, "ddpm")
+  with pytest.raises(ValueError, match=r"overrides \['method'\] for the 'ddpm' objective; "
+                                       r"allowed keys: \[.*'respacing'"):
+    sampler_settings(config, section, {"method": "heun", "steps": None})
+  with pytest.raises(ValueError, match=r"for the 'ddpm' objective; allowed keys"):
+    make_objective(config).make_sampler(dict(sampler="ddpm", steps=5, atol=1e-3), None)
+  with pytest.raises(ValueError, match=r"section 'fid'; expected one of \('sample'"):
+    sampler_settings(config, "fid")
+
+
+def test_the_three_sections_give_the_settings_they_gave_before():
+  """sample: config.sample with the command line's overrides; preview: config.preview less
+  the grid's fields; eval: the preview's with config.eval's set fields."""
+  demo = load_config(DEMO_CONFIG, "flow")
+  before = {   # the keys each section had before every sampler setting was declared
+      "sample": dict(sampler="sde", steps=250, cfg_scale=1.5, guide_all_eps=False,
+                     diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
+                     last_step_size=0.04),
+      "preview": dict(sampler="ode", steps=25, cfg_scale=4.0, guide_all_eps=False,
+                      method="euler"),
+      "eval": dict(sampler="ode", steps=25, cfg_scale=4.0, guide_all_eps=False,
+                   method="euler")}
+  for section, old in before.items():
+    now = sampler_settings(demo, section)
+    sampler = samplers.get(old["sampler"], "flow")
+    assert {k: now[k] for k in old} == old, section
+    assert samplers.resolve(sampler, now) == samplers.resolve(sampler, old), section
+  overridden = sampler_settings(demo, "sample", dict(sampler="ode", steps=None, method="heun"))
+  assert (overridden["sampler"], overridden["steps"], overridden["method"]) == ("ode", 250,
+                                                                                 "heun")
+  ddpm = config_base.get_config("XL", 512, "ddpm")
+  assert {k: sampler_settings(ddpm, "preview")[k] for k in ("sampler", "steps", "cfg_scale",
+                                                            "eta")} == \
+      dict(sampler="ddim", steps=250, cfg_scale=4.0, eta=0.0)
+  ddpm.eval.steps = 10
+  assert sampler_settings(ddpm, "eval") == dict(sampler_settings(ddpm, "preview"), steps=10)
+  assert sampler_settings(ddpm, "sample", dict(cfg_scale=None))["cfg_scale"] == 1.5
 
 
 @pytest.mark.slow
@@ -74,7 +153,7 @@ def test_a_sample_depends_on_seed_and_index_only():
   params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
                         nn.unbox(shapes)["params"])
   params = jax.device_put(params, sharding.replicated(mesh))
-  generator = sampling.Generator(config, preview_lib.sample_settings(config), mesh)
+  generator = sampling.Generator(config, sampler_settings(config, "preview"), mesh)
   labels = np.asarray([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], np.int32)
   images, _ = generator.generate(params, 5, np.arange(10), labels)
   # Samples 4..7 alone, in a batch of their own: the same images.
@@ -104,7 +183,7 @@ def test_the_sample_batch_is_split_over_devices_in_any_tracing_context():
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                          sharding=sharding.replicated(mesh)),
                           shapes)
-    generator = sampling.Generator(config, preview_lib.sample_settings(config), mesh)
+    generator = sampling.Generator(config, sampler_settings(config, "preview"), mesh)
     if context:
       with sharding_context(mesh, config):
         lowered = generator.lower(params, 16)
@@ -148,9 +227,8 @@ def test_fsdp_checkpoint_restores_only_the_ema_sharded(tmp_path):
   """An FSDP run's EMA arrives sharded, nothing else of the state is read, and its images
   are those of a replicated restore."""
   import gc
-  from test_sample import tiny_config
   from fcdm_jax import checkpoint as ckpt_lib
-  config = tiny_config()
+  config = sampling_config()
   config.model.hidden_size = 32   # wide enough that most bytes are in sharded kernels
   config.sharding.params = "fsdp"
   config.mesh.axes = (("data", 1), ("fsdp", -1))

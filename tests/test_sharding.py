@@ -52,7 +52,7 @@ def test_configs_run_with_the_layout_of_their_size(name):
   """Each config, text-to-image ones too, takes its size's remat and parameter layout
   (config_base.RUN_LAYOUTS, held to the TPU table by test_preflight_table) and the mesh
   that layout runs on."""
-  from train_helpers import TESTS, load_config
+  from helpers.training import TESTS, load_config
   config = load_config(TESTS.parent / "configs" / f"{name}.py", "flow")
   variant, resolution = name.removeprefix("t2i_").split("_")
   remat, params = config_base.RUN_LAYOUTS[(variant.upper(), int(resolution))]

@@ -14,10 +14,10 @@ from fcdm_jax import config_base
 from fcdm_jax.data import LatentDataset, make_source
 from fcdm_jax.data.captions import CaptionTable, caption_folder
 from fcdm_jax.models.text_encoder import load_text_encoder
-from test_extract_latents import write_vae_dir
-from test_train_system import REPO, restore_final, run_main, wait_for_checkpoint
-from text_helpers import captions_of, write_dataset_captions, write_text_encoder
-from train_helpers import load_config, make_latent_dataset
+from helpers.model_files import write_vae_dir
+from helpers.runs import REPO, restore_final, run_main, wait_for_checkpoint
+from helpers.text import captions_of, write_dataset_captions, write_text_encoder
+from helpers.training import load_config, make_latent_dataset
 
 TEXT = ["--config.model.condition=text", "--config.model.text_dim=16"]
 

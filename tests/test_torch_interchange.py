@@ -23,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fcdm_jax import convert, export_torch, torch_fcdm  # noqa: E402
+from fcdm_jax import convert, torch_fcdm  # noqa: E402
 from fcdm_jax.diffusion import flow  # noqa: E402
 from fcdm_jax.models import FCDM  # noqa: E402
 from fcdm_jax import checkpoint as ckpt_lib  # noqa: E402
@@ -31,7 +31,7 @@ from fcdm_jax.train import loop, torch_state  # noqa: E402
 from fcdm_jax.train.state import make_optimizer, state_layout  # noqa: E402
 from fcdm_jax.train.step import make_train_step  # noqa: E402
 
-from train_helpers import load_config, make_latent_dataset  # noqa: E402
+from helpers.training import load_config, make_latent_dataset  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -166,7 +166,7 @@ def trained_run(tmp_path_factory, dataset):
 def test_exported_pt_resumes_in_the_published_training_step(trained_run, tmp_path):
   config, workdir = trained_run
   out = str(tmp_path / "run.pt")
-  summary = export_torch.export(workdir, out)
+  summary = torch_state.export_checkpoint(workdir, out)
   assert summary["step"] == 4
 
   ckpt = torch.load(out)  # the published default: weights_only=True
@@ -187,7 +187,7 @@ def test_exported_pt_resumes_in_the_published_training_step(trained_run, tmp_pat
 def test_exported_safetensors_holds_the_ema_weights(trained_run, tmp_path):
   config, workdir = trained_run
   out = str(tmp_path / "ema.safetensors")
-  export_torch.export(workdir, out, step=2)
+  torch_state.export_checkpoint(workdir, out, step=2)
   from safetensors.torch import load_file
   state, _, _ = torch_state.restore_on_host(workdir, step=2)
   model = torch_fcdm.from_config(config.model)
@@ -297,17 +297,17 @@ def test_init_from_refuses_bad_files(published_checkpoint, tmp_path):
 def test_export_refuses_bad_requests(trained_run, tmp_path):
   config, workdir = trained_run
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    export_torch.export(str(tmp_path / "empty_run"), str(tmp_path / "x.pt"))
+    torch_state.export_checkpoint(str(tmp_path / "empty_run"), str(tmp_path / "x.pt"))
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 .* it has steps \[2, 4\]"):
-    export_torch.export(workdir, str(tmp_path / "x.pt"), step=3)
+    torch_state.export_checkpoint(workdir, str(tmp_path / "x.pt"), step=3)
   with pytest.raises(ValueError, match="must end in .pt"):
-    export_torch.export(workdir, str(tmp_path / "x.ckpt"))
+    torch_state.export_checkpoint(workdir, str(tmp_path / "x.ckpt"))
   existing = tmp_path / "exists.pt"
   existing.write_bytes(b"keep me")
-  with pytest.raises(FileExistsError, match="exists; pass --overwrite"):
-    export_torch.export(workdir, str(existing))
+  with pytest.raises(ValueError, match="exists; pass --overwrite"):
+    torch_state.export_checkpoint(workdir, str(existing))
   assert existing.read_bytes() == b"keep me"
-  export_torch.export(workdir, str(existing), overwrite=True)
+  torch_state.export_checkpoint(workdir, str(existing), overwrite=True)
   assert set(torch.load(existing)) == {"model", "ema", "opt", "args"}
 
 
@@ -321,7 +321,7 @@ def test_export_reports_a_damaged_checkpoint(trained_run, tmp_path):
   biggest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[:7])
   with pytest.raises(ValueError, match=r"checkpoint at step 4 in .* cannot be read"):
-    export_torch.export(str(copy_dir), str(tmp_path / "x.pt"))
+    torch_state.export_checkpoint(str(copy_dir), str(tmp_path / "x.pt"))
 
 
 @pytest.mark.slow

@@ -25,18 +25,13 @@ from fcdm_jax.train import loop
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
-from train_helpers import TINY_CONFIG, load_config, make_latent_dataset
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers.runs import REPO, mesh_of, restore_final, run_main, wait_for_checkpoint
+from helpers.training import TINY_CONFIG, load_config, make_latent_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
   return make_latent_dataset(tmp_path_factory.mktemp("latents"))
-
-
-def mesh_of(n, data, fsdp):
-  return jax.sharding.Mesh(np.asarray(jax.devices()[:n]).reshape(data, fsdp), ("data", "fsdp"))
 
 
 def build(config, mesh):
@@ -116,46 +111,6 @@ def test_checkpoint_restores_on_other_device_counts(tmp_path, dataset):
 
 
 # ---------------------------------------------------------------------------- the command
-
-
-def run_main(workdir, dataset, *extra, wait=True, step_delay=None):
-  """The training command in a subprocess with 2 fake devices (slowed for signal tests)."""
-  entry = ["-m", "fcdm_jax.main"] if step_delay is None else [str(REPO / "tests/slow_main.py")]
-  cmd = [sys.executable, *entry, f"--config={TINY_CONFIG}",
-         f"--workdir={workdir}", f"--config.data.path={dataset}", *extra]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
-             STEP_DELAY=str(step_delay or 0))
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  if not wait:
-    return proc
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
-
-
-def restore_final(workdir, config_overrides=None):
-  config = load_config(**(config_overrides or {}))
-  mesh = mesh_of(1, 1, 1)
-  abstract, _ = state_layout(config, FCDM(**config.model), make_optimizer(config), mesh,
-                             (8, 8, 4))
-  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=100)
-  state, meta = ckpt.restore(ckpt.latest_step(), abstract)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  return jax.device_get(state), meta, steps
-
-
-def wait_for_checkpoint(workdir, step, proc, timeout=300):
-  target = pathlib.Path(workdir) / "checkpoints" / str(step)
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if target.is_dir() and (target / "_CHECKPOINT_METADATA").exists():
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended before checkpoint {step}: {proc.stdout.read()[-3000:]}")
-    time.sleep(0.2)
-  raise AssertionError(f"checkpoint {step} did not appear")
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from fcdm_jax.models import vae
 
-from torch_compat import import_torchvision
+from helpers.torch_compat import import_torchvision
 
 SMALL = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64],
              layers_per_block=1, norm_num_groups=8,

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from fcdm_jax import fileio
+from fcdm_jax.data.registry import source_spec
 
 FORMAT = "fcdm_jax.captions"
 VERSION = 1
@@ -141,9 +142,4 @@ def caption_folder(config) -> str:
   data = config.data
   if data.get("captions"):
     return data.captions
-  if data.source == "colour_digits":
-    from fcdm_jax.demo import colour_digits
-    return fileio.join(colour_digits.resolve_path(data.get("path", "")), SUBFOLDER)
-  if data.get("path"):
-    return fileio.join(data.path, SUBFOLDER)
-  return ""
+  return source_spec(data.source).load().caption_folder(data)

@@ -72,6 +72,10 @@ class EmbeddedSource(pipeline.Source):
     super().__init__(element_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
                      num_examples=len(self.labels), description=where, **kwargs)
 
+  @classmethod
+  def from_config(cls, data, **common):
+    return cls(split=data.get("split", "train"), **common)
+
   def _load(self, indices, flips):
     x = to_model_range(self.images[indices])
     x[flips] = x[flips, :, ::-1]

@@ -20,6 +20,7 @@ from absl import logging
 
 from fcdm_jax import fileio, images
 from fcdm_jax.data.preprocess import center_crop_arr
+from fcdm_jax.data.tfds_images import load_builder, load_image_builder
 
 COUNTERS = ("images", "encoded", "skipped_corrupt", "converted_cmyk", "converted_grayscale",
             "converted_other")
@@ -141,7 +142,7 @@ def _split_key(keys, key: str) -> tuple[str | None, str]:
 
 def _text_feature(features, key: str, where: str):
   """Checks that `key` names a text feature (inside Sequences and FeaturesDicts)."""
-  from tensorflow_datasets.core.features import Sequence
+  from tensorflow_datasets.core.features import Sequence   # deferred: heavy, TFDS only
   node, rest = features, key
   while True:
     while isinstance(node, Sequence):
@@ -177,8 +178,7 @@ class TfdsImages:
 
   def __init__(self, name: str, data_dir: str, split: str, image_key: str, label_key: str,
                captions_key: str = ""):
-    from fcdm_jax.data.tfds_images import load_builder, load_image_builder
-    import tensorflow as tf
+    import tensorflow as tf   # deferred: TensorFlow is heavy and only TFDS sources need it
     tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory
     self.captions_key = captions_key
     self.has_captions = bool(captions_key)
@@ -208,7 +208,7 @@ class TfdsImages:
     self.metadata = {"data_dir": data_dir}
 
   def examples(self, start: int, end: int) -> list[RawExample]:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds   # deferred: heavy, TFDS sources only
     ds = self.builder.as_dataset(
         split=f"{self.split}[{start}:{end}]", shuffle_files=False,
         decoders={self.image_key: tfds.decode.SkipDecoding()},

@@ -194,12 +194,8 @@ class LatentShardWriter:
 
 def read_manifest(directory: str | os.PathLike) -> dict:
   """The manifest of a finished latent dataset, checked; clear errors otherwise."""
-  if not directory:
-    raise FileNotFoundError("config.data.path is empty: set it to a latent dataset directory "
-                            "(written by fcdm_jax.extract_latents)")
-  directory = fileio.path(directory)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"latent dataset directory {directory} does not exist")
+  directory = pipeline.data_path(directory, "latent dataset directory",
+                                 "a latent dataset directory (written by fcdm_jax.extract_latents)")
   path = directory / MANIFEST
   if not path.exists():
     partial = sorted(directory.glob("shard-*.npy"))
@@ -281,6 +277,10 @@ class LatentSource(pipeline.Source):
     self.vae_scale = float(vae_scale)
     super().__init__(element_shape=ds.shape, num_classes=ds.num_classes,
                      num_examples=len(ds), description=where, **kwargs)
+
+  @classmethod
+  def from_config(cls, data, **common):
+    return cls(data.path, vae_scale=float(data.vae_scale), **common)
 
   def _load(self, indices, flips):
     rec = self.dataset.read(indices)

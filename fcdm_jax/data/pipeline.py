@@ -36,11 +36,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-# What `config.data.source` may name. 'latents' is our format (latents.py); 'tfds'
-# images by name (tfds_images.py); 'embedded' the dataset in the wheel (embedded.py);
-# 'torch_features' / 'torch_zarr' the published PyTorch code's latents (torch_latents.py).
-SOURCES = ("latents", "tfds", "embedded", "colour_digits", "torch_features", "torch_zarr")
-PIXEL_SOURCES = ("tfds", "embedded", "colour_digits")
+from fcdm_jax import conditions, fileio
+from fcdm_jax.data.captions import SUBFOLDER, CaptionTable, caption_folder
+from fcdm_jax.data.registry import source_spec
 
 # Stream tags: independent random streams derived from the same data seed.
 _TAG_PERMUTATION, _TAG_FLIP = 0, 1
@@ -49,8 +47,8 @@ _TAG_PERMUTATION, _TAG_FLIP = 0, 1
 class Source:
   """Random access to N examples plus the deterministic, resumable batch stream.
 
-  Subclasses set the dataset facts and implement `_load`; everything about order,
-  host split, flips and prefetch lives here.
+  Subclasses set the dataset facts and implement `_load` and `from_config`; everything
+  about order, host split, flips and prefetch lives here.
   """
 
   def __init__(self, *, element_shape: Sequence[int], num_classes: int, num_examples: int,
@@ -75,6 +73,18 @@ class Source:
     self._perm_lock = threading.Lock()
 
   # --- what a subclass provides -------------------------------------------------------
+  @classmethod
+  def from_config(cls, data, **common) -> "Source":
+    """The source `config.data` (= `data`) describes; `common` are `make_source`'s
+    keyword arguments: expected_shape, num_classes and this class's constructor's."""
+    raise NotImplementedError
+
+  @classmethod
+  def caption_folder(cls, data) -> str:
+    """The caption folder kept with the data when config.data.captions is unset:
+    `<data.path>/captions`, where `extract_latents` writes it."""
+    return fileio.join(data.path, SUBFOLDER) if data.get("path") else ""
+
   def _load(self, indices: np.ndarray, flips: np.ndarray) -> dict[str, np.ndarray]:
     """Examples `indices` (flipped where `flips`): {'x': float (n, H, W, C), 'y': int (n,)},
     and for a posterior to be sampled on the device its std as 'x_std' (x is the mean)."""
@@ -254,6 +264,17 @@ def check_element_shape(actual: Sequence[int], expected: Sequence[int], where: s
                      f"trains on {tuple(expected)} ({hint})")
 
 
+def data_path(path, what: str, wanted: str):
+  """`path` (config.data.path) as a `fileio` path; FileNotFoundError when it is empty (it
+  should name `wanted`) or names nothing (the `what` it should be)."""
+  if not path:
+    raise FileNotFoundError(f"config.data.path is empty: set it to {wanted}")
+  found = fileio.path(path)
+  if not found.exists():
+    raise FileNotFoundError(f"{what} {found} does not exist")
+  return found
+
+
 def check_num_classes(dataset_classes: int, config_classes: int, where: str):
   if dataset_classes > config_classes:
     raise ValueError(f"{where} has {dataset_classes} classes but config.model.num_classes is "
@@ -271,59 +292,31 @@ def parallel_map(fn: Callable, items: Sequence, num_workers: int) -> list:
 # --- the one entry point ------------------------------------------------------------------
 def expected_element_shape(config, source: str) -> tuple[int, int, int]:
   """(H, W, C) the model trains on: image_size for pixel sources, latent_size otherwise."""
-  size = config.image_size if source in PIXEL_SOURCES else config.latent_size
-  return (int(size), int(size), int(config.model.in_channels))
+  return source_spec(source).element_shape(config)
 
 
 def make_source(config, *, process_index: int = 0, process_count: int = 1) -> Source:
-  """The input pipeline named by `config.data.source`, validated before any work starts.
+  """The input pipeline named by `config.data.source` (registry.py), validated before any
+  work starts.
 
   Reads config.data, config.batch_size (global), config.seed, config.model.in_channels /
   num_classes and config.latent_size (latent sources) or config.image_size (pixel ones).
   Raises ValueError / FileNotFoundError naming the problem.
   """
   data = config.data
-  source = data.source
-  if source not in SOURCES:
-    raise ValueError(f"unknown config.data.source {source!r}; expected one of {SOURCES}")
+  spec = source_spec(data.source)
   check_batch_split(int(config.batch_size), process_index, process_count)
-  common = dict(
-      expected_shape=expected_element_shape(config, source),
+  src = spec.load().from_config(
+      data,
+      expected_shape=spec.element_shape(config),
       num_classes=int(config.model.num_classes),
       global_batch=int(config.batch_size),
       process_index=int(process_index),
       process_count=int(process_count),
       seed=(int(config.seed), int(data.get("shuffle_seed", 0))),
       random_flip=bool(data.get("random_flip", True)),
-      prefetch=int(data.get("prefetch", 2)),
-  )
-  if source == "latents":
-    from fcdm_jax.data import latents
-    src = latents.LatentSource(data.path, vae_scale=float(data.vae_scale), **common)
-  elif source == "embedded":
-    from fcdm_jax.data import embedded
-    src = embedded.EmbeddedSource(split=data.get("split", "train"), **common)
-  elif source == "colour_digits":
-    from fcdm_jax.demo import colour_digits
-    src = colour_digits.ColourDigitsSource(data.get("path", ""), **common)
-  elif source == "tfds":
-    from fcdm_jax.data import tfds_images
-    src = tfds_images.TfdsSource(
-        data.tfds_name, data_dir=data.data_dir, split=data.get("split", "train"),
-        image_key=data.get("image_key", "image"), label_key=data.get("label_key", "label"),
-        num_workers=int(data.get("num_workers", 4)),
-        max_in_memory_gb=float(data.get("max_in_memory_gb", 8.0)), **common)
-  elif source == "torch_features":
-    from fcdm_jax.data import torch_latents
-    src = torch_latents.TorchFeatureSource(
-        data.path, labels_path=data.get("labels_path", ""),
-        num_workers=int(data.get("num_workers", 4)), **common)
-  else:
-    from fcdm_jax.data import torch_latents
-    src = torch_latents.TorchZarrSource(
-        data.path, max_in_memory_gb=float(data.get("max_in_memory_gb", 8.0)), **common)
-  if config.model.get("condition", "class") == "text":
-    from fcdm_jax.data.captions import CaptionTable, caption_folder
+      prefetch=int(data.get("prefetch", 2)))
+  if conditions.of_config(config).uses_captions:
     src.captions = CaptionTable(caption_folder(config), num_examples=src.num_examples,
                                 dim=int(config.model.text_dim),
                                 dropout=float(data.get("caption_dropout", 0.1)))

@@ -32,7 +32,7 @@ def load_builder(name: str, data_dir: str):
     raise ValueError("config.data.tfds_name is empty: name the TFDS dataset (e.g. 'mnist')")
   if data_dir and not fileio.isdir(data_dir):
     raise FileNotFoundError(f"config.data.data_dir {data_dir} does not exist")
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds   # deferred: heavy, TFDS sources only
   where = f"TFDS dataset {name!r} in data_dir {data_dir or '(TFDS default)'}"
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
@@ -102,8 +102,16 @@ class TfdsSource(pipeline.Source):
     super().__init__(element_shape=expected_shape, num_classes=ds_classes, num_examples=n,
                      description=where, **kwargs)
 
+  @classmethod
+  def from_config(cls, data, **common):
+    return cls(data.tfds_name, data_dir=data.data_dir, split=data.get("split", "train"),
+               image_key=data.get("image_key", "image"),
+               label_key=data.get("label_key", "label"),
+               num_workers=int(data.get("num_workers", 4)),
+               max_in_memory_gb=float(data.get("max_in_memory_gb", 8.0)), **common)
+
   def _read_all(self, builder, split):
-    import tensorflow as tf
+    import tensorflow as tf   # deferred (both): heavy, TFDS sources only
     import tensorflow_datasets as tfds
     tf.config.set_visible_devices([], "GPU")  # never let TF take accelerator memory
     images, labels = [], []

@@ -61,12 +61,8 @@ def _flip(x: np.ndarray, flips: np.ndarray) -> np.ndarray:
 
 def resolve_feature_dirs(path: str, labels_path: str = ""):
   """(features dir, labels dir) from config.data.path / labels_path (see module docstring)."""
-  if not path:
-    raise FileNotFoundError("config.data.path is empty: set it to the published features "
-                            "folder (holding imagenet256_features/ and imagenet256_labels/)")
-  root = fileio.path(path)
-  if not root.is_dir():
-    raise FileNotFoundError(f"features folder {root} does not exist")
+  root = pipeline.data_path(path, "features folder", "the published features folder "
+                            "(holding imagenet256_features/ and imagenet256_labels/)")
   subdirs = sorted(p for p in root.glob("*_features") if p.is_dir())
   if subdirs:
     if len(subdirs) > 1:
@@ -118,6 +114,11 @@ class TorchFeatureSource(pipeline.Source):
     super().__init__(element_shape=(h, w, c), num_classes=num_classes,
                      num_examples=len(names), description=where, **kwargs)
 
+  @classmethod
+  def from_config(cls, data, **common):
+    return cls(data.path, labels_path=data.get("labels_path", ""),
+               num_workers=int(data.get("num_workers", 4)), **common)
+
   def _read(self, i):
     x = _load_npy(self.feature_files[i])
     return np.transpose(x.reshape(x.shape[-3:]), (1, 2, 0))
@@ -133,12 +134,9 @@ class TorchZarrSource(pipeline.Source):
 
   def __init__(self, path: str, *, max_in_memory_gb: float, expected_shape,
                num_classes: int, **kwargs):
-    if not path:
-      raise FileNotFoundError("config.data.path is empty: set it to the published .zarr store")
-    if not fileio.exists(path):
-      raise FileNotFoundError(f"zarr store {path} does not exist")
+    pipeline.data_path(path, "zarr store", "the published .zarr store")
     try:
-      import zarr
+      import zarr   # deferred: an optional dependency, for this source only
     except ImportError as e:
       raise ImportError("reading the published zarr store needs the optional `zarr` "
                         "package: pip install zarr") from e
@@ -167,6 +165,10 @@ class TorchZarrSource(pipeline.Source):
       self.latents = latents
     super().__init__(element_shape=(h, w, c), num_classes=num_classes, num_examples=n,
                      description=where, **kwargs)
+
+  @classmethod
+  def from_config(cls, data, **common):
+    return cls(data.path, max_in_memory_gb=float(data.get("max_in_memory_gb", 8.0)), **common)
 
   def _load(self, indices, flips):
     if isinstance(self.latents, np.ndarray):

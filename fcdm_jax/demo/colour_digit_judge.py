@@ -1,10 +1,10 @@
 """Judges the text-to-image demo: samples for prompts the model never trained on, scored for
 the digit and the colour they name.
 
-The prompts are the 60 held-out phrasings of `data/colour_digits.py` (one per digit and
+The prompts are the 60 held-out phrasings of `demo/colour_digits.py` (one per digit and
 colour; the model trained on the other phrasings of each pair). Each sample is read back
 two ways:
-  digit   the demo's digit classifier (`demo_eval.py`, cached in the workdir) on the
+  digit   the demo's digit classifier (`demo/digit_judge.py`, cached in the workdir) on the
           sample's per-pixel maximum over channels, which is the grey digit for every
           colour of the palette;
   colour  the mean colour of the sample's ink pixels (maximum > 0.5), scaled to a full
@@ -17,20 +17,20 @@ scalars, and `<workdir>/eval_grid.png`: one row per digit, its prompt's samples.
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
 import numpy as np
-from absl import logging
 
-from fcdm_jax import fileio, sampling, provenance
-from fcdm_jax.demo import colour_digits
+from fcdm_jax import conditions, fileio, provenance
+from fcdm_jax.data.captions import CaptionTable, caption_folder
 from fcdm_jax.data.embedded import load_embedded
-from fcdm_jax.demo import digit_judge as demo_eval
-from fcdm_jax.evaluation import hooks
+from fcdm_jax.demo import colour_digits
+from fcdm_jax.demo import digit_judge
+from fcdm_jax.evaluation.registry import check_count
+from fcdm_jax.models.text_encoder import load_text_encoder
+from fcdm_jax.images import image_grid
 
-EVAL_FILE = "eval.json"
 GRID_FILE = "eval_grid.png"
 INK = 0.5   # a pixel whose brightest channel is above this is ink
 
@@ -55,7 +55,7 @@ class ColourDigitJudge:
   """Digit and colour of uint8 RGB samples, against what their prompts asked for."""
 
   def __init__(self, workdir: str):
-    self.digits = demo_eval.load_or_train_classifier(workdir)
+    self.digits = digit_judge.load_or_train_classifier(workdir)
 
   def score(self, images: np.ndarray, digits, colours) -> dict:
     digits, colours = np.asarray(digits), np.asarray(colours)
@@ -78,7 +78,7 @@ class ColourDigitJudge:
   def real_reference(self, num_samples: int, seed: int = 0) -> dict:
     """What real digits score, each in a random palette colour: accuracy on the held-out
     test digits (a ceiling), and the Frechet distance of `num_samples` train digits to the
-    test digits (a floor with the samples' small-sample bias, as in demo_eval)."""
+    test digits (a floor with the samples' small-sample bias, as in digit_judge)."""
     rng = np.random.default_rng(seed)
     colourise = lambda grey, colours: np.round(
         colour_digits.colourise(grey, colours) * 255).astype(np.uint8)
@@ -96,7 +96,6 @@ class ColourDigitJudge:
 
 def prompt_grid(images: np.ndarray, per_prompt: int, num_colours: int) -> np.ndarray:
   """One row per digit (its samples for the prompt of colour digit % num_colours)."""
-  from fcdm_jax.train.preview import image_grid
   rows = [images[(d * num_colours + d % num_colours) * per_prompt:][:per_prompt]
           for d in range(len(colour_digits.DIGITS))]
   return image_grid(np.concatenate(rows), len(rows))
@@ -107,62 +106,41 @@ class ColourDigitEvaluator:
   EMA params with and without guidance, judged for digit and colour."""
 
   def __init__(self, config, mesh, workdir: str):
-    from fcdm_jax.data.captions import CaptionTable, caption_folder
-    from fcdm_jax.models.text_encoder import load_text_encoder
     problems = []
     if config.data.source != "colour_digits":
       problems.append(f"config.data.source={config.data.source!r} (needs 'colour_digits')")
-    if config.model.get("condition", "class") != "text":
-      problems.append("a class-conditional model (needs model.condition='text')")
+    if not conditions.of_config(config).uses_captions:
+      problems.append(f"a {conditions.of_config(config).name}-conditioned model (needs "
+                      "model.condition='text')")
     if "://" in workdir:
       problems.append(f"workdir {workdir!r} (needs a local directory)")
     if problems:
       raise ValueError("the colour-digit evaluation judges a text-conditioned model of the "
                        "colour digits; this run has " + ", ".join(problems) +
                        ". Set config.eval.enabled=False.")
-    self.config, self.mesh, self.workdir = config, mesh, workdir
+    self.config, self.workdir = config, workdir
     self.every_steps = int(config.eval.every_steps)
-    self.batch = hooks.check_count("batch_size", config.eval.batch_size, 1)
     self.prompts = colour_digits.held_out_prompts()
-    self.per_prompt = max(1, hooks.check_count("num_samples", config.eval.num_samples, 2)
+    self.per_prompt = max(1, check_count("num_samples", config.eval.num_samples, 2)
                           // len(self.prompts))
     folder = colour_digits.resolve_path(config.data.get("path", ""))
     colour_digits.prepare(folder)   # evaluators are built before the data: prepare it now
     self.encoder_dir = fileio.join(folder, "text_encoder")
     table = CaptionTable(caption_folder(config), dim=int(config.model.text_dim))
-    self.empty = table.empty
     encoder = load_text_encoder(self.encoder_dir, config.data.get("text_pooling", "pooled"))
     embeddings = encoder.encode([p for p, _, _ in self.prompts])
     self.conditions = np.repeat(embeddings, self.per_prompt, axis=0)
     self.digits = np.repeat([d for _, d, _ in self.prompts], self.per_prompt)
     self.colours = np.repeat([c for _, _, c in self.prompts], self.per_prompt)
-    guided = hooks.sample_settings(config)
-    cfg_scale = float(guided.get("cfg_scale", 1.0))
-    self.runs = [("guided" if cfg_scale != 1.0 else "conditional", guided)]
-    if cfg_scale != 1.0 and config.eval.unguided:
-      self.runs.append(("unguided", dict(guided, cfg_scale=1.0)))
-    self.generators = [(name, sampling.Generator(config, cfg, mesh, empty_embedding=self.empty))
-                       for name, cfg in self.runs]
+    self.runs = digit_judge.guidance_runs(config)
+    self.sampled = digit_judge.GuidanceRuns(config, self.runs, mesh, empty_embedding=table.empty)
 
   def __call__(self, step: int, ema_params, writer) -> dict:
     started = time.time()
     judge = ColourDigitJudge(self.workdir)
-    results, first_images = {}, None
-    for name, generator in self.generators:
-      t0 = time.time()
-      log = lambda done, total: logging.info("eval %s: %d/%d samples (%.1f s)", name, done,
-                                             total, time.time() - t0)
-      _, raw = generator.generate_all(ema_params, self.config.seed, self.conditions,
-                                      self.batch, progress=log)
-      bad = int(np.sum(~np.isfinite(raw).all(axis=(1, 2, 3))))
-      images = sampling.to_uint8(np.nan_to_num(raw, nan=-1.0, posinf=1.0, neginf=-1.0))
-      first_images = images if first_images is None else first_images
-      scores = judge.score(images, self.digits, self.colours)
-      results[name] = dict(scores, cfg_scale=float(dict(self.runs)[name].get("cfg_scale", 1.0)),
-                           non_finite_samples=bad, seconds=round(time.time() - t0, 2))
-      logging.info("eval %s (cfg_scale %g): prompt accuracy %.4f (digit %.4f, colour %.4f)",
-                   name, results[name]["cfg_scale"], scores["accuracy"],
-                   scores["digit_accuracy"], scores["colour_accuracy"])
+    results, first_images = self.sampled.judge(
+        ema_params, self.conditions,
+        lambda images: judge.score(images, self.digits, self.colours))
     reference = judge.real_reference(len(self.conditions))
     first = results[self.runs[0][0]]
     summary = dict(step=int(step), accuracy=first["accuracy"], **results, reference=reference,
@@ -178,6 +156,5 @@ class ColourDigitEvaluator:
       grid = prompt_grid(first_images, self.per_prompt, len(colour_digits.COLOURS))
       fileio.write_png(fileio.join(self.workdir, GRID_FILE), grid)
       writer.write_images(step, {"eval_prompts": grid[None]})
-      fileio.atomic_write_bytes(fileio.join(self.workdir, EVAL_FILE),
-                                json.dumps(summary, indent=2).encode())
+    digit_judge.write_eval_file(self.workdir, summary)
     return summary

@@ -24,8 +24,9 @@ captions of a red seven go. The run conditions on the projected embedding
 (`data.text_pooling='projected'`): what a caption says, not how it says it, as CLIP's
 projection is meant to be. The tower's accuracy on the held-out phrasings is recorded.
 
-The prepared folder (`prepare(path)`; the data source prepares it on first use; the
-default path is `~/.cache/fcdm_jax/colour_digits-v1`, or `$FCDM_JAX_CACHE`):
+The prepared folder (`prepare(path)`, or `python -m fcdm_jax.demo.prepare`; the data
+source prepares it on first use; the default path is `~/.cache/fcdm_jax/colour_digits-v2`
+(v = the recipe's version), or `$FCDM_JAX_CACHE/colour_digits-v2`):
 
   text_encoder/        a transformers CLIPTextModel folder with its tokenizer files
   captions/            the caption folder of the 24,000 examples (`data/captions.py`)
@@ -46,7 +47,11 @@ from absl import logging
 
 from fcdm_jax import fileio, provenance
 from fcdm_jax.data import pipeline
+from fcdm_jax.data.captions import SUBFOLDER, write_captions
 from fcdm_jax.data.embedded import load_embedded
+from fcdm_jax.models import clip_tokenizer
+from fcdm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, save_clip_text
+from fcdm_jax.models.text_encoder import load_text_encoder
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
            "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
@@ -111,7 +116,6 @@ def example_of(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _encoder_config(vocab_size: int, eos_id: int):
-  from fcdm_jax.models.clip_text import CLIPTextConfig
   r = RECIPE
   return CLIPTextConfig(vocab_size=vocab_size, hidden_size=r["width"],
                         intermediate_size=r["intermediate"], num_hidden_layers=r["layers"],
@@ -123,7 +127,6 @@ def train_text_encoder(tokenizer, config, texts, digits, colours, held_out) -> t
   """(params, scores): the tower trained on `texts` so that its projected embedding is the
   digit logits then the colour logits of the caption; scores = their accuracy on the
   training and the held-out captions."""
-  from fcdm_jax.models.clip_text import CLIPTextModel
   model = CLIPTextModel(config)
   # The pooled state is read at the end-of-text token and attention is causal, so the
   # padding after it changes nothing: train on the captions' own length, not 77.
@@ -191,10 +194,6 @@ def _read_marker(path: str) -> dict | None:
 
 def prepare(path: str = "") -> dict:
   """Makes (or checks) the prepared folder at `path`; returns its colour_digits.json."""
-  from fcdm_jax.data.captions import SUBFOLDER, write_captions
-  from fcdm_jax.models import clip_tokenizer
-  from fcdm_jax.models.clip_text import save_clip_text
-  from fcdm_jax.models.text_encoder import load_text_encoder
   path = resolve_path(path)
   marker = _read_marker(path)
   if marker is not None:
@@ -238,14 +237,11 @@ class ColourDigitsSource(pipeline.Source):
   def __init__(self, path: str, *, expected_shape, num_classes: int, **kwargs):
     del num_classes   # text-conditioned: there are no class labels
     self.path = resolve_path(path)
-    if _read_marker(self.path) is None:
-      if kwargs.get("process_count", 1) > 1:
-        raise FileNotFoundError(f"{self.path} is not prepared; prepare it once before a "
-                                "multi-process run: python -m fcdm_jax.demo.colour_digits "
-                                f"--path={self.path}")
-      prepare(self.path)
-    else:
-      prepare(self.path)   # checks the recipe
+    if _read_marker(self.path) is None and kwargs.get("process_count", 1) > 1:
+      raise FileNotFoundError(f"{self.path} is not prepared; prepare it once before a "
+                              "multi-process run: python -m fcdm_jax.demo.prepare "
+                              f"--path={self.path}")
+    prepare(self.path)   # makes the folder, or checks its recipe
     self.grey, self.labels = load_embedded("train")
     where = f"the colour digits ({self.path})"
     pipeline.check_element_shape(
@@ -254,22 +250,17 @@ class ColourDigitsSource(pipeline.Source):
     super().__init__(element_shape=IMAGE_SHAPE, num_classes=0,
                      num_examples=len(self.labels) * len(COLOURS), description=where, **kwargs)
 
+  @classmethod
+  def from_config(cls, data, **common):
+    return cls(data.get("path", ""), **common)
+
+  @classmethod
+  def caption_folder(cls, data) -> str:
+    """The prepared folder's captions."""
+    return fileio.join(resolve_path(data.get("path", "")), SUBFOLDER)
+
   def _load(self, indices, flips):
     image, colour = example_of(indices)
     x = colourise(self.grey[image], colour) * 2.0 - 1.0
     x[flips] = x[flips, :, ::-1]
     return {"x": x, "y": np.zeros(len(indices), np.int32)}
-
-
-def main(argv):
-  from absl import flags
-  del argv
-  marker = prepare(flags.FLAGS.path)
-  print(json.dumps({k: marker[k] for k in ("text_encoder", "num_examples", "seconds")}))
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("path", "", "Where to prepare the folder (default: "
-                      "$FCDM_JAX_CACHE/colour_digits-v1 or ~/.cache/fcdm_jax/colour_digits-v1).")
-  app.run(main)

@@ -22,6 +22,8 @@ class-balanced digits from the EMA params with guidance (`config.eval.cfg_scale`
 when `config.eval.unguided` is True, also without it from the same noise (off by default:
 it costs half as much again as the guided run, whose every step runs the batch twice), and
 writes `<workdir>/eval.json` and `eval/*` scalars next to the real-data reference numbers.
+Its sampling of the judged runs (`guidance_runs`, `GuidanceRuns`) serves the coloured-digit
+judge too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import functools
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -40,9 +42,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from fcdm_jax import fileio, metrics, sampling, provenance
+from fcdm_jax import conditions, fileio, metrics, sampling, provenance
 from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_model_range
-from fcdm_jax.evaluation import hooks
+from fcdm_jax.diffusion.objectives import make_objective
+from fcdm_jax.evaluation.registry import check_count
+from fcdm_jax.models import FCDM
 
 CLASSIFIER_DIR = "eval_classifier"
 PARAMS_FILE = "params.msgpack"
@@ -376,6 +380,71 @@ def evaluate_samples(images, labels, workdir: str) -> dict:
   return load_or_train_classifier(workdir).score(images, labels)
 
 
+# ------------------------------------------------------------------ the judges' sampling
+# (shared with the coloured-digit judge)
+
+
+def guidance_runs(config) -> list[tuple[str, dict]]:
+  """(name, sampler settings) of the runs a demo judge scores, all from the same noise:
+  config.eval's settings ('guided', or 'conditional' at cfg_scale 1) and, with
+  config.eval.unguided, the same at cfg_scale 1 ('unguided')."""
+  guided = sampling.sampler_settings(config, "eval")
+  cfg_scale = float(guided.get("cfg_scale", 1.0))
+  runs = [("guided" if cfg_scale != 1.0 else "conditional", guided)]
+  if cfg_scale != 1.0 and config.eval.unguided:
+    runs.append(("unguided", dict(guided, cfg_scale=1.0)))
+  return runs
+
+
+def sample_images(generator, config, params, conditions, batch: int, name: str
+                  ) -> tuple[np.ndarray, int]:
+  """(uint8 images for `conditions` from config.seed, how many samples were not finite)."""
+  start = time.time()
+  log = lambda done, total: logging.info("eval %s: %d/%d samples (%.1f s)", name, done, total,
+                                         time.time() - start)
+  _, samples = generator.generate_all(params, config.seed, conditions, batch, progress=log)
+  bad = int(np.sum(~np.isfinite(samples).all(axis=(1, 2, 3))))
+  samples = np.nan_to_num(samples, nan=-1.0, posinf=1.0, neginf=-1.0)
+  return sampling.to_uint8(samples), bad
+
+
+class GuidanceRuns:
+  """A demo judge's samples: one generator per guidance run (`guidance_runs`), each run
+  sampled from config.seed's noise and scored."""
+
+  def __init__(self, config, runs: list[tuple[str, dict]], mesh, empty_embedding=None):
+    self.config, self.runs = config, runs
+    self.batch = check_count("batch_size", config.eval.batch_size, 1)
+    self.generators = [sampling.Generator(config, cfg, mesh, empty_embedding=empty_embedding)
+                       for _, cfg in runs]
+
+  def judge(self, params, conditions, score: Callable[[np.ndarray], dict]
+            ) -> tuple[dict, np.ndarray]:
+    """({run name: score(uint8 images) with cfg_scale, non_finite_samples, seconds}, the
+    first run's images)."""
+    results, first = {}, None
+    for (name, cfg), generator in zip(self.runs, self.generators):
+      t0 = time.time()
+      images, bad = sample_images(generator, self.config, params, conditions, self.batch, name)
+      if bad:
+        logging.warning("eval %s: %d of %d samples are not finite (scored as black images)",
+                        name, bad, len(images))
+      first = images if first is None else first
+      results[name] = dict(score(images), cfg_scale=float(cfg.get("cfg_scale", 1.0)),
+                           non_finite_samples=bad, seconds=round(time.time() - t0, 2))
+      logging.info("eval %s (cfg_scale %g): %s", name, results[name]["cfg_scale"],
+                   ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()
+                             if k.endswith(("accuracy", "distance")) and v is not None))
+    return results, first
+
+
+def write_eval_file(workdir: str, summary: dict):
+  """`<workdir>/eval.json` (host 0)."""
+  if jax.process_index() == 0:
+    fileio.atomic_write_bytes(fileio.join(workdir, EVAL_FILE),
+                              json.dumps(summary, indent=2).encode())
+
+
 # ------------------------------------------------------------------ the training hook
 
 
@@ -398,29 +467,13 @@ def check_demo_eval(config, model, objective, workdir: str) -> list[tuple[str, d
   if problems:
     raise ValueError("the demo evaluation judges samples of the embedded MNIST digits only; "
                      "this run has " + ", ".join(problems) + ". Set config.eval.enabled=False.")
-  hooks.check_count("num_samples", config.eval.num_samples, 2)   # a covariance needs 2
-  hooks.check_count("batch_size", config.eval.batch_size, 1)
-  guided = hooks.sample_settings(config)
-  cfg_scale = float(guided.get("cfg_scale", 1.0))
-  runs = [("guided" if cfg_scale != 1.0 else "conditional", guided)]
-  if cfg_scale != 1.0 and config.eval.unguided:
-    runs.append(("unguided", dict(guided, cfg_scale=1.0)))
-  null = sampling.ClassLabels.of(model).null
+  check_count("num_samples", config.eval.num_samples, 2)   # a covariance needs 2
+  check_count("batch_size", config.eval.batch_size, 1)
+  runs = guidance_runs(config)
+  null = conditions.condition_of(model).null
   for _, cfg in runs:
     objective.make_sampler(cfg, null)  # raises on bad sampler settings
   return runs
-
-
-def sample_images(generator, config, params, labels, batch: int, name: str
-                  ) -> tuple[np.ndarray, int]:
-  """(uint8 digits for `labels` from config.seed, how many samples were not finite)."""
-  start = time.time()
-  log = lambda done, total: logging.info("eval %s: %d/%d samples (%.1f s)", name, done, total,
-                                         time.time() - start)
-  _, samples = generator.generate_all(params, config.seed, labels, batch, progress=log)
-  bad = int(np.sum(~np.isfinite(samples).all(axis=(1, 2, 3))))
-  samples = np.nan_to_num(samples, nan=-1.0, posinf=1.0, neginf=-1.0)
-  return sampling.to_uint8(samples), bad
 
 
 def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writer,
@@ -435,26 +488,11 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
   started = time.time()
   runs = check_demo_eval(config, model, objective, workdir)
   num_samples = int(config.eval.num_samples)
-  generators = [(name, sampling.Generator(config, cfg, mesh)) for name, cfg in runs]
-  batch = int(config.eval.batch_size)
-
+  sampled = GuidanceRuns(config, runs, mesh)
   judge = load_or_train_classifier(workdir)
   reference = judge.real_reference(num_samples)
   labels = balanced_labels(num_samples)
-  results = {}
-  for name, generator in generators:
-    t0 = time.time()
-    images, bad = sample_images(generator, config, ema_params, labels, batch, name)
-    if bad:
-      logging.warning("eval %s: %d of %d samples are not finite (scored as black images)",
-                      name, bad, num_samples)
-    scores = judge.score(images, labels)
-    results[name] = dict(accuracy=scores["accuracy"],
-                         frechet_distance=scores["frechet_distance"],
-                         cfg_scale=float(dict(runs)[name].get("cfg_scale", 1.0)),
-                         non_finite_samples=bad, seconds=round(time.time() - t0, 2))
-    logging.info("eval %s (cfg_scale %g): accuracy %.4f, Frechet distance %.3f", name,
-                 results[name]["cfg_scale"], scores["accuracy"], scores["frechet_distance"])
+  results, _ = sampled.judge(ema_params, labels, lambda images: judge.score(images, labels))
 
   first = results[runs[0][0]]
   summary = dict(
@@ -481,9 +519,7 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
     scalars["eval/unguided_accuracy"] = results["unguided"]["accuracy"]
     scalars["eval/unguided_frechet_distance"] = results["unguided"]["frechet_distance"]
   writer.write_scalars(step, scalars)
-  if jax.process_index() == 0:
-    fileio.atomic_write_bytes(fileio.join(workdir, EVAL_FILE),
-                              json.dumps(summary, indent=2).encode())
+  write_eval_file(workdir, summary)
   return summary
 
 
@@ -491,8 +527,6 @@ class DemoJudge:
   """The training hook: `run_demo_eval` with the run's EMA params (config.eval.kind='demo')."""
 
   def __init__(self, config, mesh, workdir: str):
-    from fcdm_jax.diffusion.objectives import make_objective
-    from fcdm_jax.models import FCDM
     self.config, self.mesh, self.workdir = config, mesh, workdir
     self.model, self.objective = FCDM(**config.model), make_objective(config)
     self.every_steps = int(config.eval.every_steps)

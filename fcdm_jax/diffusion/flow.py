@@ -50,6 +50,14 @@ def _check_velocity(v, x):
   return v
 
 
+def velocity_only(model_fn):
+  """SiT-style models built with learn_sigma output [v, extra]: the velocity is the first C."""
+  def velocity(x, t):
+    out = model_fn(x, t)
+    return out[..., :x.shape[-1]] if out.shape[-1] == 2 * x.shape[-1] else out
+  return velocity
+
+
 def training_loss(model_fn, x1, x0, t):
   """Per-example mean squared error between the predicted and the path velocity."""
   xt, ut = path(x0, x1, t)

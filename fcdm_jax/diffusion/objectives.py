@@ -16,31 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcdm_jax.diffusion import flow, guidance, samplers
-from fcdm_jax.diffusion.gaussian import check_eta
 from fcdm_jax.diffusion.respace import respace, space_timesteps, spaced_diffusion
+from fcdm_jax.diffusion.samplers.base import positive_steps
 
 OBJECTIVES = ("ddpm", "flow")
-DDPM_SAMPLERS = ("ddpm", "ddim")
-FLOW_SAMPLERS = ("sde", "ode")
 
 
-def _sampler_name(sample_cfg, choices: tuple[str, ...], objective: str) -> str:
-  name = str(sample_cfg.get("sampler", choices[0])).lower()
-  if name not in choices:
-    raise ValueError(f"unknown sampler {sample_cfg.get('sampler')!r} for the {objective!r} "
-                     f"objective; expected one of {choices}")
-  return name
-
-
-def _positive_steps(sample_cfg) -> int:
-  steps = sample_cfg.get("steps", None)
-  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
-    raise ValueError(f"sample steps must be a positive integer, got {steps!r}")
-  return int(steps)
-
-
-def _guidance_kwargs(sample_cfg, null_label) -> dict:
-  """Guidance settings of a sample config, checked against the model's null label now."""
+def _guidance_kwargs(settings, null_label) -> dict:
+  """Guidance settings of resolved sampler settings, checked against the model's null label."""
   if null_label is not None and np.ndim(null_label) == 1:
     null_label = np.asarray(null_label, np.float32)   # the empty caption's text embedding
     if not np.all(np.isfinite(null_label)):
@@ -49,14 +32,29 @@ def _guidance_kwargs(sample_cfg, null_label) -> dict:
                                    or int(null_label) != null_label or null_label < 0):
     raise ValueError(f"null_label must be a non-negative integer (a class), a 1-D text "
                      f"embedding, or None; got {null_label!r}")
-  cfg_scale, interval = guidance.check_guidance(
-      sample_cfg.get("cfg_scale", 1.0), null_label, sample_cfg.get("cfg_interval", None))
+  cfg_scale, interval = guidance.check_guidance(settings["cfg_scale"], null_label,
+                                                settings["cfg_interval"])
   return dict(cfg_scale=cfg_scale, null_label=null_label, interval=interval,
-              guide_all_eps=bool(sample_cfg.get("guide_all_eps", False)))
+              guide_all_eps=bool(settings["guide_all_eps"]))
 
 
-class DDPMObjective:
-  """ADM/DiT Gaussian diffusion: eps prediction, hybrid loss, DDPM/DDIM sampling."""
+class Objective:
+  """What both objectives share: their samplers come from the registry by name."""
+
+  name: str
+
+  def make_sampler(self, sample_cfg, null_label):
+    """The sampler `sample_cfg['sampler']` names (`diffusion.samplers.SAMPLERS`; default:
+    the objective's first) with its settings from `sample_cfg` (defaults where absent or
+    None), guided for `null_label`. Unknown keys and bad values raise here."""
+    samplers.check_keys(sample_cfg.keys(), self.name)
+    sampler = samplers.get(sample_cfg.get("sampler"), self.name)
+    settings = samplers.resolve(sampler, sample_cfg)
+    return sampler.make(self, settings, _guidance_kwargs(settings, null_label))
+
+
+class DDPMObjective(Objective):
+  """ADM/DiT Gaussian diffusion: eps prediction, hybrid loss, its samplers (DDPM, DDIM)."""
 
   name = "ddpm"
 
@@ -79,38 +77,12 @@ class DDPMObjective:
     """The respaced process of a sample config: 'respacing' spec if given, else str(steps)."""
     spec = sample_cfg.get("respacing", None)
     if spec is None:
-      spec = str(_positive_steps(sample_cfg))
+      spec = str(positive_steps(sample_cfg.get("steps", None)))
     return respace(self.diffusion, space_timesteps(self.diffusion_steps, spec))
 
-  def make_sampler(self, sample_cfg, null_label):
-    """DDPM ('ddpm') or DDIM ('ddim', with eta) over the respaced steps, with guidance."""
-    sampler = _sampler_name(sample_cfg, DDPM_SAMPLERS, self.name)
-    diffusion = self.sampling_diffusion(sample_cfg)
-    eta = check_eta(sample_cfg.get("eta", 0.0))
-    clip_denoised = bool(sample_cfg.get("clip_denoised", False))
-    guide = _guidance_kwargs(sample_cfg, null_label)
 
-    def sample_fn(model_fn, x_T, y, rng, step_noise=None):
-      model = guidance.guided_model(model_fn, y, **guide)
-      if sampler == "ddpm":
-        return samplers.ddpm_sample_loop(diffusion, model, x_T, rng=rng, step_noise=step_noise,
-                                         clip_denoised=clip_denoised)
-      return samplers.ddim_sample_loop(diffusion, model, x_T, eta=eta, rng=rng,
-                                       step_noise=step_noise, clip_denoised=clip_denoised)
-
-    return sample_fn
-
-
-def _velocity_only(model_fn):
-  """SiT-style models built with learn_sigma output [v, extra]: the velocity is the first C."""
-  def velocity(x, t):
-    out = model_fn(x, t)
-    return out[..., :x.shape[-1]] if out.shape[-1] == 2 * x.shape[-1] else out
-  return velocity
-
-
-class FlowObjective:
-  """SiT linear-path flow matching: velocity loss, SDE and ODE sampling, with guidance."""
+class FlowObjective(Objective):
+  """SiT linear-path flow matching: velocity loss, its samplers (SDE, ODE)."""
 
   name = "flow"
 
@@ -126,53 +98,7 @@ class FlowObjective:
     t_key, noise_key = jax.random.split(rng)
     t = flow.sample_t(t_key, x_start.shape[0], self.train_eps)
     x0 = jax.random.normal(noise_key, x_start.shape, x_start.dtype)
-    return dict(loss=flow.training_loss(_velocity_only(model_fn), x_start, x0, t))
-
-  def make_sampler(self, sample_cfg, null_label):
-    """'sde' (method euler|heun, diffusion_form, diffusion_norm, last_step, last_step_size)
-    or 'ode' (method euler|heun|dopri5; atol, rtol, max_steps for dopri5); `steps` counts
-    time-grid points as in SiT.
-    """
-    sampler = _sampler_name(sample_cfg, FLOW_SAMPLERS, self.name)
-    guide = _guidance_kwargs(sample_cfg, null_label)
-    if sampler == "sde":
-      settings = dict(
-          num_steps=_positive_steps(sample_cfg),
-          method=sample_cfg.get("method", "euler"),
-          diffusion_form=sample_cfg.get("diffusion_form", "sigma"),
-          diffusion_norm=float(sample_cfg.get("diffusion_norm", 1.0)),
-          last_step=sample_cfg.get("last_step", "Mean"),
-          last_step_size=float(sample_cfg.get("last_step_size", 0.04)),
-          sample_eps=self.sample_eps)
-      samplers.check_sde(settings["num_steps"], settings["method"], settings["diffusion_form"],
-                         settings["last_step"], settings["last_step_size"], self.sample_eps)
-
-      def sample_fn(model_fn, x_T, y, rng, step_noise=None):
-        model = _velocity_only(guidance.guided_model(model_fn, y, **guide))
-        return samplers.sde_sample_loop(model, x_T, rng=rng, step_noise=step_noise, **settings)
-
-      return sample_fn
-
-    method = samplers.check_method(sample_cfg.get("method", "heun"), samplers.ODE_METHODS, "ODE")
-    if method == "dopri5":
-      tolerances = dict(atol=float(sample_cfg.get("atol", 1e-6)),
-                        rtol=float(sample_cfg.get("rtol", 1e-3)),
-                        max_steps=int(sample_cfg.get("max_steps", 4096)))
-      if tolerances["atol"] <= 0 or tolerances["rtol"] <= 0 or tolerances["max_steps"] <= 0:
-        raise ValueError(f"dopri5 needs atol, rtol, max_steps > 0, got {tolerances}")
-    else:
-      num_steps = samplers.check_grid_steps(_positive_steps(sample_cfg))
-
-    def sample_fn(model_fn, x_T, y, rng, step_noise=None):
-      del rng  # deterministic
-      if step_noise is not None:
-        raise ValueError("the ODE sampler is deterministic: it takes no step_noise")
-      model = _velocity_only(guidance.guided_model(model_fn, y, **guide))
-      if method == "dopri5":
-        return samplers.ode_sample_adaptive(model, x_T, **tolerances)
-      return samplers.ode_sample_loop(model, x_T, num_steps=num_steps, method=method)
-
-    return sample_fn
+    return dict(loss=flow.training_loss(flow.velocity_only(model_fn), x_start, x0, t))
 
 
 def make_objective(config):

@@ -17,6 +17,7 @@ batch at a time: only their features are kept.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -26,10 +27,13 @@ from absl import logging
 from clu import metric_writers
 from tqdm import tqdm
 
-from fcdm_jax import fileio, sampling, sharding
+from fcdm_jax import conditions, fileio, sampling, sharding
+from fcdm_jax.data.captions import MANIFEST, CaptionTable, caption_folder
 from fcdm_jax.evaluation import adm
+from fcdm_jax.evaluation.clip_score import CLIPScorer
+from fcdm_jax.evaluation.registry import check_count
+from fcdm_jax.models import inception
 from fcdm_jax.sampling import weights
-from fcdm_jax.evaluation.hooks import check_count, sample_settings
 
 WHICH = ("fid", "sfid", "is")
 _TAG_EVAL_CAPTIONS = 7   # seeds the caption draw of the evaluation's samples
@@ -38,8 +42,6 @@ _TAG_EVAL_CAPTIONS = 7   # seeds the caption draw of the evaluation's samples
 def eval_captions(config):
   """(CaptionTable of the evaluation's captions, the run's own caption folder) of a text run;
   refuses captions encoded by another text encoder than the run's."""
-  import json
-  from fcdm_jax.data.captions import MANIFEST, CaptionTable, caption_folder
   own = caption_folder(config)
   path = config.eval.get("captions") or own
   table = CaptionTable(path, dim=int(config.model.text_dim))
@@ -67,8 +69,8 @@ class FidEvaluator:
   """Samples config.eval.num_samples images; writes eval/fid, eval/sfid, eval/inception_score
   (and eval/clip_score for a text model with config.eval.clip)."""
 
-  def __init__(self, config, mesh):
-    from fcdm_jax.models import inception
+  def __init__(self, config, mesh, workdir: str = ""):
+    del workdir   # scores go to the writer only
     ev = config.eval
     self.num_samples = check_count("num_samples", ev.num_samples, 2)
     self.batch = check_count("batch_size", ev.batch_size, 1)
@@ -79,24 +81,16 @@ class FidEvaluator:
         raise FileNotFoundError(f"config.eval.{name}={ev[name]!r} is not a file; the FID "
                                 "evaluation needs the FID-Inception weights and a reference "
                                 "batch .npz (or set config.eval.enabled=False)")
-    decoder = None
-    if sampling.is_latent(config):
-      if not config.preview.vae_dir:
-        raise ValueError("the FID evaluation of a latent model decodes its samples with the "
-                         "SD-VAE of config.preview.vae_dir, which is empty")
-      decoder = sampling.load_decoder(config.preview.vae_dir, config, mesh)
-    elif config.model.in_channels not in (1, 3):
-      raise ValueError(f"a pixel-space model with {config.model.in_channels} channels has no "
-                       "images for Inception (1 or 3 expected)")
+    decoder = sampling.image_decoder(config, config.preview.vae_dir, mesh,
+                                     "config.preview.vae_dir (the FID evaluation's decoder)")
     self.texts = self.clip = None
-    if config.model.get("condition", "class") == "text":
+    if conditions.of_config(config).uses_captions:
       table = eval_captions(config)
       rows = draw_captions(table, self.seed, self.num_samples)
       self.conditions, empty = table.embeddings[rows], table.empty
       all_texts = table.texts()
       self.texts = [all_texts[r] for r in rows]
       if ev.get("clip"):
-        from fcdm_jax.evaluation.clip_score import CLIPScorer
         self.clip = CLIPScorer(ev.clip)
     else:
       if ev.get("clip"):
@@ -104,8 +98,8 @@ class FidEvaluator:
                          "text-conditioned models (model.condition='text')")
       self.conditions, empty = sampling.random_labels(self.seed, self.num_samples,
                                                       int(config.model.num_classes)), None
-    self.generator = sampling.Generator(config, sample_settings(config), mesh, decoder,
-                                        empty_embedding=empty)
+    self.generator = sampling.Generator(config, sampling.sampler_settings(config, "eval"), mesh,
+                                        decoder, empty_embedding=empty)
     model, variables = inception.load_inception(ev.inception)
     self.extract = adm.FeatureExtractor(model, variables, self.batch)
     self.reference = ev.reference

@@ -24,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from safetensors.numpy import save as safetensors_bytes
 
 from fcdm_jax import fileio
 from fcdm_jax.models import torch_weights
@@ -77,19 +78,9 @@ class CLIPTextConfig:
   projection_dim: int | None = 768
 
   def __post_init__(self):
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "max_position_embeddings")
-    bad = {k: getattr(self, k) for k in sizes if not _positive_int(getattr(self, k))}
-    if self.projection_dim is not None and not _positive_int(self.projection_dim):
-      bad["projection_dim"] = self.projection_dim
-    if bad:
-      raise ValueError(f"CLIP text config: {bad} must be positive integers")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIP text config: hidden_size {self.hidden_size} is not divisible "
-                       f"by num_attention_heads {self.num_attention_heads}")
-    if self.hidden_act not in HIDDEN_ACTS:
-      raise ValueError(f"CLIP text config: hidden_act {self.hidden_act!r} is not supported; "
-                       f"expected one of {sorted(HIDDEN_ACTS)}")
+    check_tower_config(self, "CLIP text config", ("vocab_size", "hidden_size",
+                       "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "max_position_embeddings"))
     if isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int):
       raise ValueError(f"CLIP text config: pooling needs one integer eos_token_id, got "
                        f"{self.eos_token_id!r}")
@@ -99,15 +90,7 @@ class CLIPTextConfig:
     """From a transformers config.json: a `CLIPTextConfig` one, or a `CLIPModel` one (its
     `text_config`, with the top-level `projection_dim`). Missing fields take transformers'
     defaults, as transformers would."""
-    if "text_config" in d:
-      text, projection = d["text_config"] or {}, d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
-    else:
-      model_type = d.get("model_type", "clip_text_model")
-      if model_type != "clip_text_model":
-        raise ValueError(f"config is for a {model_type!r} model, not a CLIP text model "
-                         "('clip_text_model') or a CLIPModel ('clip' with a text_config)")
-      text, projection = d, d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
-    kw = {k: text.get(k, default) for k, default in HF_DEFAULTS.items()}
+    kw, projection = tower_fields(d, "text", HF_DEFAULTS)
     eos = kw["eos_token_id"]
     if isinstance(eos, list) and len(eos) == 1:
       kw["eos_token_id"] = eos[0]
@@ -118,8 +101,43 @@ class CLIPTextConfig:
     return self.hidden_size // self.num_attention_heads
 
 
-def _positive_int(v) -> bool:
+def positive_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_tower_config(config, what: str, sizes: tuple[str, ...], hint: str = "") -> None:
+  """The checks both towers' configs make: `sizes` (and a projection_dim) positive
+  integers, heads that divide the width, a supported activation."""
+  bad = {k: getattr(config, k) for k in sizes if not positive_int(getattr(config, k))}
+  if config.projection_dim is not None and not positive_int(config.projection_dim):
+    bad["projection_dim"] = config.projection_dim
+  if bad:
+    raise ValueError(f"{what}: {bad} must be positive integers{hint}")
+  if config.hidden_size % config.num_attention_heads:
+    raise ValueError(f"{what}: hidden_size {config.hidden_size} is not divisible by "
+                     f"num_attention_heads {config.num_attention_heads}")
+  if config.hidden_act not in HIDDEN_ACTS:
+    raise ValueError(f"{what}: hidden_act {config.hidden_act!r} is not supported; expected "
+                     f"one of {sorted(HIDDEN_ACTS)}")
+
+
+def tower_fields(d: Mapping[str, Any], tower: str, defaults: Mapping[str, Any]
+                 ) -> tuple[dict, int]:
+  """(the fields of `defaults`, projection_dim) of tower 'text' or 'vision' from a
+  transformers config.json: a plain tower's (model_type 'clip_<tower>_model') or a
+  CLIPModel's (its `<tower>_config`, with the top-level projection_dim, which is what
+  CLIPModel builds). Missing fields take transformers' defaults, as transformers would."""
+  section, model_type = f"{tower}_config", f"clip_{tower}_model"
+  if section in d:
+    fields = d[section] or {}
+  else:
+    found = d.get("model_type", model_type)
+    if found != model_type:
+      raise ValueError(f"config is for a {found!r} model, not a CLIP {tower} model "
+                       f"({model_type!r}) or a CLIPModel ('clip' with a {section})")
+    fields = d
+  return ({k: fields.get(k, default) for k, default in defaults.items()},
+          d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM))
 
 
 class CLIPTextOutput(NamedTuple):
@@ -139,14 +157,20 @@ def pool_positions(input_ids, eos_token_id: int):
   return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
-def _layer_norm(config: CLIPTextConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(config, dtype: Dtype, name: str) -> nn.LayerNorm:
+  """transformers' LayerNorm of either tower (its epsilon; the exact two-pass variance)."""
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False,
                       name=name)
 
 
-class Embeddings(nn.Module):
-  config: CLIPTextConfig
+class TowerModule(nn.Module):
+  """A module of a CLIP tower: the tower's config and the compute dtype."""
+  config: Any
   dtype: Dtype = jnp.float32
+
+
+class Embeddings(TowerModule):
+  """Token plus position embeddings."""
 
   @nn.compact
   def __call__(self, input_ids):
@@ -158,13 +182,11 @@ class Embeddings(nn.Module):
     return tokens + positions[None]
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(TowerModule):
   """Multi-head attention over the keys that `keep` (N or 1, 1, L, L) allows.
 
   Masked scores are set to float32's lowest value rather than having it added, so that a
   row with no visible key gets uniform weights instead of NaN."""
-  config: CLIPTextConfig
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, keep):
@@ -180,9 +202,8 @@ class SelfAttention(nn.Module):
     return proj("out_proj")(out)
 
 
-class MLP(nn.Module):
-  config: CLIPTextConfig
-  dtype: Dtype = jnp.float32
+class MLP(TowerModule):
+  """fc1, the activation, fc2."""
 
   @nn.compact
   def __call__(self, x):
@@ -192,21 +213,18 @@ class MLP(nn.Module):
     return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(h)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(TowerModule):
   """x + attn(LN1(x)), then + mlp(LN2(.)): the pre-LN residual block."""
-  config: CLIPTextConfig
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, keep):
     cfg, d = self.config, self.dtype
-    x = x + SelfAttention(cfg, d, name="self_attn")(_layer_norm(cfg, d, "layer_norm1")(x), keep)
-    return x + MLP(cfg, d, name="mlp")(_layer_norm(cfg, d, "layer_norm2")(x))
+    x = x + SelfAttention(cfg, d, name="self_attn")(layer_norm(cfg, d, "layer_norm1")(x), keep)
+    return x + MLP(cfg, d, name="mlp")(layer_norm(cfg, d, "layer_norm2")(x))
 
 
-class Encoder(nn.Module):
-  config: CLIPTextConfig
-  dtype: Dtype = jnp.float32
+class Encoder(TowerModule):
+  """The residual blocks, in order."""
 
   @nn.compact
   def __call__(self, x, keep):
@@ -255,7 +273,7 @@ class CLIPTextModel(nn.Module):
 
     h = Embeddings(cfg, d, name="embeddings")(input_ids)
     h = Encoder(cfg, d, name="encoder")(h, keep)
-    h = _layer_norm(cfg, d, "final_layer_norm")(h)
+    h = layer_norm(cfg, d, "final_layer_norm")(h)
     rows = jnp.arange(h.shape[0])
     pooled = h[rows, pool_positions(input_ids, cfg.eos_token_id)]
     embeds = None
@@ -311,58 +329,83 @@ def torch_layout(config: CLIPTextConfig) -> Layout:
   return layout
 
 
-def tower_state_dict(state_dict: Mapping[str, Any], prefix: str, projection_key: str,
+@dataclasses.dataclass(frozen=True)
+class Tower:
+  """One CLIP tower as transformers saves it: what `load_tower` needs to find and read it."""
+  name: str                      # 'text' / 'vision': config.json's `<name>_config` section
+  config_class: type             # with from_dict(raw, with_projection)
+  model_class: type              # Flax module built as model_class(config, dtype=...)
+  layout: Callable[[Any], Layout]
+  prefix: str                    # the state_dict's key prefix ('text_model.')
+  projection_key: str            # the projection's weight ('text_projection.weight')
+  pipeline_subfolder: str        # where a diffusers pipeline keeps it ('text_encoder')
+  shape_fields: tuple[str, ...]  # the config fields a weight mismatch message names
+
+
+def tower_state_dict(state_dict: Mapping[str, Any], tower: Tower,
                      whole_clip: bool = False) -> dict[str, Any]:
-  """One tower's weights under its `torch_layout` keys: `prefix` dropped (the transformers
+  """One tower's weights under its `torch_layout` keys: the prefix dropped (the transformers
   v4 and CLIPModel layout; v5 saves a plain tower without it), the saved `position_ids`
   buffer dropped, and of a whole CLIPModel only this tower's keys and projection."""
   out = {}
   for key, value in state_dict.items():
-    if whole_clip and not (key.startswith(prefix) or key == projection_key):
+    if whole_clip and not (key.startswith(tower.prefix) or key == tower.projection_key):
       continue
-    key = key[len(prefix):] if key.startswith(prefix) else key
+    key = key[len(tower.prefix):] if key.startswith(tower.prefix) else key
     if key != POSITION_IDS_KEY:
       out[key] = value
   return out
 
 
-def text_state_dict(state_dict: Mapping[str, Any], whole_clip: bool = False) -> dict[str, Any]:
-  return tower_state_dict(state_dict, PREFIX, PROJECTION_KEY, whole_clip)
-
-
-def params_from_torch(state_dict: Mapping[str, Any], config: CLIPTextConfig,
-                      source: str = "state_dict") -> dict:
-  """`text_state_dict` output -> Flax {'params': ...}; one ValueError naming every missing,
+def tower_params(tower: Tower, state_dict: Mapping[str, Any], config,
+                 source: str = "state_dict") -> dict:
+  """`tower_state_dict` output -> Flax {'params': ...}; one ValueError naming every missing,
   unexpected and misshapen key when the weights do not fit `config`."""
+  shape = ", ".join(f"{k}={getattr(config, k)}" for k in tower.shape_fields)
   return torch_weights.params_from_layout(
-      state_dict, torch_layout(config),
-      f"{source} does not hold CLIP text encoder weights for this config (width "
-      f"{config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}, "
-      f"projection {config.projection_dim})")
+      state_dict, tower.layout(config),
+      f"{source} does not hold CLIP {tower.name} encoder weights for this config ({shape})")
+
+
+def find_tower_files(tower: Tower, path: str) -> tuple[str, str]:
+  """(config.json, weights file) of a transformers CLIP folder (or a diffusers pipeline's
+  subfolder of the tower)."""
+  return torch_weights.find_model_files(path, f"CLIP {tower.name} encoder", CONFIG_NAME,
+                                        WEIGHT_NAMES, tower.pipeline_subfolder)
+
+
+def load_tower(tower: Tower, path: str, dtype: Dtype = jnp.float32) -> tuple[nn.Module, dict]:
+  """(model, params) of a tower from a local transformers CLIP folder (no download). The
+  model has its projection when the weights hold one or config.json names a model with it
+  (a plain tower's config.json may carry a projection_dim it does not use)."""
+  config_path, weights_path = find_tower_files(tower, path)
+  raw = torch_weights.read_config(config_path)
+  whole_clip = f"{tower.name}_config" in raw
+  weights = tower_state_dict(torch_weights.read_torch_file(weights_path), tower, whole_clip)
+  with_projection = (whole_clip or tower.projection_key in weights
+                     or any(a.endswith("WithProjection") for a in raw.get("architectures") or []))
+  try:
+    config = tower.config_class.from_dict(raw, with_projection)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
+  return (tower.model_class(config, dtype=dtype),
+          tower_params(tower, weights, config, source=weights_path))
+
+
+TEXT = Tower("text", CLIPTextConfig, CLIPTextModel, torch_layout, PREFIX, PROJECTION_KEY,
+             PIPELINE_SUBFOLDER, ("hidden_size", "num_hidden_layers", "vocab_size",
+                                  "projection_dim"))
 
 
 def find_clip_text_files(path: str) -> tuple[str, str]:
   """(config.json, weights file) of a transformers CLIP folder (or a pipeline's `text_encoder/`)."""
-  return torch_weights.find_model_files(path, "CLIP text encoder", CONFIG_NAME, WEIGHT_NAMES,
-                                        PIPELINE_SUBFOLDER)
+  return find_tower_files(TEXT, path)
 
 
 def load_clip_text(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPTextModel, dict]:
   """(model, params) from a local transformers CLIP folder (no download). The model has a
   `text_projection` when the weights hold one or config.json names a model with it."""
-  from fcdm_jax.models.torch_weights import read_torch_file
-  config_path, weights_path = find_clip_text_files(path)
-  raw = torch_weights.read_config(config_path)
-  whole_clip = "text_config" in raw
-  weights = text_state_dict(read_torch_file(weights_path), whole_clip)
-  with_projection = (whole_clip or PROJECTION_KEY in weights
-                     or any(a.endswith("WithProjection") for a in raw.get("architectures") or []))
-  try:
-    config = CLIPTextConfig.from_dict(raw, with_projection)
-  except ValueError as e:
-    raise ValueError(f"{config_path}: {e}") from e
-  model = CLIPTextModel(config, dtype=dtype)
-  return model, params_from_torch(weights, config, source=weights_path)
+  return load_tower(TEXT, path, dtype)
 
 
 def save_clip_text(path: str, config: CLIPTextConfig, params, *, pad_token_id: int,
@@ -370,7 +413,6 @@ def save_clip_text(path: str, config: CLIPTextConfig, params, *, pad_token_id: i
   """Writes `params` as a transformers folder (`config.json` + `model.safetensors`) that
   `load_clip_text` and transformers' `CLIPTextModel(WithProjection)` both read: how a text
   encoder trained here (the colour-digit demo) is shared like a published one."""
-  from safetensors.numpy import save
   layout = torch_layout(config)
   tree = params["params"] if "params" in params else params
   weights = {}
@@ -388,5 +430,5 @@ def save_clip_text(path: str, config: CLIPTextConfig, params, *, pad_token_id: i
   if with_projection:
     hf["projection_dim"] = config.projection_dim
   fileio.makedirs(path)
-  fileio.atomic_write_bytes(fileio.join(path, WEIGHT_NAMES[0]), save(weights))
+  fileio.atomic_write_bytes(fileio.join(path, WEIGHT_NAMES[0]), safetensors_bytes(weights))
   fileio.atomic_write_bytes(fileio.join(path, CONFIG_NAME), json.dumps(hf, indent=1).encode())

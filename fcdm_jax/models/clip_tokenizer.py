@@ -27,6 +27,7 @@ import numpy as np
 import regex
 
 from fcdm_jax import fileio
+from fcdm_jax.models.torch_weights import model_folder, read_config
 
 VOCAB_NAME = "vocab.json"
 MERGES_NAME = "merges.txt"
@@ -179,7 +180,6 @@ def read_merges(path: str) -> list[tuple[str, str]]:
 
 def find_tokenizer_folder(path: str) -> str:
   """The folder holding vocab.json and merges.txt: `path` itself or a pipeline's `tokenizer/`."""
-  from fcdm_jax.models.torch_weights import model_folder
   path = model_folder(path, "CLIP tokenizer folder", VOCAB_NAME, MERGES_NAME, PIPELINE_SUBFOLDER)
   missing = [n for n in (VOCAB_NAME, MERGES_NAME) if not fileio.isfile(fileio.join(path, n))]
   if missing:
@@ -195,7 +195,6 @@ def load_clip_tokenizer(path: str, context_length: int = CONTEXT_LENGTH) -> CLIP
   special tokens and padding side of tokenizer_config.json / special_tokens_map.json."""
   path = find_tokenizer_folder(path)
   vocab_path = fileio.join(path, VOCAB_NAME)
-  from fcdm_jax.models.torch_weights import read_config
   vocab = read_config(vocab_path, "vocabulary (token -> id)")
   settings: dict[str, Any] = dict(DEFAULT_TOKENS, padding_side="right")
   for name in CONFIG_NAMES:

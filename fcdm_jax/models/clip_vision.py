@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from PIL import Image
 
 from fcdm_jax.models import clip_text, torch_weights
 
@@ -51,7 +52,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, image_size=224, patch_size=32, num_channels=3,
                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
-HF_DEFAULT_PROJECTION_DIM = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,39 +71,19 @@ class CLIPVisionConfig:
   projection_dim: int | None = 768
 
   def __post_init__(self):
-    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "image_size", "patch_size", "num_channels")
-    bad = {k: getattr(self, k) for k in sizes if not _positive_int(getattr(self, k))}
-    if self.projection_dim is not None and not _positive_int(self.projection_dim):
-      bad["projection_dim"] = self.projection_dim
-    if bad:
-      raise ValueError(f"CLIP vision config: {bad} must be positive integers (square "
-                       "images and patches only)")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIP vision config: hidden_size {self.hidden_size} is not divisible "
-                       f"by num_attention_heads {self.num_attention_heads}")
+    clip_text.check_tower_config(
+        self, "CLIP vision config", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "image_size", "patch_size",
+                                     "num_channels"), " (square images and patches only)")
     if self.patch_size > self.image_size:
       raise ValueError(f"CLIP vision config: patch_size {self.patch_size} is larger than "
                        f"image_size {self.image_size}")
-    if self.hidden_act not in clip_text.HIDDEN_ACTS:
-      raise ValueError(f"CLIP vision config: hidden_act {self.hidden_act!r} is not supported; "
-                       f"expected one of {sorted(clip_text.HIDDEN_ACTS)}")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], with_projection: bool = True) -> "CLIPVisionConfig":
     """From a transformers config.json: a `CLIPVisionConfig` one, or a `CLIPModel` one (its
-    `vision_config`, with the top-level `projection_dim`, which is what CLIPModel builds).
-    Missing fields take transformers' defaults, as transformers would."""
-    if "vision_config" in d:
-      vision = d["vision_config"] or {}
-      projection = d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
-    else:
-      model_type = d.get("model_type", "clip_vision_model")
-      if model_type != "clip_vision_model":
-        raise ValueError(f"config is for a {model_type!r} model, not a CLIP vision model "
-                         "('clip_vision_model') or a CLIPModel ('clip' with a vision_config)")
-      vision, projection = d, d.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
-    kw = {k: vision.get(k, default) for k, default in HF_DEFAULTS.items()}
+    `vision_config`; `clip_text.tower_fields`)."""
+    kw, projection = clip_text.tower_fields(d, "vision", HF_DEFAULTS)
     return cls(**kw, projection_dim=projection if with_projection else None)
 
   @property
@@ -113,10 +93,6 @@ class CLIPVisionConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
-
-
-def _positive_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 class CLIPVisionOutput(NamedTuple):
@@ -129,11 +105,9 @@ class CLIPVisionOutput(NamedTuple):
   image_embeds: jax.Array | None
 
 
-class Embeddings(nn.Module):
+class Embeddings(clip_text.TowerModule):
   """Patches (a stride-p convolution, no bias) in row-major order after the class token,
   plus one learned position embedding each."""
-  config: CLIPVisionConfig
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, pixel_values):
@@ -177,20 +151,15 @@ class CLIPVisionModel(nn.Module):
     self.check_inputs(pixel_values)
     cfg, d = self.config, self.dtype
     h = Embeddings(cfg, d, name="embeddings")(pixel_values)
-    h = _layer_norm(cfg, d, "pre_layrnorm")(h)
+    h = clip_text.layer_norm(cfg, d, "pre_layrnorm")(h)
     keep = jnp.ones((1, 1, h.shape[1], h.shape[1]), bool)   # no mask: all tokens see all
     h = clip_text.Encoder(cfg, d, name="encoder")(h, keep)
-    pooled = _layer_norm(cfg, d, "post_layernorm")(h[:, 0])
+    pooled = clip_text.layer_norm(cfg, d, "post_layernorm")(h[:, 0])
     embeds = None
     if cfg.projection_dim is not None:
       embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=d,
                         name="visual_projection")(pooled).astype(jnp.float32)
     return CLIPVisionOutput(h.astype(jnp.float32), pooled.astype(jnp.float32), embeds)
-
-
-def _layer_norm(config: CLIPVisionConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False,
-                      name=name)
 
 
 # ----------------------------------------------------------------------------- images
@@ -225,9 +194,8 @@ def preprocess(images: np.ndarray | Sequence[np.ndarray], image_size: int,
   """
   if isinstance(images, np.ndarray) and images.ndim != 4:
     raise ValueError(f"images must be uint8 (N, H, W, 3), got shape {images.shape}")
-  if not _positive_int(image_size):
+  if not clip_text.positive_int(image_size):
     raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-  from PIL import Image
   out = np.empty((len(images), image_size, image_size, 3), np.float32)
   for i, image in enumerate(images):
     image = np.asarray(image)
@@ -264,46 +232,20 @@ def torch_layout(config: CLIPVisionConfig) -> clip_text.Layout:
   return layout
 
 
-def vision_state_dict(state_dict: Mapping[str, Any], whole_clip: bool = False) -> dict[str, Any]:
-  """The image encoder's weights under `torch_layout`'s keys (`clip_text.tower_state_dict`
-  with `vision_model.` and `visual_projection`)."""
-  return clip_text.tower_state_dict(state_dict, PREFIX, PROJECTION_KEY, whole_clip)
-
-
-def params_from_torch(state_dict: Mapping[str, Any], config: CLIPVisionConfig,
-                      source: str = "state_dict") -> dict:
-  """`vision_state_dict` output -> Flax {'params': ...}; one ValueError naming every
-  missing, unexpected and misshapen key when the weights do not fit `config`."""
-  return torch_weights.params_from_layout(
-      state_dict, torch_layout(config),
-      f"{source} does not hold CLIP vision encoder weights for this config (width "
-      f"{config.hidden_size}, {config.num_hidden_layers} layers, image {config.image_size}, "
-      f"patch {config.patch_size}, projection {config.projection_dim})")
+VISION = clip_text.Tower("vision", CLIPVisionConfig, CLIPVisionModel, torch_layout, PREFIX,
+                         PROJECTION_KEY, PIPELINE_SUBFOLDER,
+                         ("hidden_size", "num_hidden_layers", "image_size", "patch_size",
+                          "projection_dim"))
+read_config = torch_weights.read_config
 
 
 def find_clip_vision_files(path: str) -> tuple[str, str]:
   """(config.json, weights file) of a transformers CLIP folder (or a pipeline's `image_encoder/`)."""
-  return torch_weights.find_model_files(path, "CLIP vision encoder", CONFIG_NAME, WEIGHT_NAMES,
-                                        PIPELINE_SUBFOLDER)
-
-
-read_config = torch_weights.read_config
+  return clip_text.find_tower_files(VISION, path)
 
 
 def load_clip_vision(path: str, dtype: Dtype = jnp.float32) -> tuple[CLIPVisionModel, dict]:
   """(model, params) from a local transformers CLIP folder (no download). The model has a
   `visual_projection` when the weights hold one or config.json names a model with it (a
   plain CLIPVisionModel's config.json carries a projection_dim it does not use)."""
-  from fcdm_jax.models.torch_weights import read_torch_file
-  config_path, weights_path = find_clip_vision_files(path)
-  raw = read_config(config_path)
-  whole_clip = "vision_config" in raw
-  weights = vision_state_dict(read_torch_file(weights_path), whole_clip)
-  with_projection = (whole_clip or PROJECTION_KEY in weights
-                     or any(a.endswith("WithProjection") for a in raw.get("architectures") or []))
-  try:
-    config = CLIPVisionConfig.from_dict(raw, with_projection)
-  except ValueError as e:
-    raise ValueError(f"{config_path}: {e}") from e
-  model = CLIPVisionModel(config, dtype=dtype)
-  return model, params_from_torch(weights, config, source=weights_path)
+  return clip_text.load_tower(VISION, path, dtype)

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 
+from fcdm_jax import conditions
 from fcdm_jax.diffusion import guidance
 from fcdm_jax.models import layers
 from fcdm_jax.models.layers import conv3x3, dense
@@ -34,7 +34,6 @@ REMAT_POLICIES = {
 LEVEL_NAMES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2",
                "decoder_level_1")
 LEVEL_OF_STAGE = (1, 2, 3, 2, 1)  # width multiplier exponent + 1 of each stage
-CONDITIONS = ("class", "text")
 
 
 def activation_constraint(x):
@@ -161,16 +160,18 @@ class FCDM(nn.Module):
   def has_null_class(self) -> bool:
     return self.class_dropout_prob > 0
 
+  @property
+  def condition_kind(self):
+    """The kind of y this model takes (`fcdm_jax.conditions`); ValueError if unknown."""
+    return conditions.get(self.condition)
+
   def example_y(self, batch: int):
     """Zeros of the y this model takes, for init and shape-only tracing."""
-    if self.condition == "text":
-      return jnp.zeros((batch, self.text_dim), jnp.float32)
-    return jnp.zeros((batch,), jnp.int32)
+    return conditions.example_y(self, batch)
 
   def check_inputs(self, x, t, y):
     """Clear errors for inputs the network cannot take (labels checked when concrete)."""
-    if self.condition not in CONDITIONS:
-      raise ValueError(f"unknown condition {self.condition!r}; expected one of {CONDITIONS}")
+    kind = self.condition_kind
     if len(self.depth) != 5:
       raise ValueError(f"depth must list 5 stage depths [e1, e2, mid, d2, d1], got {self.depth}")
     if x.ndim != 4:
@@ -181,32 +182,15 @@ class FCDM(nn.Module):
                        f"{self.in_channels} (x is NHWC, shape {x.shape})")
     if h % 4 or w % 4:
       raise ValueError(f"spatial size {h}x{w} must be divisible by 4 (two 2x downsamplings)")
-    if self.condition == "text":
-      self.check_text_inputs(t, y, n)
-      return
-    if t.shape != (n,) or y.shape != (n,):
-      raise ValueError(f"t and y must have shape ({n},), got {t.shape} and {y.shape}")
-    if not isinstance(y, jax.core.Tracer):
-      hi = self.num_classes + int(self.has_null_class)
-      labels = np.asarray(y).ravel()
-      bad = labels[(labels < 0) | (labels >= hi)].tolist()
-      if bad:
-        raise ValueError(f"labels {bad[:8]} out of range [0, {hi - 1}] (num_classes="
-                         f"{self.num_classes}{', null label = ' + str(self.num_classes) if self.has_null_class else ''})")
-
-  def check_text_inputs(self, t, y, n: int):
-    """condition='text': t (N,) and y (N, text_dim) floats."""
     if t.shape != (n,):
       raise ValueError(f"t must have shape ({n},), got {t.shape}")
-    if y.shape != (n, self.text_dim) or not jnp.issubdtype(y.dtype, jnp.floating):
-      hint = " (class labels? this model has condition='text')" if y.ndim == 1 else ""
-      raise ValueError(f"condition='text' takes y as ({n}, text_dim={self.text_dim}) float "
-                       f"pooled text embeddings, got {y.dtype} of shape {y.shape}{hint}")
+    kind.check_y(self, y, n)
 
   @nn.compact
   def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
     self.check_inputs(x, t, y)
-    if self.condition == "text" and force_drop_ids is not None:
+    captions = self.condition_kind.uses_captions
+    if captions and force_drop_ids is not None:
       raise ValueError("force_drop_ids applies to class labels; a text-conditioned model "
                        "drops captions by being given the empty caption's embedding")
     dtype = jnp.dtype(self.dtype)
@@ -214,7 +198,7 @@ class FCDM(nn.Module):
     conds = []
     for k, width in enumerate(widths, start=1):
       t_emb = layers.TimestepEmbedder(width, dtype=dtype, name=f"t_embedder_{k}")(t)
-      if self.condition == "text":
+      if captions:   # a pooled caption embedding, projected; else the class table
         y_emb = layers.TextEmbedder(width, self.text_embedder, dtype=dtype,
                                     name=f"text_embedder_{k}")(y)
       else:
@@ -259,7 +243,7 @@ class FCDM(nn.Module):
     channels. Both halves receive the guided value; other channels pass through.
     For condition='text' the second half of y carries the empty caption's embedding.
     """
-    if self.condition == "class" and not self.has_null_class:
+    if not self.condition_kind.has_null(self):
       raise ValueError("classifier-free guidance needs a null class: this model was built "
                        "with class_dropout_prob=0")
     if x.shape[0] % 2:

@@ -315,12 +315,11 @@ def load_inception(path: str, preprocess: str = "adm",
                    dtype: Dtype = jnp.float32) -> tuple[InceptionV3, dict]:
   """(model, variables) from pytorch-fid's `pt_inception-2015-12-05-*.pth` (or the same
   state_dict as `.safetensors`); `.pth` files are read with `weights_only=True`."""
-  from fcdm_jax.models.torch_weights import load_torch_state_dict
   if not fileio.isfile(path):
     raise FileNotFoundError(
         f"Inception weights not found: {path}. Pass pytorch-fid's FID Inception file "
         "(pt_inception-2015-12-05-6726825d.pth from the pytorch-fid releases); it cannot be "
         "downloaded at run time.")
   model = InceptionV3(preprocess=preprocess, dtype=dtype)
-  return model, variables_from_torch(load_torch_state_dict(path, which="model"), model,
-                                     source=path)
+  state_dict = torch_weights.load_torch_state_dict(path, which="model")
+  return model, variables_from_torch(state_dict, model, source=path)

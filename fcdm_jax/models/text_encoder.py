@@ -15,6 +15,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from fcdm_jax import fileio
+from fcdm_jax.models.clip_text import find_clip_text_files, load_clip_text
+from fcdm_jax.models.clip_tokenizer import load_clip_tokenizer
+
 POOLINGS = ("pooled", "projected")
 
 
@@ -56,9 +60,6 @@ class TextEncoder:
 
 def load_text_encoder(path: str, pooling: str = "pooled") -> TextEncoder:
   """The text encoder of a local Hugging Face CLIP folder (weights and tokenizer files)."""
-  from fcdm_jax import fileio
-  from fcdm_jax.models.clip_text import find_clip_text_files, load_clip_text
-  from fcdm_jax.models.clip_tokenizer import load_clip_tokenizer
   model, params = load_clip_text(path)
   _, weights = find_clip_text_files(path)
   identity = {"path": fileio.absolute(path), "weights_sha256": fileio.sha256_file(weights)}

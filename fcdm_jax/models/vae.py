@@ -373,8 +373,7 @@ def find_vae_files(path: str) -> tuple[str, str]:
 
 def load_vae(path: str, dtype: Dtype = jnp.float32) -> tuple[AutoencoderKL, dict]:
   """(model, params) from a local diffusers AutoencoderKL directory (no download)."""
-  from fcdm_jax.models.torch_weights import load_torch_state_dict
   config_path, weights_path = find_vae_files(path)
   model = AutoencoderKL(VAEConfig.from_json(config_path), dtype=dtype)
-  state_dict = load_torch_state_dict(weights_path, which="model")
+  state_dict = torch_weights.load_torch_state_dict(weights_path, which="model")
   return model, params_from_torch(state_dict, model, source=weights_path)

@@ -12,10 +12,12 @@ gives the same sample whatever the batch it is in, the device or host count, or 
 often a run was resumed (up to floating-point differences between batch shapes). Each
 sample is traced alone (`vmap` over the batch), which is what makes its randomness its own.
 
-Conditions. A condition kind says how one sample's condition is given, what guidance
-replaces it with (its null) and how a padded slot is filled. `ClassLabels` is the kind
-of the class-conditional FCDM (the null class), `TextEmbeddings` that of a text-conditioned
-one (pooled caption embeddings; the empty caption's embedding is the null).
+Conditions. The model's condition kind (`fcdm_jax.conditions`), bound to the model, checks
+the given conditions, gives guidance its null and fills padded slots: class labels (the
+null class) or pooled caption embeddings (the empty caption's embedding is the null).
+
+Images. `image_decoder` is the one rule for what turns samples into images: a latent
+model's SD-VAE, none for a pixel model (1 or 3 channels).
 
 Weights are arguments of every call, already placed in their shardings (replicated, or
 FSDP-sharded as `checkpoint.load_ema_params` restores them); the batch is split
@@ -25,7 +27,6 @@ over the mesh's data-parallel axes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
@@ -33,15 +34,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fcdm_jax import provenance
-from fcdm_jax import sharding
+from fcdm_jax import provenance, sharding
+from fcdm_jax.conditions import condition_of
+from fcdm_jax.data import source_spec
+from fcdm_jax.diffusion.objectives import make_objective
+from fcdm_jax.models import FCDM
+from fcdm_jax.models import vae as vae_lib
 
 # fold_in tags of PRNGKey(seed): independent streams of one sampling seed.
 STREAM_NOISE = 0    # the samples' starting and sampler noise
 STREAM_LABELS = 1   # random class labels (`fcdm_jax.sample --labels=random`)
-LATENT_SOURCES = ("latents", "torch_features", "torch_zarr")
 
 
 def to_uint8(images):
@@ -64,80 +69,7 @@ def random_labels(seed: int, num_samples: int, num_classes: int) -> np.ndarray:
 
 def is_latent(config) -> bool:
   """Whether the model samples SD-VAE latents (decoded by a VAE) rather than pixels."""
-  return config.data.source in LATENT_SOURCES
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassLabels:
-  """Class conditioning: one int32 label per sample; guidance uses the null class."""
-  num_classes: int
-  null: int | None    # the extra embedding row of models trained with label dropout
-
-  @classmethod
-  def of(cls, model) -> "ClassLabels":
-    return cls(int(model.num_classes), int(model.num_classes) if model.has_null_class else None)
-
-  def check(self, values) -> np.ndarray:
-    values = np.asarray(values)
-    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-      raise ValueError(f"class labels must be a 1-D integer array, got {values.dtype} "
-                       f"{values.shape}")
-    bad = values[(values < 0) | (values >= self.num_classes)]
-    if bad.size:
-      raise ValueError(f"labels {sorted(set(bad.tolist()))[:8]} are outside [0, "
-                       f"{self.num_classes}) (the model's num_classes)")
-    return values.astype(np.int32)
-
-  def pad(self, values: np.ndarray, size: int) -> np.ndarray:
-    """`values` filled up to `size` samples (the padding's samples are dropped)."""
-    out = np.zeros((size,) + values.shape[1:], values.dtype)
-    out[:len(values)] = values
-    return out
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TextEmbeddings:
-  """Text conditioning: one pooled text embedding (text_dim,) per sample; guidance uses the
-  empty caption's embedding `null` (what the model was trained with for dropped captions)."""
-  dim: int
-  null: np.ndarray
-
-  @classmethod
-  def of(cls, model, empty_embedding) -> "TextEmbeddings":
-    null = np.asarray(empty_embedding, np.float32)
-    if null.shape != (int(model.text_dim),):
-      raise ValueError(f"the empty caption's embedding has shape {null.shape}; the model takes "
-                       f"text_dim={model.text_dim}")
-    return cls(int(model.text_dim), null)
-
-  def check(self, values) -> np.ndarray:
-    values = np.asarray(values)
-    if values.ndim != 2 or values.shape[1] != self.dim or \
-       not np.issubdtype(values.dtype, np.floating):
-      raise ValueError(f"text conditions must be float embeddings of shape (N, {self.dim}), "
-                       f"got {values.dtype} {values.shape}")
-    if not np.all(np.isfinite(values)):
-      raise ValueError("text embeddings have non-finite values")
-    return values.astype(np.float32)
-
-  def pad(self, values: np.ndarray, size: int) -> np.ndarray:
-    out = np.broadcast_to(self.null, (size, self.dim)).copy()
-    out[:len(values)] = values
-    return out
-
-  def key(self) -> str:
-    return hashlib.sha256(self.null.tobytes()).hexdigest()
-
-
-def condition_of(model, empty_embedding=None):
-  """The condition kind of `model` (FCDM): class labels, or text embeddings whose null is
-  `empty_embedding` (required for condition='text')."""
-  if model.condition == "text":
-    if empty_embedding is None:
-      raise ValueError("a text-conditioned model samples with the empty caption's embedding "
-                       "as its guidance null: pass empty_embedding (the run's captions hold it)")
-    return TextEmbeddings.of(model, empty_embedding)
-  return ClassLabels.of(model)
+  return source_spec(config.data.source).latent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +85,6 @@ class Decoder:
 
 def load_decoder(vae_dir: str, config, mesh: Mesh) -> Decoder:
   """The SD-VAE in `vae_dir`, replicated on `mesh`, checked against the model's latents."""
-  from fcdm_jax.models import vae as vae_lib
   model, params = vae_lib.load_vae(vae_dir)
   channels = int(config.model.in_channels)
   if model.config.latent_channels != channels:
@@ -164,6 +95,32 @@ def load_decoder(vae_dir: str, config, mesh: Mesh) -> Decoder:
                      "images, not RGB")
   return Decoder(model, float(config.data.vae_scale),
                  jax.device_put(params, sharding.replicated(mesh)))
+
+
+def image_decoder(config, vae_dir: str | None, mesh: Mesh, purpose: str,
+                  raw_ok: bool = False) -> Decoder | None:
+  """What turns the model's samples into images: a latent model's SD-VAE from `vae_dir`,
+  None for a pixel model, whose samples are images if it has 1 or 3 channels.
+
+  `purpose` names where `vae_dir` comes from, for the errors ('--vae',
+  'config.preview.vae_dir'). A latent model without `vae_dir` is an error unless `raw_ok`
+  (a preview may show raw latents: None then), and so is a VAE for a pixel model.
+  """
+  source = config.data.source
+  if is_latent(config):
+    if vae_dir:
+      return load_decoder(vae_dir, config, mesh)
+    if raw_ok:
+      return None
+    raise ValueError(f"the model samples SD-VAE latents (config.data.source={source!r}): "
+                     f"{purpose} must name the SD-VAE directory that decodes them")
+  if vae_dir:
+    raise ValueError(f"the model samples pixels (config.data.source={source!r}); {purpose} "
+                     "is for latent models only")
+  if not raw_ok and int(config.model.in_channels) not in (1, 3):
+    raise ValueError(f"a pixel-space model with {config.model.in_channels} channels has no "
+                     "images (1 or 3 channels expected)")
+  return None
 
 
 # Compiled samplers of this process by everything they are traced with (not weights or
@@ -180,8 +137,6 @@ class Generator:
 
   def __init__(self, config, sample_cfg, mesh: Mesh, decoder: Decoder | None = None,
                empty_embedding=None):
-    from fcdm_jax.diffusion.objectives import make_objective
-    from fcdm_jax.models import FCDM
     self.model = FCDM(**config.model)
     self.condition = condition_of(self.model, empty_embedding)
     size = int(config.latent_size)
@@ -194,7 +149,7 @@ class Generator:
                       provenance.as_json(config.diffusion), provenance.as_json(config.flow),
                       provenance.as_json(sample_cfg), self.shape,
                       None if decoder is None else decoder.key(),
-                      getattr(self.condition, "key", lambda: None)(),
+                      self.condition.key(),
                       [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
                      sort_keys=True, default=str)
     if key not in _COMPILED:
@@ -235,10 +190,8 @@ class Generator:
     key = jax.eval_shape(lambda: stream_key(0, STREAM_NOISE))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
     decoder_params = None if self.decoder is None else self.decoder.params
-    conditions = (vector(jnp.float32, self.condition.dim)
-                  if isinstance(self.condition, TextEmbeddings) else vector(jnp.int32))
     return self._images.lower(abstract_params, decoder_params, key, vector(jnp.uint32),
-                              conditions)
+                              self.condition.abstract(size, self.batch_sharding))
 
   def padded_size(self, n: int) -> int:
     """The batch `n` samples run as: a multiple of the data-parallel size."""
@@ -295,6 +248,5 @@ class Generator:
 def fetch(result) -> np.ndarray:
   """A (batch-sharded) global array as numpy on every host."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(result, tiled=True))
   return np.asarray(result)

@@ -33,8 +33,9 @@ def part_path(out: str, start: int, end: int) -> str:
   return fileio.join(out, PARTS, f"part-{start:08d}-{end:08d}.npz")
 
 
-def check_out(out: str, settings: dict, final: str) -> bool:
-  """True when `out` already holds the finished batch of these settings; refuses others."""
+def check_out(out: str, settings: dict, final: str, normalize=None) -> bool:
+  """True when `out` already holds the finished batch of these settings; refuses others.
+  `normalize(saved)` brings a record written by an earlier version to today's form."""
   if not fileio.isdir(out):
     if fileio.isfile(out):
       raise ValueError(f"--out {out} exists and is not a directory")
@@ -46,6 +47,8 @@ def check_out(out: str, settings: dict, final: str) -> bool:
       raise ValueError(f"{out} already holds samples ({', '.join(finished) or PARTS + '/'}) "
                        f"without {SETTINGS}: refusing to overwrite them; use another --out")
     return False
+  if normalize is not None:
+    saved = normalize(saved)
   what = (f"a finished sample batch ({', '.join(finished)})" if finished
           else "unfinished sample parts")
   provenance.refuse_changes(saved, settings, f"{out} holds {what} made with different "
@@ -53,12 +56,12 @@ def check_out(out: str, settings: dict, final: str) -> bool:
   return fileio.exists(fileio.join(out, final))
 
 
-def out_verdict(out: str, settings: dict, final: str) -> int:
+def out_verdict(out: str, settings: dict, final: str, normalize=None) -> int:
   """OUT_READY or OUT_COMPLETE as host 0 judges --out, known to every host."""
   verdict, refusal = OUT_READY, None
   if jax.process_index() == 0:
     try:
-      verdict = OUT_COMPLETE if check_out(out, settings, final) else OUT_READY
+      verdict = OUT_COMPLETE if check_out(out, settings, final, normalize) else OUT_READY
     except ValueError as e:
       verdict, refusal = OUT_REFUSED, e
   verdict = int(distributed.broadcast_from_host0(np.int32(verdict)))

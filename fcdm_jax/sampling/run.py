@@ -12,8 +12,9 @@ the config saved with it (`--config` overrides it, e.g. for another compute dtyp
 `--torch_checkpoint` takes the 'ema' weights of a published-layout `.pt` (read with
 `weights_only=True`) or `.safetensors` file, with the run config given by `--config`.
 
-Sampling. The sampler is the objective's (`fcdm_jax.diffusion.objectives`) with
-`config.sample`'s settings; `--sampler`, `--steps`, `--cfg_scale`, ... override them.
+Sampling. The sampler is the one `config.sample.sampler` names (`fcdm_jax.diffusion.samplers`)
+with `sampler_settings(config, "sample")`; `--sampler`, `--steps`, `--cfg_scale`, ... override
+them, and `--config.sample.KEY=VALUE` sets any of them.
 Labels are uniform over the classes, drawn from the seed (`--labels=random`), or
 `balanced` (sample i gets class i mod K), or given (a comma list, cycled, or a `.npy` /
 `.txt` file with one label per sample).
@@ -48,36 +49,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import re
 import sys
-from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from tqdm import tqdm
 
-from fcdm_jax import fileio, sampling
+from fcdm_jax import conditions, fileio, provenance, sampling, sharding
+from fcdm_jax.conditions import ClassLabels
+from fcdm_jax.data.captions import caption_folder
+from fcdm_jax.models import vae as vae_lib
+from fcdm_jax.models.text_encoder import load_text_encoder
 from fcdm_jax.sampling import adm_npz
-from fcdm_jax import provenance
 from fcdm_jax.sampling.output import OUT_COMPLETE, SampleOutput, out_verdict
-from fcdm_jax import sharding
+from fcdm_jax.sampling.settings import effective_settings, sampler_settings
+from fcdm_jax.sampling.weights import load_model, resolve_model
 
 # config.sample fields the command line may override (None = keep the config's).
-from fcdm_jax.sampling.weights import load_model, resolve_model
 SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
                     "clip_denoised")
-
-
-
-def sample_settings(config, overrides: dict) -> Any:
-  """config.sample with the command line's overrides applied (None = keep)."""
-  cfg = config.sample.copy_and_resolve_references()
-  with cfg.unlocked():
-    for key, value in overrides.items():
-      if value is not None:
-        cfg[key] = value
-  return cfg
 
 
 # ------------------------------------------------------------------------------ labels
@@ -108,7 +101,7 @@ def make_labels(spec: str, num_samples: int, num_classes: int, seed: int) -> np.
   else:
     raise ValueError(f"--labels {spec!r}: expected 'random', 'balanced', a comma-separated "
                      "list of class indices, or an existing .npy/.txt file")
-  return sampling.ClassLabels(num_classes, None).check(np.asarray(labels, np.int64))
+  return ClassLabels(num_classes, None).check(np.asarray(labels, np.int64))
 
 
 def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_samples: int,
@@ -116,7 +109,7 @@ def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_
   """(int64 labels for the batch's arr_1, the generator's conditions, their settings record,
   the empty caption's embedding or None). Text models: sample i gets prompt i mod P, its
   arr_1 entry is i mod P; class models: `make_labels`."""
-  if config.model.get("condition", "class") != "text":
+  if not conditions.of_config(config).uses_captions:
     if prompts:
       raise ValueError("--prompt/--prompts are for text-conditioned models; this model is "
                        "class-conditional (use --labels)")
@@ -130,7 +123,6 @@ def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_
   if labels not in ("random", None, ""):
     raise ValueError("--labels is for class-conditional models; this one takes --prompt")
   encoder_dir = text_encoder or _recorded_text_encoder(config)
-  from fcdm_jax.models.text_encoder import load_text_encoder
   encoder = load_text_encoder(encoder_dir, config.data.get("text_pooling", "pooled"))
   if encoder.dim != int(config.model.text_dim):
     raise ValueError(f"the text encoder in {encoder_dir} gives {encoder.dim}-dimensional "
@@ -144,8 +136,6 @@ def make_conditions(config, labels: str, prompts, text_encoder: str | None, num_
 
 def _recorded_text_encoder(config) -> str:
   """The text encoder a run's captions were encoded with (their manifest records it)."""
-  import json
-  from fcdm_jax.data.captions import caption_folder
   path = caption_folder(config)
   manifest = fileio.join(path, "captions.json") if path else ""
   if manifest and fileio.isfile(manifest):
@@ -167,14 +157,11 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str
 # ---------------------------------------------------------------------------- generation
 
 
-def load_decoder(vae_dir: str, config, mesh: Mesh):
-  """(the SD-VAE as a `sampling.Decoder`, replicated; its identity for the settings)."""
-  from fcdm_jax.models import vae as vae_lib
-  decoder = sampling.load_decoder(vae_dir, config, mesh)
+def vae_identity(vae_dir: str, decoder: sampling.Decoder) -> dict:
+  """What the settings record of the SD-VAE in `vae_dir`: its config and weights' hash."""
   _, weights = vae_lib.find_vae_files(vae_dir)
-  identity = {"config": provenance.as_json(dataclasses.asdict(decoder.model.config)),
-              "weights_sha256": fileio.sha256_file(weights)}
-  return decoder, identity
+  return {"config": provenance.as_json(dataclasses.asdict(decoder.model.config)),
+          "weights_sha256": fileio.sha256_file(weights)}
 
 
 # ---------------------------------------------------------------------------------- main
@@ -204,9 +191,9 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   # Everything is checked before the weights are read: a mistake fails in seconds.
   config, weights = resolve_model(workdir, torch_checkpoint, config, step)
   mesh = sharding.create_mesh(config)
-  sample_cfg = sample_settings(config, overrides)
-  decoder, vae_identity = _decoder_for(config, vae, mesh)
-  label_values, conditions, condition_settings, empty = make_conditions(
+  sample_cfg = sampler_settings(config, "sample", overrides)
+  decoder = sampling.image_decoder(config, vae, mesh, "--vae")
+  label_values, sample_conditions, condition_settings, empty = make_conditions(
       config, labels, prompts, text_encoder, num_samples, seed)
   generator = sampling.Generator(config, sample_cfg, mesh, decoder,   # checks the sampler
                                  empty_embedding=empty)
@@ -217,9 +204,10 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   settings = provenance.as_json({
       "weights": weights, "objective": config.objective, "model": config.model.to_dict(),
       "diffusion": config.diffusion.to_dict(), "flow": config.flow.to_dict(),
-      "sample": sample_cfg.to_dict(), "seed": seed, "num_samples": num_samples,
+      "sample": effective_settings(sample_cfg, config.objective), "seed": seed, "num_samples": num_samples,
       "labels": condition_settings,
-      "vae": vae_identity, "vae_scale": float(config.data.vae_scale) if decoder else None,
+      "vae": vae_identity(vae, decoder) if decoder else None,
+      "vae_scale": float(config.data.vae_scale) if decoder else None,
       "image_shape": image_shape})
 
   batch = generator.padded_size(batch_size)
@@ -228,7 +216,12 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   output = SampleOutput(out, final, ranges, label_values, image_shape, png)
   summary = {"npz": output.npz, "num_samples": num_samples, "image_shape": image_shape,
              "batch_size": batch, "generated": [], "kept": []}
-  if out_verdict(out, settings, final) == OUT_COMPLETE:
+  def normalize(saved):   # records list the sampler's settings as `effective_settings` does
+    sample = saved.get("sample")
+    return dict(saved, sample=provenance.as_json(effective_settings(sample, config.objective))
+                ) if isinstance(sample, dict) else saved
+
+  if out_verdict(out, settings, final, normalize) == OUT_COMPLETE:
     logging.info("%s is already complete", output.npz)
     output.pngs_of_finished()
     return summary
@@ -240,7 +233,6 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   todo = [b for b in range(len(ranges)) if b not in summary["kept"]]
   logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
                num_samples, image_shape, len(ranges), batch, len(summary["kept"]), mesh.size)
-  from tqdm import tqdm
   resumed = sum(ranges[b][1] - ranges[b][0] for b in summary["kept"])
   with tqdm(total=num_samples, initial=resumed, desc="sampling", unit="img", file=sys.stderr,
             disable=not progress or jax.process_index() != 0) as bar:
@@ -248,7 +240,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
     for b in todo + [None]:
       if b is not None:   # dispatched before the previous batch is fetched and written
         start, end = ranges[b]
-        batch_conditions = generator.condition.pad(conditions[start:end], batch)
+        batch_conditions = generator.condition.pad(sample_conditions[start:end], batch)
         indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
         result = generator(params, seed, indices, batch_conditions)
       if pending is not None:
@@ -261,20 +253,3 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   output.assemble(keep_parts)
   logging.info("wrote %s", output.npz)
   return summary
-
-
-def _decoder_for(config, vae: str | None, mesh: Mesh):
-  """(decoder, its identity) for a latent model, (None, None) for a pixel model; checks
-  that --vae is given exactly when it is needed."""
-  if sampling.is_latent(config):
-    if not vae:
-      raise ValueError(f"the model samples SD-VAE latents (config.data.source="
-                       f"{config.data.source!r}): pass --vae=DIR to decode them")
-    return load_decoder(vae, config, mesh)
-  if vae:
-    raise ValueError(f"the model samples pixels (config.data.source={config.data.source!r}); "
-                     "--vae is for latent models only")
-  if int(config.model.in_channels) not in (1, 3):
-    raise ValueError(f"a pixel-space model with {config.model.in_channels} channels cannot be "
-                     "saved as images (1 or 3 expected)")
-  return None, None

@@ -35,6 +35,7 @@ from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax import sharding
 from fcdm_jax.train import events, torch_state
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
+from fcdm_jax.train.preview import PreviewWriter
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
 
@@ -208,7 +209,6 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
                                           logdir=workdir))
   preview = None
   if config.preview.every_steps > 0:
-    from fcdm_jax.train.preview import PreviewWriter
     preview = PreviewWriter(config, mesh, workdir, writer)
 
   buffer = MetricBuffer()

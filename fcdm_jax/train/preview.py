@@ -14,20 +14,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from fcdm_jax import fileio, sampling
+from fcdm_jax import conditions, fileio, sampling
+from fcdm_jax import images as images_lib
+from fcdm_jax.data.captions import CaptionTable, caption_folder
+from fcdm_jax.sampling.settings import sampler_settings
 
 SAMPLES_DIR = "samples"
-
-
-def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
-  """(rows*cols, H, W, C) uint8 -> one (rows*H, cols*W, C) image with 1-pixel gutters."""
-  n, h, w, c = images.shape
-  cols = n // rows
-  grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, np.uint8)
-  for i in range(rows * cols):
-    r, col = divmod(i, cols)
-    grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = images[i]
-  return grid
 
 
 def caption_rows(offsets: np.ndarray, rows: int) -> np.ndarray:
@@ -44,12 +36,11 @@ class PreviewWriter:
   def __init__(self, config, mesh, workdir, writer):
     pc = config.preview
     self.seed = int(config.seed)
-    self.decoder = None
-    if sampling.is_latent(config) and pc.vae_dir:
-      self.decoder = sampling.load_decoder(pc.vae_dir, config, mesh)
+    # Latent models without a VAE show their raw latents (`images`).
+    self.decoder = sampling.image_decoder(config, pc.vae_dir, mesh, "config.preview.vae_dir",
+                                          raw_ok=True)
     empty = None
-    if config.model.condition == "text":
-      from fcdm_jax.data.captions import CaptionTable, caption_folder
+    if conditions.of_config(config).uses_captions:
       table = CaptionTable(caption_folder(config), dim=int(config.model.text_dim))
       first = caption_rows(table.offsets, pc.num_classes_shown)
       self.rows = len(first)
@@ -60,8 +51,8 @@ class PreviewWriter:
     else:
       self.rows = min(pc.num_classes_shown, config.model.num_classes)
       self.labels = np.repeat(np.arange(self.rows), pc.per_class).astype(np.int32)
-    self.generator = sampling.Generator(config, sample_settings(config), mesh, self.decoder,
-                                        empty_embedding=empty)
+    self.generator = sampling.Generator(config, sampler_settings(config, "preview"), mesh,
+                                        self.decoder, empty_embedding=empty)
     self.folder = fileio.join(workdir, SAMPLES_DIR)
     self.writer = writer
     self.last_path = None
@@ -78,17 +69,10 @@ class PreviewWriter:
     images = self.images(ema_params)
     if jax.process_index() != 0:
       return None
-    grid = image_grid(images, self.rows)
+    grid = images_lib.image_grid(images, self.rows)
     path = fileio.join(self.folder, f"step_{step:08d}.png")
     fileio.write_png(path, grid)
     self.writer.write_images(step, {"samples": grid[None]})
     self.last_path = path
     return path
 
-
-PREVIEW_ONLY = ("every_steps", "num_classes_shown", "per_class", "vae_dir")
-
-
-def sample_settings(config) -> dict:
-  """config.preview's sampler settings (without the grid's own fields)."""
-  return {k: v for k, v in config.preview.to_dict().items() if k not in PREVIEW_ONLY}

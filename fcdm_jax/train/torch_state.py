@@ -19,7 +19,7 @@ import optax
 from absl import logging
 
 from fcdm_jax import checkpoint as ckpt_lib
-from fcdm_jax import convert, sharding
+from fcdm_jax import convert, fileio, sharding
 from fcdm_jax.models import FCDM, torch_weights
 from fcdm_jax.train.state import TrainState, learning_rate_fn, make_optimizer, state_layout
 
@@ -102,7 +102,7 @@ def _moments_from_torch(opt: Mapping, model: FCDM) -> tuple[int, Any, Any]:
                      "(no 'state' / 'param_groups')")
   groups = opt["param_groups"]
   keys = [e.torch_key for e in convert.torch_layout(
-      model.depth, model.text_embedder if model.condition == "text" else None)]
+      model.depth, model.condition_kind.torch_text_embedder(model))]
   indices = [i for g in groups for i in g["params"]]
   if len(groups) != 1 or sorted(indices) != list(range(len(keys))):
     raise ValueError(f"the checkpoint's optimizer has {len(groups)} param group(s) over "
@@ -221,3 +221,25 @@ def restore_on_host(workdir: str, step: int | None = None):
   finally:
     ckpt.close()
   return state, config, step
+
+
+EXTENSIONS = (".pt", ".safetensors")
+
+
+def export_checkpoint(workdir: str, out: str, step: int | None = None, overwrite: bool = False
+                      ) -> dict:
+  """Writes `out` (.pt: what the published train.py saves and resumes; .safetensors: the EMA
+  weights) from `workdir`'s checkpoint (latest, or `step`). Returns a summary."""
+  if not out.endswith(EXTENSIONS):
+    raise ValueError(f"--out must end in .pt (full training checkpoint) or .safetensors (EMA "
+                     f"weights), got {out!r}")
+  fileio.check_output(out, overwrite=overwrite, inputs=(workdir,))
+  if out.endswith(".safetensors"):  # the EMA alone is read, in the run's shardings
+    ema, _, step = ckpt_lib.load_ema_params(workdir, step=step)
+    convert.save_torch_checkpoint(out, jax.device_get(ema))
+    content = "EMA weights"
+  else:
+    state, config, step = restore_on_host(workdir, step)
+    convert.save_torch_checkpoint(out, **training_checkpoint(state, config))
+    content = "model, EMA, AdamW state, args"
+  return {"out": out, "step": step, "content": content, "bytes": fileio.path(out).stat().length}

@@ -1,7 +1,7 @@
 """A tiny FCDM on an 8x8x4 latent dataset: the training-system tests' config.
 
 The dataset path is given on the command line (`--config.data.path=DIR`);
-`tests/train_helpers.make_latent_dataset` writes one.
+`tests/helpers/training.make_latent_dataset` writes one.
 """
 
 from fcdm_jax import config_base

@@ -1,4 +1,5 @@
-"""The PyTorch side of `--vs-torch`: the published-structure module's step and forward."""
+"""The PyTorch side of the benchmark's `--vs-torch`: the published-structure module's
+training step and sampling forward, at the JAX side's batch, precision and remat."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ class TorchBench:
   epsilon/velocity MSE on every output channel, AdamW, EMA) and its sampling forward."""
 
   def __init__(self, config, batch: int, dtype: str, remat: str, device: str, log):
-    import torch
-    from fcdm_jax import torch_fcdm
+    if config.model.condition != "class":
+      raise ValueError(f"the PyTorch module is the published class-conditional FCDM; "
+                       f"condition={config.model.condition!r} has no PyTorch side to compare")
+    import torch   # optional: only the `--vs-torch` comparison needs it
+    from fcdm_jax import torch_fcdm   # imports torch
     self.torch, self.log = torch, log
     self.device = torch.device(device)
     self.dtype = dtype

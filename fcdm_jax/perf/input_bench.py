@@ -1,4 +1,4 @@
-"""`--mode=input`: how fast the host side of each data source delivers the run's batches.
+"""How fast the host side of each data source delivers the run's batches (bench `--mode=input`).
 
 For each source: `source.batch(step)` (what the training loop's prefetch thread calls) for
 `steps` consecutive steps after `warmup`, on one host at the local batch; examples/s, the
@@ -24,10 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fcdm_jax.bench.machine import cpu_count, load_average
-
-SYNTHETIC = ("latents", "torch_features", "torch_zarr", "tfds", "embedded")
-
+from fcdm_jax.data import LatentShardWriter, make_source
+from fcdm_jax.perf.machine import cpu_count, load_average
 
 def _cpu_seconds() -> float:
   t = os.times()
@@ -62,7 +60,6 @@ def _latent_config(config, source: str, path: str):
 
 
 def _write_latents(config, root: str, n: int) -> str:
-  from fcdm_jax.data import LatentShardWriter
   size, ch = int(config.latent_size), int(config.model.in_channels)
   writer = LatentShardWriter(os.path.join(root, "latents"), shape=(size, size, ch),
                              num_classes=int(config.model.num_classes),
@@ -93,7 +90,7 @@ def _write_torch_features(config, root: str, n: int) -> str:
 
 
 def _write_zarr(config, root: str, n: int) -> str:
-  import zarr
+  import zarr   # optional: ImportError skips the zarr source
   size, ch = int(config.latent_size), int(config.model.in_channels)
   path = os.path.join(root, "latents.zarr")
   group = zarr.open_group(path, mode="w")
@@ -108,7 +105,7 @@ def _write_zarr(config, root: str, n: int) -> str:
 
 def _write_tfds(config, root: str, n: int):
   """A prepared TFDS image dataset of n RGB images at the config's image size (max 256)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds   # heavy (TensorFlow): only for this source
   res = min(int(config.image_size), 256)
   classes = [str(i) for i in range(int(config.model.num_classes))]
 
@@ -143,30 +140,41 @@ def _write_tfds(config, root: str, n: int):
   return c
 
 
-def synthetic_configs(config, root: str, n: int, kinds=SYNTHETIC, log=print) -> dict:
-  """{source kind: a config reading a synthetic dataset of that kind written under root}."""
+def _embedded_config(config, root: str, n: int):
+  del root, n   # the embedded digits ship with the package
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.source = "embedded"
+    c.latent_size, c.image_size, c.model.in_channels, c.model.num_classes = 32, 32, 1, 10
+  return c
+
+
+# Source name (fcdm_jax.data.SOURCES) -> (config, root, n) -> a config reading a synthetic
+# dataset of that source written under root. A source listed here is one the input bench
+# can measure without the user's data.
+SYNTHETIC = {
+    "latents": lambda c, root, n: _latent_config(c, "latents", _write_latents(c, root, n)),
+    "torch_features": lambda c, root, n: _latent_config(c, "torch_features",
+                                                        _write_torch_features(c, root, n)),
+    "torch_zarr": lambda c, root, n: _latent_config(c, "torch_zarr", _write_zarr(c, root, n)),
+    "tfds": _write_tfds,
+    "embedded": _embedded_config,
+}
+
+
+def synthetic_configs(config, root: str, n: int, kinds=tuple(SYNTHETIC), log=print) -> dict:
+  """{source name: a config reading a synthetic dataset of that source written under root}."""
+  unknown = [k for k in kinds if k not in SYNTHETIC]
+  if unknown:
+    raise ValueError(f"unknown input source(s) {unknown}; the input bench writes "
+                     f"{', '.join(SYNTHETIC)}")
   out = {}
   for kind in kinds:
     log(f"input bench: writing a synthetic {kind} dataset of {n} examples")
-    if kind == "latents":
-      out[kind] = _latent_config(config, kind, _write_latents(config, root, n))
-    elif kind == "torch_features":
-      out[kind] = _latent_config(config, kind, _write_torch_features(config, root, n))
-    elif kind == "torch_zarr":
-      try:
-        out[kind] = _latent_config(config, kind, _write_zarr(config, root, n))
-      except ImportError:
-        log("input bench: zarr is not installed; torch_zarr skipped")
-    elif kind == "tfds":
-      out[kind] = _write_tfds(config, root, n)
-    elif kind == "embedded":
-      c = config.copy_and_resolve_references()
-      with c.unlocked():
-        c.data.source = "embedded"
-        c.latent_size, c.image_size, c.model.in_channels, c.model.num_classes = 32, 32, 1, 10
-      out[kind] = c
-    else:
-      raise ValueError(f"unknown input source {kind!r}; expected some of {SYNTHETIC}")
+    try:
+      out[kind] = SYNTHETIC[kind](config, root, n)
+    except ImportError as e:   # an optional reader (zarr) is not installed
+      log(f"input bench: {e}; {kind} skipped")
   return out
 
 
@@ -176,7 +184,7 @@ def synthetic_configs(config, root: str, n: int, kinds=SYNTHETIC, log=print) -> 
 def grain_latent_batches(dataset, batch: int, threads: int, vae_scale: float, seed: int = 0):
   """The latent records of a `LatentDataset` through grain: (steps) -> batch reader with
   the same per-example work as `LatentSource` (pick the flip's mean and std, scale)."""
-  import grain
+  import grain   # optional: the comparison runs only where it is installed
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(dataset))
   flips = rng.random(len(dataset)) < 0.5
@@ -202,10 +210,9 @@ def run_input(config, *, batch: int, steps: int = 20, warmup: int = 3,
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """The input benchmark's report (JSON-able). `sources`: 'config' (the config's own data),
   'all' (every synthetic kind) or kind names."""
-  from fcdm_jax.data import make_source
   if batch < 1 or steps < 1 or warmup < 0:
     raise ValueError(f"need batch >= 1, steps >= 1, warmup >= 0; got {batch}, {steps}, {warmup}")
-  kinds = SYNTHETIC if "all" in sources else tuple(s for s in sources if s != "config")
+  kinds = tuple(SYNTHETIC) if "all" in sources else tuple(s for s in sources if s != "config")
   report: dict[str, Any] = dict(mode="input", batch=batch, steps=steps, warmup=warmup,
                                 cores=cpu_count(), load_average_start=load_average(),
                                 results={})

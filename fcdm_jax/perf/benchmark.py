@@ -1,15 +1,37 @@
-"""`run`: one benchmark of a config (compile, warm-up, A/B-timed steps) and its report."""
+"""One benchmark of a config (`run`: compile, warm-up, A/B-timed steps) and its report.
+
+Measured the same way every time: compile seconds (trace + lower + XLA compile), warm-up
+steps, then `repeats` timed steps (median, min and max), images/s, peak memory, FLOPs and
+MFU, for the training step and the sampling forward that `fcdm_jax.programs` builds.
+
+FLOPs, two ways:
+  model FLOPs  = 2 x MACs per forward x batch (sample) or 3 x 2 x MACs x batch (train),
+                 MACs from XLA per convolution/matmul (`fcdm_jax.flops`, the paper's count).
+                 MFU uses these.
+  XLA FLOPs    = XLA's cost analysis of the whole step, elementwise ops, recomputation
+                 (remat) and the optimizer included, from the step lowered with the block
+                 scans unrolled (XLA counts the body of a loop once; lowering only).
+
+With `vs_torch`, the published-structure PyTorch module (`fcdm_jax.torch_fcdm`) runs at
+the same batch, precision (bf16 = autocast) and remat (any remat other than 'none' = the
+published per-block checkpointing), one JAX step alternating with one PyTorch step so that
+both see the same machine load; each step also records how busy other processes kept the
+machine, and ratios over quiet steps are reported.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Callable
 
-from fcdm_jax.bench.jax_side import JaxBench
-from fcdm_jax.bench.machine import chip_peak_tflops, load_average, machine_info
-from fcdm_jax.bench.measure import jax_memory, summarize, timed_with_load
-from fcdm_jax.bench.torch_side import TorchBench
+import jax
+
+from fcdm_jax.models.layers import resolve_dwconv_impl
+from fcdm_jax.perf.jax_bench import JaxBench
+from fcdm_jax.perf.machine import chip_peak_tflops, load_average, machine_info
+from fcdm_jax.perf.measure import jax_memory, summarize, timed_with_load
+from fcdm_jax.perf.torch_bench import TorchBench
+from fcdm_jax.programs import Programs
 
 MODES = ("train", "sample")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -17,8 +39,9 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 
 def apply_overrides(config, dtype: str | None, remat: str | None, dwconv_impl: str | None,
                     scan_unroll: bool | None = None):
-  config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
-  with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+  """A copy of `config` with these config.model fields overridden (None: the config's)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
     if dtype is not None:
       if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -39,15 +62,13 @@ def run(config, *, batch: int = 8, modes=MODES, dtype: str | None = None,
         compile_only: bool = False, count_flops: bool = True, num_devices: int = 0,
         torch_threads: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the benchmark and returns its report (a JSON-able dict)."""
-  import jax
-  from fcdm_jax.models.layers import resolve_dwconv_impl
-
   modes = tuple(modes)
   bad = [m for m in modes if m not in MODES]
   if bad or not modes:
     raise ValueError(f"unknown mode(s) {bad or modes}; expected some of {MODES}")
   if repeats < 1 or warmup < 0 or batch < 1:
-    raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, "
+                     f"{batch}")
   config = apply_overrides(config, dtype, remat, dwconv_impl, scan_unroll)
   devices = jax.devices()
   if num_devices:
@@ -61,27 +82,27 @@ def run(config, *, batch: int = 8, modes=MODES, dtype: str | None = None,
   elif peak is None:
     peak = chip_peak_tflops(machine["device_kind"], mdtype)
     peak_source = "vendor table" if peak else None
+  programs = Programs(config, batch, devices)
+  shape = "x".join(str(d) for d in programs.input_shape)
   report: dict[str, Any] = dict(
       date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine,
       config=str(config.get("name", "")),
       model={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.items()},
       dwconv_impl_resolved=resolve_dwconv_impl(config.model.dwconv_impl),
-      batch=batch, latent_shape=[config.latent_size, config.latent_size,
-                                 config.model.in_channels],
+      batch=batch, latent_shape=list(programs.input_shape),
       dtype=mdtype, remat=config.model.remat, peak_tflops=peak, peak_source=peak_source,
       repeats=repeats, warmup=warmup, compile_only=compile_only,
       load_average_start=load_average(), results={})
 
-  log(f"FCDM bench: {report['config']} batch {batch} {config.latent_size}x{config.latent_size}"
-      f"x{config.model.in_channels} {mdtype} remat={config.model.remat} "
+  log(f"FCDM bench: {report['config']} batch {batch} {shape} {mdtype} remat={config.model.remat} "
       f"dwconv={report['dwconv_impl_resolved']} on {machine['device_kind']} x{len(devices)}")
-  jb = JaxBench(config, batch, devices, log)
-  macs = jb.forward_macs() if count_flops else None
+  jb = JaxBench(programs)
+  macs = programs.forward_macs() if count_flops else None
   report["forward_gmacs_per_image"] = macs / 1e9 if macs else None
 
   tb = None
   if vs_torch and not compile_only:
-    import torch
+    import torch   # optional: only the PyTorch comparison needs it
     if torch_threads:
       torch.set_num_threads(torch_threads)
     device = "cuda" if machine["backend"] == "gpu" and torch.cuda.is_available() else "cpu"
@@ -159,7 +180,8 @@ def format_report(report: dict[str, Any]) -> str:
   """A human-readable table of a report."""
   lines = []
   m = report["machine"]
-  dev = m["device_kind"] + (f" ({m['cpu']['model']}, {m['cpu']['cores']} cores)" if "cpu" in m else "")
+  dev = m["device_kind"] + (f" ({m['cpu']['model']}, {m['cpu']['cores']} cores)"
+                            if "cpu" in m else "")
   lines.append(f"device: {dev}; jax {m['jax']}; peak {_fmt(report['peak_tflops'], '.3f')} "
                f"TFLOP/s ({report['peak_source']})")
   lines.append(f"forward GMACs/image: {_fmt(report.get('forward_gmacs_per_image'), '.2f')}; "
@@ -181,9 +203,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"{_fmt(mem / 2**20 if mem else None, '.0f'):>10}")
     if "torch" in r:
       t = r["torch"]["step_s"]
-      lines.append(f"  torch: step s med {t['median']:.3f} (min {t['min']:.3f}, max {t['max']:.3f}),"
-                   f" {r['torch']['img_per_s']['median']:.2f} img/s; JAX/PyTorch speed "
-                   f"{r['speedup_vs_torch']:.2f}x (medians), {r['speedup_vs_torch_best']:.2f}x "
-                   f"(best steps), {_fmt(r.get('speedup_vs_torch_quiet'), '.2f')}x (quiet steps: "
+      lines.append(f"  torch: step s med {t['median']:.3f} (min {t['min']:.3f}, "
+                   f"max {t['max']:.3f}), {r['torch']['img_per_s']['median']:.2f} img/s; "
+                   f"JAX/PyTorch speed {r['speedup_vs_torch']:.2f}x (medians), "
+                   f"{r['speedup_vs_torch_best']:.2f}x (best steps), "
+                   f"{_fmt(r.get('speedup_vs_torch_quiet'), '.2f')}x (quiet steps: "
                    f"JAX {r.get('quiet_steps', '-')}, torch {r['torch'].get('quiet_steps', '-')})")
   return "\n".join(lines)

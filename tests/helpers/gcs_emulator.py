@@ -9,7 +9,7 @@ remote workdir are uploaded through fileio, see `train/events.py`).
 
 One fix to the emulator: real GCS sends an object's generation with its bytes
 (`x-goog-generation`), and tensorstore's conditional writes (orbax's OCDBT manifests)
-depend on it; the emulator's media download omits it. `python tests/gcs_emulator.py`
+depend on it; the emulator's media download omits it. `python tests/helpers/gcs_emulator.py`
 serves the emulator with that header added.
 """
 

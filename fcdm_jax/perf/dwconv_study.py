@@ -1,12 +1,15 @@
-"""`--mode=dwconv`: the depthwise 7x7 formulations timed at a config's level shapes."""
+"""The depthwise 7x7 conv formulations timed at a config's level shapes (bench `--mode=dwconv`)."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any, Callable
 
-from fcdm_jax.bench.machine import load_average
-from fcdm_jax.bench.measure import timed
+import jax
+
+from fcdm_jax.models import layers
+from fcdm_jax.perf.machine import load_average
+from fcdm_jax.perf.measure import timed
 
 STUDY_IMPLS = ("xla", "shift", "shift_vjp")
 
@@ -20,9 +23,6 @@ def dwconv_study(config, batch: int = 8, repeats: int = 5, impls=STUDY_IMPLS,
   (dwconv -> LayerNorm -> adaLN modulate -> pwconv1, 'chain'), which shows how the
   formulation fuses with its consumers. Formulations alternate within each repeat.
   """
-  import jax
-  from fcdm_jax.models import layers
-
   def chain(fn):
     def f(x, k, w1, s):
       h = layers.modulate(layers.layer_norm(fn(x, k)), s, s)

@@ -9,6 +9,8 @@ import resource
 import sys
 from typing import Any
 
+import jax
+
 # Dense peak TFLOP/s per chip (vendor figures, no sparsity): {dtype: peak}. fp32 on
 # NVIDIA is the non-tensor-core rate; TPUs run matmuls in bf16 passes, so only bf16 is listed.
 PEAK_TFLOPS = (
@@ -24,8 +26,6 @@ PEAK_TFLOPS = (
     ("TPU v6 lite", {"bfloat16": 918.0}),                 # v6e (Trillium)
     ("TPU v6e", {"bfloat16": 918.0}),
 )
-
-
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -79,7 +79,6 @@ def chip_peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def machine_info(devices) -> dict[str, Any]:
-  import jax
   d = devices[0]
   info = dict(backend=jax.default_backend(), device_kind=d.device_kind, num_devices=len(devices),
               host=platform.node(), python=platform.python_version(), jax=jax.__version__,

@@ -8,7 +8,8 @@ import numpy as np
 from fcdm_jax.data.captions import write_captions
 from fcdm_jax.models import clip_text
 from fcdm_jax.models.text_encoder import load_text_encoder
-from test_clip_tokenizer import learn_bpe, write_folder
+
+from helpers.model_files import learn_bpe, write_folder
 
 COLOURS = ["red", "green", "blue", "yellow"]
 DIGITS = ["zero", "one", "two", "three"]

@@ -1,14 +1,17 @@
 """How a step is measured: timing with the other processes' load, summaries, XLA's memory
-plan and FLOP count."""
+plan and FLOP count; and how a report is saved (`save_report`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
 from typing import Any, Callable
 
-from fcdm_jax.bench.machine import busy_seconds, cpu_count, peak_rss_bytes
+from fcdm_jax import fileio
+from fcdm_jax.flops import cost_analysis
+from fcdm_jax.perf.machine import busy_seconds, cpu_count, peak_rss_bytes
 
 QUIET = 0.1  # a step is quiet when other processes used under 10% of the cores
 
@@ -66,7 +69,7 @@ def jax_memory(device, compiled) -> dict[str, Any]:
 
 
 def lowered_flops(lowered) -> float | None:
-  from fcdm_jax.flops import cost_analysis
+  """XLA's FLOP count of a lowered (or compiled) program, None where it has none."""
   ca = cost_analysis(lowered)
   return float(ca["flops"]) if "flops" in ca else None
 
@@ -91,3 +94,11 @@ def timed_with_load(fn: Callable[[], Any]) -> tuple[float, float | None]:
     return dt, None
   others = (busy1 - busy0) - (own1 - own0)
   return dt, max(0.0, min(1.0, others / (dt * cpu_count())))
+
+
+def save_report(report: dict[str, Any], command: list[str], path: str | None) -> None:
+  """Records the command line that made `report` in it and, when `path` is given, writes it
+  there as JSON (local or gs://, atomically)."""
+  report["command"] = " ".join(command)
+  if path:
+    fileio.atomic_write_bytes(path, json.dumps(report, indent=1, default=str).encode())

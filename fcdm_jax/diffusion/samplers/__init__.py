@@ -1,0 +1,81 @@
+"""The sampler registry: `config.sample.sampler` (and `.preview`, `.eval`) names one of SAMPLERS.
+
+Each sampler is one module here whose `SAMPLER` says which objectives it serves, which
+settings it reads (with their defaults) and how it is built (`base.Sampler`). Adding one is
+that module plus its line below; the sampling command's `--sampler` choices, the config's
+declared settings (`config_base`) and every error list names from this table.
+
+Settings. Every sampler reads `base.COMMON` (sampler, steps, cfg_scale, cfg_interval,
+guide_all_eps) and its own keys. The keys a section of a config may hold are those of the
+samplers serving its objective (`setting_keys`); None means "the sampler's default".
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from fcdm_jax.diffusion.samplers import ddim, ddpm, ode, sde
+from fcdm_jax.diffusion.samplers.base import COMMON, Sampler, Setting
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": ddpm.SAMPLER,
+    "ddim": ddim.SAMPLER,
+    "sde": sde.SAMPLER,
+    "ode": ode.SAMPLER,
+}
+
+
+def names(objective: str | None = None) -> tuple[str, ...]:
+  """The samplers serving `objective` (all of them for None), in registry order."""
+  return tuple(n for n, s in SAMPLERS.items() if objective is None or objective in s.objectives)
+
+
+def get(name, objective: str) -> Sampler:
+  """The sampler `name` (None: the objective's first), checked to serve `objective`."""
+  if name is None:
+    return SAMPLERS[names(objective)[0]]
+  key = str(name).lower()
+  if key not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; expected one of {names()} (for the "
+                     f"{objective!r} objective: {names(objective)})")
+  if objective not in SAMPLERS[key].objectives:
+    raise ValueError(f"sampler {name!r} does not serve the {objective!r} objective; its "
+                     f"samplers are {names(objective)}")
+  return SAMPLERS[key]
+
+
+def declared_settings(objective: str) -> dict[str, Setting]:
+  """Every setting a sampler of `objective` reads: COMMON's, then each sampler's own. A key
+  two samplers read with different defaults gets the default None (each its own)."""
+  out = dict(COMMON)
+  for name in names(objective):
+    for key, setting in SAMPLERS[name].settings.items():
+      if key in out and out[key].default != setting.default:
+        setting = Setting(None, setting.type, f"{out[key].help} / {setting.help}; None: the "
+                          "sampler's default", setting.nullable)
+      out[key] = setting
+  return out
+
+
+def setting_keys(objective: str) -> tuple[str, ...]:
+  """The keys a sampler-settings section of an `objective` config may hold."""
+  return tuple(declared_settings(objective))
+
+
+def check_keys(keys, objective: str, where: str = "sampler settings") -> None:
+  """ValueError naming the allowed keys if any of `keys` is none of the objective's settings."""
+  allowed = setting_keys(objective)
+  unknown = sorted(set(keys) - set(allowed))
+  if unknown:
+    raise ValueError(f"unknown {where} {unknown} for the {objective!r} objective; allowed "
+                     f"keys: {list(allowed)}")
+
+
+def resolve(sampler: Sampler, values: Mapping) -> dict:
+  """COMMON's and `sampler`'s settings from `values`, with the default where a key is absent
+  or None (unless the setting is `nullable`: None is then a value)."""
+  out = {}
+  for key, setting in dict(COMMON, **sampler.settings).items():
+    unset = key not in values or (values[key] is None and not setting.nullable)
+    out[key] = setting.default if unset else values[key]
+  return out
