@@ -28,10 +28,10 @@ statistics only: mu/sigma and mu_s/sigma_s), e.g. MS-COCO val2014 at 256 px:
 """
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from fcdm_jax import cli
 from fcdm_jax import fileio
 from fcdm_jax.diffusion import samplers
 from fcdm_jax.evaluation import adm, fid_eval
@@ -87,6 +87,9 @@ flags.DEFINE_string("split", "train", "--reference_from: the split (coco: val201
 flags.DEFINE_string("data_dir", "", "--reference_from tfds: TFDS data_dir.")
 
 
+cli.define_distributed_flag()
+
+
 def _run(f) -> dict:
   modes = [m for m in ("samples", "workdir", "reference_from") if getattr(f, m)]
   if len(modes) != 1:
@@ -112,13 +115,9 @@ def _run(f) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv   # cli.run refuses positional arguments
   f = flags.FLAGS
-  try:
-    results = _run(f)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  results = _run(f)
   if f.reference_from:
     print(f"wrote {results['out']}: statistics of {results['num_images']} images "
           f"({results['skipped']} undecodable skipped)")
@@ -131,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,12 +18,12 @@ For `.pt` the whole train state is read into host memory (not onto an accelerato
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
+from fcdm_jax import cli  # noqa: E402
 from fcdm_jax.train import torch_state  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).")
@@ -34,12 +34,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists."
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    summary = torch_state.export_checkpoint(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
-  except (FileNotFoundError, ValueError, ImportError) as e:
-    sys.exit(f"error: {e}")
+  del argv   # cli.run refuses positional arguments
+  summary = torch_state.export_checkpoint(_WORKDIR.value, _OUT.value, step=_STEP.value,
+                                         overwrite=_OVERWRITE.value)
   logging.info("exported %s", summary)
   print(f"{summary['out']}: step {summary['step']} ({summary['content']}), "
         f"{summary['bytes'] / 2**20:.1f} MiB")
@@ -47,4 +44,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)

@@ -7,11 +7,11 @@ Sources, resuming, captions and hosts: `fcdm_jax.extraction`. Exit status 0 when
 dataset is complete, 1 on an error (one `error:` line naming the problem).
 """
 
-import sys
 
-from absl import app, flags
+from absl import flags
 
-from fcdm_jax import distributed, extraction
+from fcdm_jax import cli
+from fcdm_jax import extraction
 
 flags.DEFINE_string("source", None, "What to encode: folder:PATH (ImageFolder layout, "
                     "PATH/CLASS/IMAGE; labels by sorted class folder), coco:ROOT (MS-COCO "
@@ -58,24 +58,18 @@ flags.DEFINE_enum("dtype", "float16", list(extraction.STORAGE_DTYPES), "Storage 
 flags.DEFINE_enum("precision", "default", list(extraction.PRECISIONS), "Matmul/conv precision of the "
                   "encoder ('default': TF32/bf16 passes on GPU/TPU, like PyTorch's cuDNN "
                   "default; 'highest': full float32).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
-                  "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
+cli.define_distributed_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv   # cli.run refuses positional arguments
   f = flags.FLAGS
-  distributed.maybe_initialize(f.distributed)
-  try:
-    summary = extraction.extract(f.source, f.resolution, f.vae, f.out, batch_size=f.batch_size,
-                      shard_size=f.shard_size, num_workers=f.num_workers, dtype=f.dtype,
-                      precision=f.precision, data_dir=f.data_dir, split=f.split,
-                      image_key=f.image_key, label_key=f.label_key,
-                      captions_key=f.captions_key, text_encoder=f.text_encoder,
-                      text_pooling=f.text_pooling, text_batch_size=f.text_batch_size)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  summary = extraction.extract(f.source, f.resolution, f.vae, f.out, batch_size=f.batch_size,
+                    shard_size=f.shard_size, num_workers=f.num_workers, dtype=f.dtype,
+                    precision=f.precision, data_dir=f.data_dir, split=f.split,
+                    image_key=f.image_key, label_key=f.label_key,
+                    captions_key=f.captions_key, text_encoder=f.text_encoder,
+                    text_pooling=f.text_pooling, text_batch_size=f.text_batch_size)
   if summary["manifest"] is not None:
     m = summary["manifest"]
     print(f"{summary['out']}: {m['count']} examples of {tuple(m['shape'])} in "
@@ -88,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

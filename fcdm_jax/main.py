@@ -10,9 +10,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fcdm_jax import cli  # noqa: E402
 from fcdm_jax.evaluation import make_evaluators  # noqa: E402
 from fcdm_jax.train.loop import train_and_evaluate  # noqa: E402
 
@@ -35,15 +36,15 @@ class _QuietLibraries(logging.logging.Filter):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv   # cli.run refuses positional arguments
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TF (for TFDS / clu) must not take GPU memory
-  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, make_evaluators=make_evaluators)
+  summary = train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value,
+                               make_evaluators=make_evaluators)
   summary.pop("state", None)
   logging.info("done: %s", summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

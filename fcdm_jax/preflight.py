@@ -41,10 +41,10 @@ import sys
 # libtpu installed first probes for a TPU on this machine. Set before JAX is imported.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fcdm_jax import tpu_topology  # noqa: E402
+from fcdm_jax import cli, tpu_topology  # noqa: E402
 from fcdm_jax.perf import tpu_preflight  # noqa: E402
 from fcdm_jax.perf.measure import save_report  # noqa: E402
 
@@ -63,29 +63,15 @@ _JSON = flags.DEFINE_string("json", None, "write the report here as JSON (local 
 
 
 def _bad_input(message: str) -> int:
-  print(f"preflight: {message}", file=sys.stderr)
+  print(f"error: {message}", file=sys.stderr)
   return BAD_INPUT
 
 
-def _parse_flags(argv):
-  """absl's parsing, with bad flags (an unknown flag, a bad value; ml_collections raises
-  AttributeError and friends for a --config.x override the config lacks) exiting with the
-  bad-input status rather than absl's 1, which here means 'does not fit'."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(_bad_input(f"bad command line: {e}"))
-
-
 def main(argv):
-  if len(argv) > 1:
-    return _bad_input(f"unexpected arguments: {argv[1:]}")
+  del argv   # cli.run refuses positional arguments
   if _CONFIG.value is None or not _TOPOLOGY.value:
     return _bad_input("--config and --topology are required")
-  try:   # ml_collections reports a config file that failed to load at its first use
-    config = _CONFIG.value.copy_and_resolve_references()
-  except OSError as e:
-    return _bad_input(" ".join(str(e).split()))
+  config = cli.config_value(_CONFIG).copy_and_resolve_references()
   try:
     tpu_topology.parse(_TOPOLOGY.value)
   except ValueError as e:
@@ -104,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, error_status=BAD_INPUT)

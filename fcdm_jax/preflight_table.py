@@ -21,8 +21,9 @@ choices, rendering) is `fcdm_jax.perf.tpu_table`.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from fcdm_jax import cli
 from fcdm_jax.perf import tpu_table
 
 _RESULTS = flags.DEFINE_string("results", tpu_table.RESULTS, "the JSON file of finished rows")
@@ -40,8 +41,7 @@ _JOBS = flags.DEFINE_integer("jobs", 1, "rows compiled side by side (each compil
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv   # cli.run refuses positional arguments
   tpu_table.update(_RESULTS.value, _DOC.value, render_only=_RENDER.value, only=_ONLY.value,
                    skip=_SKIP.value, max_entries=_MAX_ENTRIES.value, timeout_s=_TIMEOUT.value,
                    retry_errors=_RETRY_ERRORS.value, jobs=_JOBS.value,
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,13 +9,12 @@ Weights, labels, determinism, the output folder and resuming: `fcdm_jax.sampling
 Exit status 0 when the sample batch is complete, 1 on an error (one `error:` line).
 """
 
-import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from fcdm_jax import distributed
+from fcdm_jax import cli
 from fcdm_jax.diffusion import samplers
 from fcdm_jax.diffusion.objectives import OBJECTIVES
 from fcdm_jax.sampling import run
@@ -25,7 +24,7 @@ flags.DEFINE_string("workdir", None, "Training run directory: its latest checkpo
 flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: latest).")
 flags.DEFINE_string("torch_checkpoint", None, "A published-layout FCDM checkpoint (.pt with "
                     "'ema'/'model', or .safetensors) instead of --workdir; needs --config.")
-config_flags.DEFINE_config_file(
+_CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file (configs/*.py): required with --torch_checkpoint; with "
     "--workdir it replaces the saved config. Fields: --config.FIELD=VALUE.")
 flags.DEFINE_integer("num_samples", None, "How many images to sample (ADM's FID: 50000).",
@@ -64,29 +63,23 @@ flags.DEFINE_string("text_encoder", None, "Text-conditioned models: the local CL
                     "run's captions record.")
 flags.DEFINE_bool("png", False, "Also write png/{index:06d}.png.")
 flags.DEFINE_bool("keep_parts", False, "Keep parts/ after the .npz is written.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (also done when "
-                  "JAX_COORDINATOR_ADDRESS or a multi-task SLURM job is present).")
+cli.define_distributed_flag()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv   # cli.run refuses positional arguments
   f = flags.FLAGS
-  distributed.maybe_initialize(f.distributed)
-  config = f.config
+  config = cli.config_value(_CONFIG)
   if config is not None:
     config = config.copy_and_resolve_references()
     config.model.depth = tuple(config.model.depth)
   overrides = {k: f[k].value for k in run.SAMPLE_OVERRIDES}
-  try:
-    summary = run.sample(f.out, f.num_samples, workdir=f.workdir,
-                     torch_checkpoint=f.torch_checkpoint, config=config, step=f.step,
-                     vae=f.vae, labels=f.labels, seed=f.seed, batch_size=f.batch_size,
-                     png=f.png, keep_parts=f.keep_parts,
-                     prompts=run.read_prompts(f.prompt, f.prompts), text_encoder=f.text_encoder,
-                     **overrides)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  summary = run.sample(f.out, f.num_samples, workdir=f.workdir,
+                   torch_checkpoint=f.torch_checkpoint, config=config, step=f.step,
+                   vae=f.vae, labels=f.labels, seed=f.seed, batch_size=f.batch_size,
+                   png=f.png, keep_parts=f.keep_parts,
+                   prompts=run.read_prompts(f.prompt, f.prompts), text_encoder=f.text_encoder,
+                   **overrides)
   if jax.process_index() == 0:
     height, width, channels = summary["image_shape"]
     kind = "RGB" if channels == 3 else "grayscale, stored as RGB"
@@ -95,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

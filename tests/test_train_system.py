@@ -25,7 +25,8 @@ from fcdm_jax.train import loop
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
-from helpers.runs import REPO, mesh_of, restore_final, run_main, wait_for_checkpoint
+from helpers.runs import (REPO, mesh_of, restore_final, run_main, two_processes,
+                          wait_for_checkpoint)
 from helpers.training import TINY_CONFIG, load_config, make_latent_dataset
 
 
@@ -246,27 +247,13 @@ def test_resuming_with_another_model_is_refused(tmp_path, dataset):
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path, dataset):
   """jax.distributed on localhost: 2 processes x 2 CPU devices train, save, then resume."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-
   def launch(steps):
-    procs = []
-    for pid in range(2):
-      env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                 JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(pid))
-      cmd = [sys.executable, "-m", "fcdm_jax.main", f"--config={TINY_CONFIG}",
-             f"--workdir={tmp_path}", f"--config.data.path={dataset}",
-             f"--config.num_train_steps={steps}"]
-      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-      assert p.returncode == 0, out[-3000:]
-    return outs
+    results = two_processes(["-m", "fcdm_jax.main", f"--config={TINY_CONFIG}",
+                             f"--workdir={tmp_path}", f"--config.data.path={dataset}",
+                             f"--config.num_train_steps={steps}"])
+    for status, out in results:
+      assert status == 0, out[-3000:]
+    return [out for _, out in results]
 
   first = launch(4)
   assert "process 0 of 2, 2 local / 4 global devices" in first[0]
@@ -308,3 +295,18 @@ def logged_losses(log: str) -> dict[int, float]:
   import re
   return {int(step): float(loss) for step, loss in
           re.findall(r"\[(\d+)\] [^\n]*?\bloss=([-+0-9.eE]+)", log)}
+
+
+@pytest.mark.slow
+def test_a_host_reaching_the_end_10_s_late_still_exits_0_everywhere(tmp_path, dataset):
+  """A finished two-host run ends with an agreed barrier and an explicit
+  jax.distributed.shutdown (fcdm_jax.cli): the host that is done first waits for the late
+  one instead of racing its teardown, and both exit 0."""
+  results = two_processes(
+      [str(REPO / "tests/helpers/slow_main.py"), f"--config={TINY_CONFIG}",
+       f"--workdir={tmp_path}", f"--config.data.path={dataset}",
+       "--config.num_train_steps=2"],
+      env_extra=dict(STEP_DELAY="0", END_DELAY="10", END_DELAY_PROCESS="1"))
+  for status, out in results:
+    assert status == 0, out[-3000:]
+  assert "done: " in results[0][1] and "done: " in results[1][1]

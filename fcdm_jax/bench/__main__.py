@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from fcdm_jax import cli
 from fcdm_jax.perf import benchmark, input_bench
 from fcdm_jax.perf.dwconv_study import dwconv_study
 from fcdm_jax.perf.machine import machine_info
@@ -54,9 +55,8 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  del argv   # cli.run refuses positional arguments
+  config = cli.config_value(_CONFIG)
   if _MODE.value == "input":
     batch = _BATCH.value if _BATCH.present else int(config.batch_size)
     report = input_bench.run_input(config, batch=batch, steps=_REPEATS.value,
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

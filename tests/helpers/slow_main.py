@@ -1,4 +1,5 @@
-"""`python -m fcdm_jax.main` with every step slowed by STEP_DELAY seconds.
+"""`python -m fcdm_jax.main` with every step slowed by STEP_DELAY seconds, and process
+END_DELAY_PROCESS reaching the command's end END_DELAY seconds after the others.
 
 The crash tests need a run that is still going when they signal it; the tiny test model
 trains too fast for that. Only the test process is slowed; the code under test is the same.
@@ -10,10 +11,10 @@ import atexit
 import os
 import time
 
-from absl import app
+import jax
 from jax.experimental import multihost_utils
 
-from fcdm_jax import main
+from fcdm_jax import cli, main
 from fcdm_jax import sharding
 from fcdm_jax.train import loop
 
@@ -58,5 +59,16 @@ loop.PreemptionFlag.should_stop = _counted_should_stop
 atexit.register(lambda: print("preemption checks: {steps} steps, {collectives} cross-host "
                               "collectives".format(**_stop_checks), flush=True))
 
+_end_delay = float(os.environ.get("END_DELAY", "0"))
+_end_delay_process = int(os.environ.get("END_DELAY_PROCESS", "-1"))
+
+
+def _late_main(argv):
+  status = main.main(argv)
+  if jax.process_index() == _end_delay_process:
+    time.sleep(_end_delay)
+  return status
+
+
 if __name__ == "__main__":
-  app.run(main.main)
+  cli.run(_late_main)
