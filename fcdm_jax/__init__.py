@@ -12,15 +12,17 @@ Entry points (`python -m fcdm_jax.NAME --help`):
   bench            compile time, throughput, memory and MFU of a config (a package)
   preflight        compile a config for a TPU slice here: fits or not, roofline bound
   preflight_table  the TPU table of docs/performance.md (resumable)
-  data.colour_digits  prepare the text-to-image demo's data (done by its first run too)
+  demo.prepare     prepare the text-to-image demo's data (its first run does it too)
 
-Every path they take may be local or `gs://` (`fileio`, the one path layer).
+Commands are flags and a `main` run through `cli` (one `error:` line per bad input, a clean
+end on every host). Every path they take may be local or `gs://` (`fileio`).
 
-Library: `models/` (FCDM, SD-VAE, Inception, CLIP text and vision, tokenizer), `diffusion/` (objectives and samplers),
-`train/` (state, step, sharding, checkpoints, previews, the loop), `data/` (input
-pipelines), `sampling` (the one generator), `sample_output` (the sampling CLI's output
-folder), `evaluation/` (in-training evaluators), `adm_npz` (ADM's batch format), `settings`
-(recorded settings), `convert` (PyTorch weights), `fileio` (paths), `tpu_topology`.
+Library, one way down: foundation (`fileio`, `sharding`, `provenance`, `distributed`,
+`models/torch_weights`) <- `models/`, `conditions/`, `diffusion/`, `data/` <- `checkpoint`
+(a run's checkpoints, for training and inference alike) <- `sampling/`, `train/`,
+`evaluation/`, `programs`, `perf/` <- commands; `demo/` holds
+what only the demos use. Extension points are registries: `diffusion.samplers.SAMPLERS`,
+`data.SOURCES`, `evaluation.EVALUATORS`, `conditions.CONDITIONS`.
 """
 
 import os as _os
