@@ -121,12 +121,11 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   c.image_size = resolution
   c.latent_size = latent_size(resolution)
   c.data = ml_collections.ConfigDict(dict(
-      # 'latents' (our shards, written by extract_latents), 'tfds' (images by name),
-      # 'embedded' (the dataset shipped in the wheel), 'torch_features' (published
-      # per-image .npy folders), 'torch_zarr' (published zarr store).
-      # Formats and the batch order: fcdm_jax/data (make_source).
+      # A name from fcdm_jax.data.SOURCES (data/registry.py: one line per source and the
+      # module that reads it), e.g. 'latents' (our shards, written by extract_latents),
+      # 'tfds', 'embedded', 'npz', 'torch_features', 'torch_zarr'. Batch order: data/pipeline.py.
       source="latents",
-      path="",            # latents / torch_features / torch_zarr location
+      path="",            # the source's file or folder (latents, npz, torch_*)
       labels_path="",     # torch_features: labels folder if not the `*_labels` sibling
       tfds_name="",       # e.g. 'imagenet2012'
       data_dir="",        # TFDS data_dir (prepared; nothing is downloaded)
@@ -138,7 +137,7 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
       shuffle_seed=0,     # with config.seed, seeds order, flips and caption draws
       prefetch=2,         # batches kept ready by a background thread
       num_workers=4,      # threads decoding per-example files (tfds, torch_features)
-      max_in_memory_gb=8.0,  # tfrecord TFDS splits and zarr stores up to this are held in RAM
+      max_in_memory_gb=8.0,  # sources that load whole (tfrecord TFDS, zarr, compressed npz)
       # model.condition='text': the caption folder (fcdm_jax/data/captions.py) of the
       # dataset, and how often a step trains on the empty caption instead (for guidance).
       captions="",
@@ -223,10 +222,10 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   # --- in-training evaluation (fcdm_jax.evaluation; runs under `python -m fcdm_jax.main`) ---
   c.eval = ml_collections.ConfigDict(dict(
       enabled=False,
-      # One evaluator or a comma-separated list, from fcdm_jax.evaluation.EVALUATORS:
-      # 'fid': FID / sFID / Inception Score of num_samples samples against a reference
-      # batch (FID-k); 'demo': the embedded digits' classifier judge (configs/demo.py);
-      # 'colour_digits': the text-to-image demo's judge (configs/t2i_demo.py); e.g. 'fid,demo'.
+      # One evaluator or a comma-separated list ('fid,sample_stats'), from
+      # fcdm_jax.evaluation.EVALUATORS (evaluation/registry.py), e.g. 'fid' (FID / sFID / IS
+      # of num_samples samples against a reference batch, FID-k), 'sample_stats' (sample
+      # vs data statistics, no weights needed), 'demo' / 'colour_digits' (the demos' judges).
       kind="fid",
       every_steps=0,       # also every N steps; 0: once, when training completes
       num_samples=5000,

@@ -11,14 +11,9 @@ The local batch is config.batch_size // process_count; the batch of global step 
 deterministic function of (seed, s, process_index), so the data position saved in a
 checkpoint is the step itself (pipeline.py explains the order, split and randomness).
 
-Sources, by `config.data.source` (the registry `SOURCES`, registry.py; `source_spec(name)`
-says whether a source is latent and whether its batches carry the posterior's std):
-  'latents'         our precomputed SD-VAE latent shards (format and writer: latents.py)
-  'tfds'            a TFDS image dataset by name and data_dir, pixel space (tfds_images.py)
-  'embedded'        MNIST-5k shipped in the package, 32x32x1 pixels (embedded.py)
-  'colour_digits'   the text-to-image demo's captioned colour digits (demo/colour_digits.py)
-  'torch_features'  the published PyTorch code's per-image .npy latents (torch_latents.py)
-  'torch_zarr'      the published PyTorch code's zarr store of latents (torch_latents.py)
+Sources, by `config.data.source`: the registry `SOURCES` (registry.py) lists them, one
+line each with the module that reads it; `source_spec(name)` says whether a source is latent
+and whether its batches carry the posterior's std.
 """
 
 from fcdm_jax.data.embedded import load_embedded

@@ -49,6 +49,7 @@ SOURCES: dict[str, SourceSpec] = {s.name: s for s in (
     SourceSpec("latents", "fcdm_jax.data.latents:LatentSource", latent=True, posterior=True),
     SourceSpec("tfds", "fcdm_jax.data.tfds_images:TfdsSource"),
     SourceSpec("embedded", "fcdm_jax.data.embedded:EmbeddedSource"),
+    SourceSpec("npz", "fcdm_jax.data.npz_images:NpzImageSource"),
     SourceSpec("colour_digits", "fcdm_jax.demo.colour_digits:ColourDigitsSource"),
     SourceSpec("torch_features", "fcdm_jax.data.torch_latents:TorchFeatureSource", latent=True),
     SourceSpec("torch_zarr", "fcdm_jax.data.torch_latents:TorchZarrSource", latent=True),

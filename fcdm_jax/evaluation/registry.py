@@ -21,6 +21,7 @@ EVALUATORS: dict[str, str] = {
     "fid": "fcdm_jax.evaluation.fid_eval:FidEvaluator",
     "demo": "fcdm_jax.demo.digit_judge:DemoJudge",
     "colour_digits": "fcdm_jax.demo.colour_digit_judge:ColourDigitEvaluator",
+    "sample_stats": "fcdm_jax.evaluation.sample_stats:SampleStats",
 }
 
 
