@@ -65,6 +65,19 @@ def draw_captions(table, seed: int, num_samples: int) -> np.ndarray:
   return start + np.floor(rng.random(num_samples) * (end - start)).astype(np.int64)
 
 
+def eval_conditions(config, seed: int, num_samples: int):
+  """(conditions, the guidance null's text embedding or None, caption texts or None) of an
+  evaluation's samples: uniform random classes, or for a text model a random caption of a
+  random example of the evaluation's caption folder each (both drawn from the seed)."""
+  if not conditions.of_config(config).uses_captions:
+    return (sampling.random_labels(seed, num_samples, int(config.model.num_classes)), None,
+            None)
+  table = eval_captions(config)
+  rows = draw_captions(table, seed, num_samples)
+  texts = table.texts()
+  return table.embeddings[rows], table.empty, [texts[r] for r in rows]
+
+
 class FidEvaluator:
   """Samples config.eval.num_samples images; writes eval/fid, eval/sfid, eval/inception_score
   (and eval/clip_score for a text model with config.eval.clip)."""
@@ -83,21 +96,13 @@ class FidEvaluator:
                                 "batch .npz (or set config.eval.enabled=False)")
     decoder = sampling.image_decoder(config, config.preview.vae_dir, mesh,
                                      "config.preview.vae_dir (the FID evaluation's decoder)")
-    self.texts = self.clip = None
-    if conditions.of_config(config).uses_captions:
-      table = eval_captions(config)
-      rows = draw_captions(table, self.seed, self.num_samples)
-      self.conditions, empty = table.embeddings[rows], table.empty
-      all_texts = table.texts()
-      self.texts = [all_texts[r] for r in rows]
-      if ev.get("clip"):
-        self.clip = CLIPScorer(ev.clip)
-    else:
-      if ev.get("clip"):
+    self.conditions, empty, self.texts = eval_conditions(config, self.seed, self.num_samples)
+    self.clip = None
+    if ev.get("clip"):
+      if self.texts is None:
         raise ValueError("config.eval.clip scores samples against their captions: it is for "
                          "text-conditioned models (model.condition='text')")
-      self.conditions, empty = sampling.random_labels(self.seed, self.num_samples,
-                                                      int(config.model.num_classes)), None
+      self.clip = CLIPScorer(ev.clip)
     self.generator = sampling.Generator(config, sampling.sampler_settings(config, "eval"), mesh,
                                         decoder, empty_embedding=empty)
     model, variables = inception.load_inception(ev.inception)

@@ -24,8 +24,8 @@ import time
 import numpy as np
 from absl import logging
 
-from fcdm_jax import conditions, data, sampling
-from fcdm_jax.evaluation.fid_eval import draw_captions, eval_captions
+from fcdm_jax import data, sampling
+from fcdm_jax.evaluation.fid_eval import eval_conditions
 from fcdm_jax.evaluation.registry import check_count
 
 DATA_BATCHES = 4   # global batches of the training stream the data statistics come from
@@ -78,14 +78,7 @@ class SampleStats:
     self.batch = check_count("batch_size", ev.batch_size, 1)
     self.every_steps = int(ev.every_steps)
     self.seed = int(config.seed)
-    empty = None
-    if conditions.of_config(config).uses_captions:
-      table = eval_captions(config)
-      self.conditions = table.embeddings[draw_captions(table, self.seed, self.num_samples)]
-      empty = table.empty
-    else:
-      self.conditions = sampling.random_labels(self.seed, self.num_samples,
-                                               int(config.model.num_classes))
+    self.conditions, empty, _ = eval_conditions(config, self.seed, self.num_samples)
     self.generator = sampling.Generator(config, sampling.sampler_settings(config, "eval"),
                                         mesh, None, empty_embedding=empty)
     self.data_mean, self.data_std = data_statistics(config)
