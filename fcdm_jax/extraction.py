@@ -1,67 +1,25 @@
-"""Encode an image dataset once into SD-VAE latents: the `latents` training source.
+"""An image dataset encoded once into SD-VAE latents (the `latents` training source), and
+for a captioned dataset its caption folder (`python -m fcdm_jax.extract_latents`).
 
-    python -m fcdm_jax.extract_latents --source=folder:/data/imagenet/train \
-        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/in256
-    python -m fcdm_jax.extract_latents --source=tfds:imagenet2012 --data_dir=/data/tfds \
-        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/in256
+What is stored. Each image gets ADM's centre crop (`data.image_sources`); it and its
+horizontal mirror are encoded and the posterior mean and std of both are kept, unscaled,
+in the format of `data/latents.py`. Training draws a fresh latent from them each epoch and
+flips by taking the mirror's posterior (a mirrored latent is not the latent of the mirror).
+Undecodable images are skipped and counted per shard (the manifest sums the counts and
+lists the files).
 
-Captioned (text-to-image) datasets, latents and caption folder in one go:
+Captions. A captioned source's shard writes its captions (one list per kept example) to
+`shard-XXXXX.captions.json` before the shard itself. With a text encoder, host 0 then
+encodes them all into `<out>/captions` (`data/captions.py`); a finished caption folder of
+the same encoder and examples is kept, another is refused. Without one only the sidecars
+are written; the same command with it later adds the folder without encoding an image.
 
-    python -m fcdm_jax.extract_latents --source=coco:/data/coco --split=train2014 \
-        --resolution=256 --vae=/models/sd-vae-ft-ema --out=/data/latents/coco256 \
-        --text_encoder=/models/clip-vit-large-patch14
-    python -m fcdm_jax.extract_latents --source=tfds:coco_captions --data_dir=/data/tfds \
-        --split=train --captions_key=captions/text --resolution=256 \
-        --vae=/models/sd-vae-ft-ema --out=/data/latents/coco256 \
-        --text_encoder=/models/clip-vit-large-patch14
+Resuming. Shards are written atomically one at a time; a rerun keeps every complete shard,
+computes the missing ones and (re)writes the manifest. The settings that decide the
+contents are recorded in `extract_settings.json` first: a rerun with other settings into
+the same --out is refused rather than mixed.
 
-Then train with `--config.data.source=latents --config.data.path=/data/latents/in256`
-(a text-to-image run finds the caption folder at `<data.path>/captions` by itself).
-
-What is stored. Each image gets ADM's centre crop to --resolution (box halving, bicubic,
-centre crop: `fcdm_jax.data.center_crop_arr`); it and its horizontal mirror are encoded,
-and the posterior mean and std of both are kept, unscaled, in the format of
-`fcdm_jax/data/latents.py`. Training draws a fresh latent from them each epoch and flips
-by taking the mirror's posterior (a mirrored latent is not the latent of the mirror).
-
-Sources. `folder:PATH` is the ImageFolder layout (PATH/CLASS/**/IMAGE): labels by sorted
-class-folder name, files in ImageFolder's order; the class names go into the manifest.
-`tfds:NAME` is a prepared TFDS dataset in --data_dir (nothing is downloaded); its
-ClassLabel names go into the manifest. `coco:ROOT` is MS-COCO 2014 as distributed:
-ROOT/<split>/<file_name> and ROOT/annotations/captions_<split>.json for --split=train2014
-or val2014, in ascending image id order, each image with its captions (stripped, in
-annotation id order); an image without a caption is an error (the annotations do not
-fit the images), labels are all 0 (class_names ["coco"]). `tfds:NAME --captions_key=KEY`
-takes the captions from the text feature KEY, '/' stepping into Sequences and dicts
-(TFDS coco_captions: `captions/text`, its `captions` being Sequence({'text', 'id'}));
-labels are then 0 and no ClassLabel is needed.
-
-Captions. For a captioned source each shard's captions (one list per *kept* example) are
-written to `shard-XXXXX.captions.json` before the shard itself, so a complete shard has
-them. With --text_encoder (a local Hugging Face CLIP folder) host 0 then encodes them all,
-in example order, into the caption folder `<out>/captions` (`fcdm_jax/data/captions.py`;
-the training run's config.data.captions). A finished caption folder made by the same
-encoder (path, weights hash, --text_pooling) for the same examples is kept; one made
-otherwise is refused, never overwritten. The encoder is not a latent setting: a run
-without --text_encoder writes only the sidecars, and the same command with it later adds
-the caption folder without encoding an image.
-
-Odd images. CMYK, grayscale (8 and 16 bit) and other modes are converted to RGB as ADM's
-loader does (PIL `convert("RGB")`); files PIL cannot decode are skipped (and their
-captions with them). Each shard counts them (`converted_cmyk`, `converted_grayscale`,
-`converted_other`, `skipped_corrupt`), the manifest's `stats` sums the counts and its
-metadata lists the skipped files.
-
-Resuming. Shards are written atomically one at a time; rerunning the same command keeps
-every complete shard and computes only the missing ones, then (re)writes the manifest.
-The settings that decide the contents (source listing, split, resolution, VAE config and
-weights hash, shard size, storage dtype; for coco: a hash of the listing and captions,
-for tfds: the captions key) are recorded in `extract_settings.json` at the start: a rerun
-with other settings (a changed annotation file, say) into the same --out is refused
-rather than mixed.
-
-Devices and hosts. Batches are split over all local devices. With several hosts (run the
-same command on each, --out on storage all can see), host p encodes shards p, p+P, ...;
+Hosts. Batches are split over the local devices; host p of P encodes shards p, p+P, ...;
 host 0 writes the manifest (and the caption folder) after all have finished.
 """
 
@@ -247,6 +205,27 @@ def write_caption_folder(out: str, manifest: dict, text_encoder: str, pooling: s
   return written, True
 
 
+def refuse_empty(writer: latents_lib.LatentShardWriter, out: str, source: str,
+                 num_shards: int) -> None:
+  """Every host: a dataset of no examples (no image could be decoded) is an error, not a
+  manifest. Its shards hold nothing: host 0 removes them, so that a rerun (after fixing the
+  images, or the decoders) encodes them again instead of keeping them as complete."""
+  infos = [json.loads(fileio.read_text(writer.shard_path(i).with_suffix(".json")))
+           for i in range(num_shards)]
+  if sum(info["count"] for info in infos):
+    return
+  distributed.barrier("extract_latents_counted")   # every host has read the counts
+  if jax.process_index() == 0:
+    for i in range(num_shards):
+      for p in (writer.shard_path(i), writer.shard_path(i).with_suffix(".json"),
+                sidecar_path(out, i)):
+        if fileio.exists(p):
+          fileio.remove(p)
+  skipped = [n for info in infos for n in info["stats"].get("skipped_files", [])]
+  raise ValueError(f"no image of {source} could be decoded ({len(skipped)} skipped, e.g. "
+                   f"{skipped[:3]}); no dataset was written to {out}")
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -268,8 +247,8 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
     raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
   if precision not in PRECISIONS:
     raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
-  if not out:
-    raise ValueError("--out is empty: name the directory to write the latents to")
+  source_path = source.partition(":")[2] if source.startswith(("folder:", "coco:")) else ""
+  fileio.check_output_folder(out, inputs=(source_path, vae, text_encoder, data_dir))
 
   _, weights_path = vae_lib.find_vae_files(vae)
   model, params = vae_lib.load_vae(vae)
@@ -345,6 +324,7 @@ def extract(source: str, resolution: int, vae: str, out: str, *, batch_size: int
       written.append(index)
 
   distributed.barrier("extract_latents_shards")
+  refuse_empty(writer, out, source, num_shards)
   manifest = captions = None
   captions_written, error = False, None
   if pid == 0:

@@ -2,9 +2,14 @@
 or a prepared TFDS dataset: (name, bytes, label, captions) records, decoded and ADM
 centre-cropped a shard at a time with corrupt files counted and left out.
 
-`open_source(spec)` takes `folder:PATH`, `coco:ROOT` or `tfds:NAME`; `load_shard` decodes
-examples [start, end) on a thread pool. Latent extraction and reference statistics both
-read images through here, so they crop and skip alike.
+`open_source(spec)` takes `folder:PATH` (PATH/CLASS/**/IMAGE, labels by sorted class
+folder, ImageFolder's file order), `coco:ROOT` (ROOT/<split>/ and
+annotations/captions_<split>.json, ascending image id, captions in annotation id order,
+labels 0) or `tfds:NAME` (a prepared dataset; captions from a text feature path with
+`captions_key`, '/' stepping into Sequences). `load_shard` decodes examples [start, end) on
+a thread pool, converting CMYK/grayscale/other modes to RGB as ADM's loader does. Latent
+extraction and reference statistics both read images through here, so they crop and skip
+alike.
 """
 
 from __future__ import annotations
