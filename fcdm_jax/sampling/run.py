@@ -1,12 +1,6 @@
 """Sampling a trained FCDM into a resumable sample folder: an ADM-format batch (`.npz`)
 and optionally PNG files (the library of `python -m fcdm_jax.sample`).
 
-    python -m fcdm_jax.sample --workdir=runs/xl_256 --vae=/models/sd-vae-ft-ema \
-        --num_samples=50000 --sampler=ddpm --steps=250 --cfg_scale=1.5 --out=samples/xl_256
-    python -m fcdm_jax.sample --torch_checkpoint=FCDM-XL-256.pt --config=configs/xl_256.py \
-        --vae=/models/sd-vae-ft-ema --num_samples=50000 --out=samples/xl_256_published
-    python -m fcdm_jax.evaluate --samples=samples/xl_256/samples_50000x256x256x3.npz ...
-
 Weights. `--workdir` takes the EMA params of the run's latest checkpoint (or `--step`) and
 the config saved with it (`--config` overrides it, e.g. for another compute dtype);
 `--torch_checkpoint` takes the 'ema' weights of a published-layout `.pt` (read with
@@ -24,8 +18,7 @@ and evaluation do): sample i's noise depends on (seed, i) alone, and its random 
 likewise, so the same seed gives the same images whatever the batch size, device count or
 how often the run was resumed (up to floating-point differences between batch shapes).
 
-Images. Latent models (config.data.source latents / torch_features / torch_zarr) are
-decoded with the SD-VAE given by `--vae` after dividing by config.data.vae_scale;
+Images. Latent models (a latent `config.data.source`, `data.source_spec`) are decoded with the SD-VAE given by `--vae` after dividing by config.data.vae_scale;
 pixel-space models (e.g. configs/demo.py) are their own images. Values in [-1, 1] become
 uint8 as DiT's sampler does (`clip(127.5 x + 128, 0, 255)`, truncated). One-channel models
 are written to PNG as grayscale and replicated to three channels in the `.npz`, because
@@ -58,7 +51,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from fcdm_jax import conditions, fileio, provenance, sampling, sharding
+from fcdm_jax import conditions, config_checks, fileio, provenance, sampling, sharding
 from fcdm_jax.conditions import ClassLabels
 from fcdm_jax.data.captions import caption_folder
 from fcdm_jax.models import vae as vae_lib
@@ -185,11 +178,11 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-  if not out:
-    raise ValueError("--out is empty: name the directory to write the samples to")
-
   # Everything is checked before the weights are read: a mistake fails in seconds.
+  fileio.check_output_folder(out, inputs=(workdir, torch_checkpoint, vae, text_encoder,
+                                          labels if labels and fileio.isfile(labels) else ""))
   config, weights = resolve_model(workdir, torch_checkpoint, config, step)
+  config_checks.check_config(config)
   mesh = sharding.create_mesh(config)
   sample_cfg = sampler_settings(config, "sample", overrides)
   decoder = sampling.image_decoder(config, vae, mesh, "--vae")
