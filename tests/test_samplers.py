@@ -483,8 +483,8 @@ def test_a_sampler_is_one_registry_entry(monkeypatch):
   monkeypatch.setitem(samplers.SAMPLERS, "ancestral", Sampler(
       objectives=("ddpm",), make=make, help="DDPM under another name",
       settings={"respacing": ddpm.RESPACING, "clip_x0": Setting(True, bool, "clip x0")}))
-  assert samplers.names("ddpm") == ("ddpm", "ddim", "ancestral")
-  assert samplers.names("flow") == ("sde", "ode")
+  assert samplers.names("ddpm") == ("ddpm", "ddim", "dpmpp_2m", "unipc", "ancestral")
+  assert samplers.names("flow") == ("sde", "ode", "dpmpp_2m", "unipc")
   config = config_base.get_config("S", 256, "ddpm")
   assert config.sample.clip_x0 is True and config.eval.clip_x0 is None
   assert samplers.resolve(samplers.SAMPLERS["ancestral"], dict(steps=5))["clip_x0"] is True
@@ -497,7 +497,8 @@ def test_a_sampler_is_one_registry_entry(monkeypatch):
   np.testing.assert_array_equal(ours(model_fn, x, labels, None, noise),
                                 theirs(model_fn, x, labels, None, noise))
   with pytest.raises(ValueError, match=r"unknown sampler 'dpm'; expected one of \('ddpm', "
-                                       r"'ddim', 'sde', 'ode', 'ancestral'\)"):
+                                       r"'ddim', 'sde', 'ode', 'dpmpp_2m', 'unipc', "
+                                       r"'ancestral'\)"):
     ddpm_objective().make_sampler(dict(sampler="dpm", steps=5), None)
   with pytest.raises(ValueError, match=r"\['clip_x0'\] for the 'flow' objective"):
     flow_objective().make_sampler(dict(sampler="ode", steps=5, clip_x0=True), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,6 +48,13 @@ def null_like(y, null_label):
   return jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
 
 
+def mix_cfg(cond, uncond, cfg_scale, num_guided: int):
+  """The conditional rows' guided output from separate conditional and null-label outputs:
+  equal to `combine_cfg` on their concatenation, first half."""
+  c, u = cond[..., :num_guided], uncond[..., :num_guided]
+  return jnp.concatenate([u + cfg_scale * (c - u), cond[..., num_guided:]], axis=-1)
+
+
 def guided_model(model_fn, y, *, cfg_scale, null_label, guide_all_eps: bool = False,
                  interval=None):
   """`model_fn(x, t, y)` -> `f(x, t)` for conditions y, classifier-free guided when
@@ -56,6 +64,15 @@ def guided_model(model_fn, y, *, cfg_scale, null_label, guide_all_eps: bool = Fa
   `null_like`) and returns the conditional half. `interval = (low, high)` guides only where
   low <= t <= high, in the time the model is called with (DDPM: original step index;
   flow: t in [0, 1]); elsewhere the output is the conditional one.
+
+  With an interval the network runs on the conditional rows (N) and, only when some row's t
+  is inside (`lax.cond`), once more on the null-label rows (N): N rows per call outside the
+  interval, 2N inside, where the output is full guidance's (the same per-row network, in two
+  calls of N rows instead of one of 2N: equal up to the float effects of a call's batch
+  size). Every sampler's t is one value per step, so the choice is per step; under `vmap`
+  with t not batched (the generator's per-sample vmap of a fixed time grid) the cond stays a
+  branch, and where t is batched (adaptive dopri5's per-sample step sizes) it becomes a
+  select that evaluates both: 2N rows, as without the saving.
   """
   cfg_scale, interval = check_guidance(cfg_scale, null_label, interval)
   if cfg_scale == 1.0:
@@ -65,10 +82,20 @@ def guided_model(model_fn, y, *, cfg_scale, null_label, guide_all_eps: bool = Fa
     n = x.shape[0]
     labels = jnp.concatenate([y, null_like(y, null_label)], axis=0)
     out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), labels)
-    mixed = combine_cfg(out, cfg_scale, guided_channels(x.shape[-1], guide_all_eps))[:n]
-    if interval is None:
-      return mixed
-    inside = (t >= interval[0]) & (t <= interval[1])
-    return jnp.where(inside.reshape((n,) + (1,) * (out.ndim - 1)), mixed, out[:n])
+    return combine_cfg(out, cfg_scale, guided_channels(x.shape[-1], guide_all_eps))[:n]
 
-  return guided
+  if interval is None:
+    return guided
+
+  def guided_in_interval(x, t):
+    cond = model_fn(x, t, y)
+    inside = (t >= interval[0]) & (t <= interval[1])
+
+    def with_guidance(cond):
+      uncond = model_fn(x, t, null_like(y, null_label))
+      mixed = mix_cfg(cond, uncond, cfg_scale, guided_channels(x.shape[-1], guide_all_eps))
+      return jnp.where(inside.reshape((-1,) + (1,) * (cond.ndim - 1)), mixed, cond)
+
+    return jax.lax.cond(jnp.any(inside), with_guidance, lambda cond: cond, cond)
+
+  return guided_in_interval

@@ -98,6 +98,10 @@ def evaluate(samples: str, ref: str, inception_path: str, batch_size: int = 256,
   if ref_images is None and "pr" in which:
     raise ValueError(f"{ref} has no 'arr_0' images, which precision/recall needs; "
                      "pass --metrics without pr to use its statistics only")
+  # Before any features: a batch too small for a metric fails now, not after the work.
+  _check_count(samples, len(sample_images), which, set())
+  if ref_images is not None:
+    _check_count(ref, len(ref_images), which, ref_keys)
   model, variables = inception.load_inception(inception_path, preprocess=preprocess)
   extract = FeatureExtractor(model, variables, batch_size)
   sample_feats = extract(sample_images, "sample features")
@@ -109,12 +113,27 @@ def evaluate(samples: str, ref: str, inception_path: str, batch_size: int = 256,
   results.update(sample_metrics(sample_feats, stats, which, split_size))
   if "pr" in which:
     results["precision"], results["recall"] = metrics.precision_recall(
-        ref_feats["pool"], sample_feats["pool"], batch_size=pr_batch_size)
+        ref_feats["pool"], sample_feats["pool"], k=PR_K, batch_size=pr_batch_size)
   return results
 
 
 # metric -> (feature, reference batch keys of its precomputed statistics)
 STATISTICS = {"fid": ("pool", "mu", "sigma"), "sfid": ("spatial", "mu_s", "sigma_s")}
+PR_K = 3   # precision/recall's k-NN radius: more than k images per side
+
+
+def _check_count(path: str, count: int, which: Sequence[str], given_keys: set) -> None:
+  """Refuses a batch with fewer images than a requested metric needs: a covariance needs
+  2 (unless the batch gives the statistics), precision/recall's k-NN radius k + 1."""
+  needs = {m: 2 for m in which if m in STATISTICS
+           and not set(STATISTICS[m][1:]) <= given_keys}
+  if "pr" in which:
+    needs["pr"] = PR_K + 1
+  short = sorted(m for m, n in needs.items() if count < n)
+  if short:
+    raise ValueError(f"{path} holds {count} image{'s' if count != 1 else ''}; "
+                     f"{', '.join(short)} need at least {max(needs[m] for m in short)}: "
+                     "evaluate a larger batch, or leave them out of --metrics")
 
 
 def reference_statistics(ref: str, ref_feats: dict | None, which: Sequence[str],

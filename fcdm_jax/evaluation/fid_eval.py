@@ -24,14 +24,13 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from tqdm import tqdm
 
 from fcdm_jax import conditions, fileio, sampling, sharding
 from fcdm_jax.data.captions import MANIFEST, CaptionTable, caption_folder
 from fcdm_jax.evaluation import adm
 from fcdm_jax.evaluation.clip_score import CLIPScorer
-from fcdm_jax.evaluation.registry import check_count
+from fcdm_jax.evaluation.registry import eval_counts
 from fcdm_jax.models import inception
 from fcdm_jax.sampling import weights
 
@@ -85,9 +84,7 @@ class FidEvaluator:
   def __init__(self, config, mesh, workdir: str = ""):
     del workdir   # scores go to the writer only
     ev = config.eval
-    self.num_samples = check_count("num_samples", ev.num_samples, 2)
-    self.batch = check_count("batch_size", ev.batch_size, 1)
-    self.every_steps = int(ev.every_steps)
+    self.num_samples, self.batch, self.every_steps = eval_counts(config, 2)
     self.seed = int(config.seed)
     for name in ("inception", "reference"):
       if not ev[name] or not fileio.isfile(ev[name]):
@@ -166,6 +163,7 @@ def evaluate_run(workdir: str, ref: str, inception_path: str, num_samples: int, 
   mesh = sharding.create_mesh(config)
   evaluator = FidEvaluator(config, mesh)
   params = weights.load_model(config, identity, mesh)
+  from clu import metric_writers   # deferred: it imports TensorFlow (2 s of every start)
   with tqdm(total=int(num_samples), desc="sampling + features", unit="img", file=sys.stderr,
             disable=not progress or jax.process_index() != 0) as bar:
     results = evaluator(identity["step"], params, metric_writers.LoggingWriter(),

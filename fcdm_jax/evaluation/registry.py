@@ -32,6 +32,13 @@ def check_count(name: str, value, minimum: int) -> int:
   return value
 
 
+def eval_counts(config, min_samples: int) -> tuple[int, int, int]:
+  """(num_samples, batch_size, every_steps) of config.eval, checked (an evaluator's basics)."""
+  ev = config.eval
+  return (check_count("num_samples", ev.num_samples, min_samples),
+          check_count("batch_size", ev.batch_size, 1), check_count("every_steps", ev.every_steps, 0))
+
+
 def evaluator_names(kind: str) -> list[str]:
   """The registered names `config.eval.kind` lists; ValueError for an unknown or repeated
   one, or none."""

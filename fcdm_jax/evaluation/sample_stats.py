@@ -26,7 +26,7 @@ from absl import logging
 
 from fcdm_jax import data, sampling
 from fcdm_jax.evaluation.fid_eval import eval_conditions
-from fcdm_jax.evaluation.registry import check_count
+from fcdm_jax.evaluation.registry import eval_counts
 
 DATA_BATCHES = 4   # global batches of the training stream the data statistics come from
 
@@ -73,10 +73,7 @@ class SampleStats:
 
   def __init__(self, config, mesh, workdir: str = ""):
     del workdir   # scores go to the writer only
-    ev = config.eval
-    self.num_samples = check_count("num_samples", ev.num_samples, 1)
-    self.batch = check_count("batch_size", ev.batch_size, 1)
-    self.every_steps = int(ev.every_steps)
+    self.num_samples, self.batch, self.every_steps = eval_counts(config, 1)
     self.seed = int(config.seed)
     self.conditions, empty, _ = eval_conditions(config, self.seed, self.num_samples)
     self.generator = sampling.Generator(config, sampling.sampler_settings(config, "eval"),

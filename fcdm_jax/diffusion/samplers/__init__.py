@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from fcdm_jax.diffusion.samplers import ddim, ddpm, ode, sde
+from fcdm_jax.diffusion.samplers import ddim, ddpm, dpmpp_2m, ode, sde, unipc
 from fcdm_jax.diffusion.samplers.base import COMMON, Sampler, Setting
 
 SAMPLERS: dict[str, Sampler] = {
@@ -22,6 +22,8 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": ddim.SAMPLER,
     "sde": sde.SAMPLER,
     "ode": ode.SAMPLER,
+    "dpmpp_2m": dpmpp_2m.SAMPLER,
+    "unipc": unipc.SAMPLER,
 }
 
 
