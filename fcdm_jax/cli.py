@@ -17,6 +17,7 @@ Exit status: 0 done, `error_status` (1, or what the command documents) for bad i
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import traceback
 
@@ -85,7 +86,9 @@ def parse_flags(argv: list[str], error_status: int = 1) -> list[str]:
     message = _unknown_config_field(argv, e) or f"bad command line: {one_line(e)}"
   except (flags.Error, TypeError, ValueError, OSError,
           SyntaxError) as e:   # ml_collections raises several kinds for a bad --config
-    message = f"bad command line: {one_line(e)}"
+    required = re.search(r"Flag --(\w+) must have a value other than None", str(e))
+    message = (f"--{required.group(1)} is required" if required
+               else f"bad command line: {one_line(e)}")
   print(f"error: {message}; see --help", file=sys.stderr)
   sys.exit(error_status)
 
@@ -100,6 +103,12 @@ def config_value(holder):
     return config
   except OSError as e:
     raise ValueError(f"--config: {one_line(e)}") from e
+
+
+def config_file(holder) -> str:
+  """The file a `config_flags` flag loads, without its argument (`FILE.py:flow`)."""
+  name = flags.FLAGS[holder.name].config_filename or ""
+  return name if "://" in name else name.split(":", 1)[0]
 
 
 def finish() -> None:
@@ -122,7 +131,9 @@ def run(main, error_status: int = 1) -> None:
 
   def command(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=error_status)
+      print(f"error: unexpected arguments {argv[1:]}: every input is a flag, --name=value; "
+            "see --help", file=sys.stderr, flush=True)
+      sys.exit(error_status)
     try:
       if "distributed" in flags.FLAGS:
         distributed.maybe_initialize(flags.FLAGS.distributed)

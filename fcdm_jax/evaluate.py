@@ -25,6 +25,9 @@ statistics only: mu/sigma and mu_s/sigma_s), e.g. MS-COCO val2014 at 256 px:
     python -m fcdm_jax.evaluate --reference_from=coco:/data/coco --split=val2014 \
         --resolution=256 --inception=pt_inception-2015-12-05-6726825d.pth \
         --out=coco_val2014_256.npz
+
+Exit status 0 when the results are printed (and --out written), 1 on an error (one
+`error:` line naming the problem; bad input is refused before the Inception network runs).
 """
 
 import json
@@ -95,6 +98,9 @@ def _run(f) -> dict:
   if len(modes) != 1:
     raise ValueError("pass exactly one of --samples (a sample batch), --workdir (a run to "
                      "sample and score) and --reference_from (images to make a reference of)")
+  for name in ("batch_size", "split_size", "pr_batch_size", "num_samples", "resolution"):
+    if getattr(f, name) < 1:
+      raise ValueError(f"--{name} must be a positive integer, got {getattr(f, name)}")
   if f.out:   # before any work: never over an input, never over a file unasked
     fileio.check_output(f.out, overwrite=f.overwrite,
                         inputs=(f.samples, f.ref, f.inception, f.captions, f.vae, f.clip))

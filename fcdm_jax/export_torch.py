@@ -13,6 +13,8 @@ dict). The published sampling script reads `"ema"` (or `"model"`) as before.
 For `.pt` the whole train state is read into host memory (not onto an accelerator); for
 `.safetensors` only the EMA is read, in the run's shardings. The file is written atomically, and an existing --out is refused unless --overwrite. Back the other way:
 `python -m fcdm_jax.main --config=... --workdir=NEW --config.init_from=FILE.pt`.
+
+Exit status 0 when the file is written, 1 on an error (one `error:` line).
 """
 
 from __future__ import annotations

@@ -76,6 +76,11 @@ def isfile(p: PathLike) -> bool:
   return path(p).is_file()
 
 
+def size(p: PathLike) -> int:
+  """The length of file `p` in bytes (remote: from the store's metadata)."""
+  return int(path(p).stat().length)
+
+
 def makedirs(p: PathLike) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
@@ -220,6 +225,36 @@ def check_output(out: PathLike, *, overwrite: bool = False, inputs=(), flag: str
   probe = join(str(parent), f".{path(target).name}.write_test")
   try:
     parent.mkdir(parents=True, exist_ok=True)
+    path(probe).write_bytes(b"ok")
+    remove(probe)
+  except OSError as e:
+    raise ValueError(f"{flag}={out} cannot be written ({type(e).__name__}: {e}); pick a "
+                     "writable location") from e
+
+
+def check_output_folder(out: PathLike, *, inputs=(), flag: str = "--out") -> None:
+  """Refuses, before any work, an output folder that cannot be written: one that is one of
+  the run's `inputs`, a file, or whose location takes no write (probed with a small file in
+  the folder, or in its nearest existing parent when it does not exist yet, removed again;
+  nothing is created). An existing folder is allowed: the commands that write folders
+  resume their own unfinished output and refuse one made with other settings."""
+  if not os.fspath(out):
+    raise ValueError(f"{flag} is empty: name the folder to write to")
+  target = absolute(out)
+  for given in inputs:
+    if given and absolute(given).rstrip("/") == target.rstrip("/"):
+      raise ValueError(f"{flag}={out} is also an input of this run; name another folder")
+  if isfile(out):
+    raise ValueError(f"{flag}={out} is a file; name a folder to write to")
+  folder = target
+  if not is_remote(target):
+    while not os.path.exists(folder):   # the nearest existing parent takes the probe
+      folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+      raise ValueError(f"{flag}={out} cannot be made: {folder} is a file; pick a writable "
+                       "location")
+  probe = join(folder, f".{path(target).name}.write_test")
+  try:
     path(probe).write_bytes(b"ok")
     remove(probe)
   except OSError as e:

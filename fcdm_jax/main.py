@@ -4,6 +4,10 @@ The same command on an existing workdir resumes from its latest checkpoint. Over
 config field on the command line, e.g. `--config.batch_size=32 --config.num_train_steps=1000`;
 a config file takes an argument after a colon, e.g. `--config=configs/s_256.py:flow`.
 SIGTERM (preemption) saves a checkpoint after the step in flight and exits cleanly.
+
+Exit status 0 when training reached num_train_steps (or stopped cleanly on SIGTERM), 1 on
+an error: one `error:` line naming the problem (a bad config value, flag or path, data or a
+checkpoint that does not fit the config), checked before any training step.
 """
 
 import os

@@ -28,8 +28,10 @@ max(FLOPs / peak, bytes / bandwidth): which of the two binds, the images/s and M
 bound allows. These time figures are derived from compiler counts and vendor peaks:
 bounds, not measurements.
 
-Exit status: 0 when every program fits, 1 when one does not, 2 for bad input (flags,
-config, topology, batch) or no libtpu.
+Exit status: 0 when every program fits, 1 when one does not, 2 for bad input (a flag
+missing, unknown or out of range, a config that does not load or has a bad value, a
+topology, a batch, a --json that exists or cannot be written) or no libtpu: one `error:`
+line, no report.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fcdm_jax import cli, tpu_topology  # noqa: E402
+from fcdm_jax import cli, config_checks, fileio, tpu_topology  # noqa: E402
 from fcdm_jax.perf import tpu_preflight  # noqa: E402
 from fcdm_jax.perf.measure import save_report  # noqa: E402
 
@@ -59,7 +61,9 @@ _SAMPLE_BATCH = flags.DEFINE_integer(
     "--batch_size), rounded up to a multiple of the chips")
 _PROGRAMS = flags.DEFINE_list("programs", list(tpu_preflight.PROGRAMS),
                               f"which of {tpu_preflight.PROGRAMS} to compile")
-_JSON = flags.DEFINE_string("json", None, "write the report here as JSON (local or gs://)")
+_JSON = flags.DEFINE_string("json", None, "write the report here as JSON (local or gs://); "
+                            "an existing file is refused unless --overwrite")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --json if it exists")
 
 
 def _bad_input(message: str) -> int:
@@ -76,6 +80,13 @@ def main(argv):
     tpu_topology.parse(_TOPOLOGY.value)
   except ValueError as e:
     return _bad_input(str(e))
+  for flag, value in (("batch", _BATCH.value), ("sample_batch", _SAMPLE_BATCH.value)):
+    if value is not None and value < 1:
+      return _bad_input(f"--{flag} must be a positive integer, got {value}")
+  config_checks.check_config(config, training=True)   # bad input: cli.run exits 2
+  if _JSON.value:
+    fileio.check_output(_JSON.value, overwrite=_OVERWRITE.value, flag="--json",
+                        inputs=(cli.config_file(_CONFIG),))
   if not tpu_topology.libtpu_available():
     return _bad_input(f"compiling for a TPU needs libtpu, which is not installed: "
                       f"{tpu_topology.INSTALL_HINT}")

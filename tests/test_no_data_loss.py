@@ -63,6 +63,6 @@ def test_keep_checkpoints_zero_is_refused_with_checkpoints_intact(tmp_path):
     (folder / "state").write_bytes(os.urandom(64))
   before = _digests(workdir)
   config = load_config(**{"data.path": str(tmp_path / "no_data"), "keep_checkpoints": 0})
-  with pytest.raises(ValueError, match="keep_checkpoints must be at least 1, got 0"):
+  with pytest.raises(ValueError, match=r"config\.keep_checkpoints must be an integer >= 1, got 0"):
     train_and_evaluate(config, str(workdir))
   assert _digests(workdir) == before

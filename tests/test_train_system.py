@@ -198,8 +198,8 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path, dataset):
 
 
 def test_unknown_objective(tmp_path, dataset):
-  _expect_setup_error(tmp_path, "unknown objective", **{"data.path": dataset,
-                                                         "objective": "edm"})
+  _expect_setup_error(tmp_path, r"config\.objective='edm' is not one of ddpm, flow",
+                      **{"data.path": dataset, "objective": "edm"})
 
 
 def test_missing_dataset_and_data_dir(tmp_path):

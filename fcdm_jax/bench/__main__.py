@@ -1,5 +1,10 @@
 """`python -m fcdm_jax.bench`: the benchmark's command line (the package docstring says
-what it measures); the work is `fcdm_jax.perf`'s."""
+what it measures); the work is `fcdm_jax.perf`'s.
+
+Exit status 0 when the report is printed (and --json written), 1 on an error (one `error:`
+line: a bad flag or config value, more devices than the machine has, a batch they do not
+divide, a --json that exists or cannot be written; checked before any timing).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from fcdm_jax import cli
+from fcdm_jax import cli, config_checks, fileio
 from fcdm_jax.perf import benchmark, input_bench
 from fcdm_jax.perf.dwconv_study import dwconv_study
 from fcdm_jax.perf.machine import machine_info
@@ -50,13 +55,19 @@ _COUNT_FLOPS = flags.DEFINE_bool("count_flops", True, "count model and XLA FLOPs
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "use the first N devices (0 = all)")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
                                       "torch.set_num_threads (0 = torch's default)")
-_JSON = flags.DEFINE_string("json", None, "write the report here as JSON (local or gs://)")
+_JSON = flags.DEFINE_string("json", None, "write the report here as JSON (local or gs://); "
+                            "an existing file is refused unless --overwrite")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --json if it exists")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv   # cli.run refuses positional arguments
   config = cli.config_value(_CONFIG)
+  config_checks.check_config(config, training=_MODE.value in ("train", "both"))
+  if _JSON.value:   # before the work: never over a file unasked, nor the config file
+    fileio.check_output(_JSON.value, overwrite=_OVERWRITE.value, flag="--json",
+                        inputs=(cli.config_file(_CONFIG),))
   if _MODE.value == "input":
     batch = _BATCH.value if _BATCH.present else int(config.batch_size)
     report = input_bench.run_input(config, batch=batch, steps=_REPEATS.value,

@@ -90,11 +90,15 @@ def read_npy_header(path) -> tuple[tuple[int, ...], np.dtype, int]:
   """(shape, dtype, data offset) of a .npy file, reading only its first bytes."""
   head = fileio.read_ranges([path], [0], [_HEADER_BYTES])[0]
   f = io.BytesIO(head)
-  version = np.lib.format.read_magic(f)
-  if version == (1, 0):
-    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-  else:
-    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+  try:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+      shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+  except (ValueError, EOFError, SyntaxError) as e:
+    raise ValueError(f"{path} is not a readable .npy file ({e}): damaged or cut short; copy "
+                     "it again or extract it again") from e
   return shape, dtype, f.tell()
 
 
@@ -202,7 +206,13 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     hint = (f" ({len(partial)} shards present: an unfinished extraction? rerun it to finish "
             f"and write the manifest)" if partial else "")
     raise FileNotFoundError(f"{path} not found: {directory} is not a latent dataset{hint}")
-  manifest = json.loads(path.read_text())
+  try:
+    manifest = json.loads(path.read_text())
+  except ValueError as e:   # JSONDecodeError, or bytes that are not text
+    raise ValueError(f"{path} is damaged (not JSON: {e}); copy the dataset again, or rerun "
+                     "the extraction that wrote it, which rewrites its manifest") from e
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object)")
   if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
     raise ValueError(f"{path}: format {manifest.get('format')!r} version "
                      f"{manifest.get('version')!r}; this reader knows {FORMAT!r} {VERSION}")
@@ -228,6 +238,10 @@ class LatentDataset:
       if dtype != self.record or shape != (s["count"],):
         raise ValueError(f"{path}: holds {shape} records of {dtype}, the manifest says "
                          f"{s['count']} of {self.record}")
+      want, have = offset + s["count"] * self.record.itemsize, fileio.size(path)
+      if have < want:
+        raise ValueError(f"{path} is cut short: {have} bytes, its header says {s['count']} "
+                         f"records, {want} bytes; copy it again or extract it again")
       self.files.append(path)
       self.offsets.append(offset)
       counts.append(s["count"])

@@ -50,8 +50,12 @@ def _check(hwc, expected_shape, num_classes_config, labels, where):
 
 
 def _load_npy(path) -> np.ndarray:
-  """One .npy file, local or remote, never unpickled."""
-  return np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False)
+  """One .npy file, local or remote, never unpickled; a damaged one is named."""
+  try:
+    return np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False)
+  except (ValueError, EOFError) as e:   # cut short, or not a .npy file
+    raise ValueError(f"{path} is not a readable .npy file ({e}): damaged or cut short; "
+                     "copy it again") from e
 
 
 def _flip(x: np.ndarray, flips: np.ndarray) -> np.ndarray:

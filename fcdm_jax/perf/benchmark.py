@@ -71,6 +71,9 @@ def run(config, *, batch: int = 8, modes=MODES, dtype: str | None = None,
                      f"{batch}")
   config = apply_overrides(config, dtype, remat, dwconv_impl, scan_unroll)
   devices = jax.devices()
+  if not 0 <= num_devices <= len(devices):
+    raise ValueError(f"--num_devices={num_devices}: this machine has {len(devices)} "
+                     f"{devices[0].platform} devices; pass 1 to {len(devices)}, or 0 for all")
   if num_devices:
     devices = devices[:num_devices]
   machine = machine_info(devices)

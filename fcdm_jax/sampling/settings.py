@@ -6,11 +6,13 @@ preview's settings with config.eval's sampler fields that are set (in-training e
 and the demo judges; None there means "the preview's"). `overrides` (the command line's)
 come last; None values keep the section's. Every key must be a setting of a sampler that
 serves the config's objective (`fcdm_jax.diffusion.samplers`), else ValueError naming the
-allowed keys; the values themselves are checked when the sampler is made.
+allowed keys; the values themselves are checked when the sampler is made, except the
+guidance scale, which every sampler takes: a finite number, checked here.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 from fcdm_jax.diffusion import samplers
@@ -44,6 +46,11 @@ def sampler_settings(config, section: str, overrides: Mapping | None = None) -> 
   given = {k: v for k, v in (overrides or {}).items() if v is not None}
   samplers.check_keys(given, config.objective, "sampler setting overrides")
   settings.update(given)
+  scale = settings.get("cfg_scale")
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                            or not math.isfinite(scale)):
+    where = "--cfg_scale" if "cfg_scale" in given else f"config.{section}.cfg_scale"
+    raise ValueError(f"{where} must be a finite number (1 = no guidance), got {scale!r}")
   return settings
 
 

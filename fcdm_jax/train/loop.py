@@ -1,7 +1,8 @@
 """The training loop: set up, resume, step, log, checkpoint, preview, stop cleanly.
 
 Where each step of training happens:
-  set-up checks ........ `check_run_setup` (before any work: workdir, batch, mesh)
+  set-up checks ........ `config_checks.check_config` (the config's values), then
+                         `check_run_setup` (batch and mesh), `check_resumable` (steps)
   devices and mesh ..... `fcdm_jax.sharding.create_mesh`
   data ................. `fcdm_jax.data.make_source` (position = step)
   state / resume ....... `fcdm_jax.train.state.create_train_state`, `checkpoint.Checkpointer`,
@@ -28,7 +29,7 @@ from absl import logging
 from clu import periodic_actions
 
 from fcdm_jax import data as data_lib
-from fcdm_jax import compilation_cache, distributed, fileio, provenance
+from fcdm_jax import compilation_cache, config_checks, distributed, fileio, provenance
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax import checkpoint as ckpt_lib
@@ -39,8 +40,10 @@ from fcdm_jax.train.preview import PreviewWriter
 from fcdm_jax.train.step import jit_train_step, make_train_step
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss or gradient became NaN/inf: the run stops before saving anything after it."""
+class NonFiniteLossError(ValueError):
+  """The loss or gradient became NaN/inf: the run stops before saving anything after it.
+  A ValueError: the fix is the user's (a setting or the data), so a command says it in one
+  line."""
 
 
 class PreemptionFlag:
@@ -110,21 +113,27 @@ def check_workdir(workdir: str) -> None:
 
 
 def check_run_setup(config, mesh) -> None:
-  """Batch layout and config checks that need the mesh."""
+  """The batch layout checks that need the mesh (the config's own values:
+  `config_checks.check_config`)."""
   dp = sharding.data_parallel_size(mesh)
-  if config.batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {config.batch_size}")
   if config.batch_size % dp:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the data-parallel "
                      f"size {dp} (mesh {dict(mesh.shape)}); use a multiple of {dp}")
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the number of "
                      f"processes {jax.process_count()}")
-  if config.num_train_steps <= 0:
-    raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}")
-  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    if config[key] <= 0:
-      raise ValueError(f"config.{key} must be at least 1, got {config[key]}")
+
+
+def check_resumable(checkpointer, config) -> None:
+  """Refuses a run whose num_train_steps is below the step its workdir is already at
+  (it would train nothing and end at the checkpoint's step)."""
+  latest = checkpointer.latest_step()
+  if latest is not None and latest > config.num_train_steps:
+    checkpointer.close()
+    raise ValueError(f"config.num_train_steps={config.num_train_steps} is below the step of "
+                     f"this workdir's latest checkpoint ({latest} in {checkpointer.directory}): "
+                     f"nothing would be trained; pass --config.num_train_steps above {latest}"
+                     ", or use a new --workdir")
 
 
 @dataclasses.dataclass
@@ -155,6 +164,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
   with `every_steps` (0: only when training completes) and `__call__(step, ema_params,
   writer) -> dict`. Built before the first step, so that a bad evaluation setup fails then.
   """
+  config_checks.check_config(config, training=True)   # before anything is written
   distributed.maybe_initialize(config.distributed)
   if jax.process_count() > 1:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -176,6 +186,7 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
   logging.info("mesh %s; %s", dict(mesh.shape), source)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  check_resumable(checkpointer, config)
   abstract, shardings = state_layout(config, model, tx, mesh, input_shape)
   logging.info("%s", sharding.describe(shardings, abstract))
   restored = checkpointer.restore_newest_intact(
@@ -189,8 +200,12 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
     logging.info("resumed from checkpoint at step %d", resumed_step)
   elif init_from:
     state = torch_state.state_from_torch(init_from, config, abstract)
-    logging.info("starting from the PyTorch checkpoint %s at step %d", init_from,
-                 int(jax.device_get(state.step)))
+    torch_step = int(jax.device_get(state.step))
+    if torch_step > config.num_train_steps:
+      raise ValueError(f"config.num_train_steps={config.num_train_steps} is below the step of "
+                       f"config.init_from={init_from} ({torch_step}): nothing would be "
+                       f"trained; pass --config.num_train_steps above {torch_step}")
+    logging.info("starting from the PyTorch checkpoint %s at step %d", init_from, torch_step)
   else:
     state, _, _ = create_train_state(config, model, tx, mesh, input_shape)
     logging.info("starting from scratch: %d parameters",
@@ -249,10 +264,12 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
         means, bad_step = buffer.flush()
         if bad_step is not None:
           checkpointer.wait()
+          latest = checkpointer.latest_step()
+          kept = (f"the last checkpoint (step {latest}) in {checkpointer.directory} is "
+                  "intact" if latest is not None else "no checkpoint had been written yet")
           raise NonFiniteLossError(
               f"loss or gradient became non-finite at step {bad_step}: stopping. Nothing "
-              f"from that step on was saved; the last checkpoint "
-              f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. "
+              f"from that step on was saved; {kept}. "
               "Lower the learning rate, enable grad_clip_norm, or check the data.")
         if means and step % config.log_every_steps == 0:
           t_then, step_then = images_timer
