@@ -10,7 +10,9 @@
 - A multi-process run ends with a barrier every process reaches and an explicit
   `jax.distributed.shutdown()`, in that order, on success and on a user error alike (every
   host runs the same checks, so they agree), so a finished run exits 0 on every host
-  however late each gets there (JAX's own exit-time shutdown races the other hosts').
+  however late each gets there (JAX's own exit-time shutdown races the other hosts'). The
+  barrier is the coordination service's, with a timeout (`FINISH_TIMEOUT_S`; after an
+  error `ERROR_FINISH_TIMEOUT_S`), so a host that never comes cannot hang the others.
 Exit status: 0 done, `error_status` (1, or what the command documents) for bad input.
 """
 
@@ -111,11 +113,23 @@ def config_file(holder) -> str:
   return name if "://" in name else name.split(":", 1)[0]
 
 
-def finish() -> None:
-  """The agreed end of a multi-process run (a no-op in one process)."""
-  if jax.distributed.is_initialized():
-    distributed.barrier("fcdm_jax_exit")
+# How long a finished process waits at the end for the others: a slow host's evaluation or
+# final checkpoint may take long; after a user error every host fails at the same check.
+FINISH_TIMEOUT_S = 6 * 3600
+ERROR_FINISH_TIMEOUT_S = 300
+
+
+def finish(timeout_s: float = FINISH_TIMEOUT_S) -> None:
+  """The agreed end of a multi-process run (a no-op in one process): a barrier every process
+  reaches, then `jax.distributed.shutdown()`. If the others do not come within `timeout_s`
+  the shutdown is skipped (it would wait for them) and the process ends as it is."""
+  if not jax.distributed.is_initialized():
+    return
+  if distributed.exit_barrier("fcdm_jax_exit", timeout_s):
     jax.distributed.shutdown()
+  else:
+    print(f"warning: the other processes did not reach the end within {timeout_s:.0f} s; "
+          "exiting without the agreed shutdown", file=sys.stderr, flush=True)
 
 
 def define_distributed_flag() -> None:
@@ -144,7 +158,7 @@ def run(main, error_status: int = 1) -> None:
       if _VERBOSE.value:
         traceback.print_exc()
       print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-      finish()
+      finish(ERROR_FINISH_TIMEOUT_S)
       sys.exit(error_status)
     finish()
     return status

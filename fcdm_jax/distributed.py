@@ -40,3 +40,25 @@ def broadcast_from_host0(value):
     return value
   from jax.experimental import multihost_utils
   return multihost_utils.broadcast_one_to_all(value)
+
+
+def exit_barrier(name: str, timeout_s: float) -> bool:
+  """Every process waits here for the others, at most `timeout_s` (a no-op on one process).
+
+  The coordination service's barrier, which needs no device and gives up after the
+  timeout (`barrier` above waits on a device collective for ever). Returns whether every
+  process arrived. `global_state.client` is JAX's own client of that service (what its
+  multi-process test harness uses); without it, the device barrier stands in.
+  """
+  if jax.process_count() == 1:
+    return True
+  from jax._src import distributed as jax_distributed   # the service's client: no public API
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is None:
+    barrier(name)
+    return True
+  try:
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+  except Exception:   # DEADLINE_EXCEEDED (or the service gone): the others did not come
+    return False
+  return True

@@ -310,3 +310,19 @@ def test_a_host_reaching_the_end_10_s_late_still_exits_0_everywhere(tmp_path, da
   for status, out in results:
     assert status == 0, out[-3000:]
   assert "done: " in results[0][1] and "done: " in results[1][1]
+
+
+@pytest.mark.slow
+def test_two_hosts_with_the_same_bad_input_both_exit_1_with_one_line(tmp_path, dataset):
+  """The error path ends the same agreed way: each host prints its one error line, waits
+  for the other at the exit barrier and shuts down; neither hangs or aborts."""
+  missing = tmp_path / "no_such_dataset"   # found missing after jax.distributed started
+  results = two_processes(["-m", "fcdm_jax.main", f"--config={TINY_CONFIG}",
+                           f"--workdir={tmp_path / 'run'}", f"--config.data.path={missing}"],
+                          timeout=300)
+  for status, out in results:
+    assert status == 1, out[-3000:]
+    assert "jax.distributed: process" in out, out[-3000:]
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "no_such_dataset" in errors[0], out[-3000:]
+    assert "Traceback" not in out and "Check failure" not in out
