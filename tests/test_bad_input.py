@@ -8,7 +8,6 @@ VAE, sample batches, ...); `{d}` in its arguments is that folder. Absl's flags a
 a process, so each case is a process of its own: a command reads each flag once.
 """
 
-import hashlib
 import os
 import pathlib
 import re
@@ -24,6 +23,7 @@ from fcdm_jax import config_checks, fileio
 from fcdm_jax import data as data_lib
 from fcdm_jax.data.latents import LatentDataset
 from fcdm_jax.train import loop
+from helpers.files import digests
 from helpers.model_files import write_vae_dir
 from helpers.runs import make_workdir
 from helpers.training import TINY_CONFIG, load_config, make_latent_dataset
@@ -309,16 +309,6 @@ def fixtures(tmp_path_factory):
   return root
 
 
-def _digests(folder) -> dict:
-  out = {}
-  for base, _, files in os.walk(folder):
-    for name in files:
-      p = os.path.join(base, name)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def _run(command, args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -342,7 +332,7 @@ def outcomes(request, fixtures, tmp_path_factory):
         shutil.copytree(source, target)
       else:
         shutil.copy2(source, target)
-  before = {name: _digests(folders[name]) for name in names}
+  before = {name: digests(folders[name]) for name in names}
 
   def run(name):
     case = CASES[name]
@@ -372,7 +362,7 @@ def test_bad_input_is_one_error_line_and_changes_no_file(name, outcomes):
   errors = [line for line in output.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, output[-3000:]
   assert re.search(case["error"], errors[0]), errors[0]
-  after = _digests(folder)
+  after = digests(folder)
   assert {k: after.get(k) for k in before} == before   # every file there before, unchanged
   for path in case["absent"]:
     assert not (folder / path).exists(), path

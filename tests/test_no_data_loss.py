@@ -1,6 +1,5 @@
 """Bad input never loses what is already written: refused before any work, files intact."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -9,25 +8,16 @@ import pytest
 
 from fcdm_jax import fileio
 from fcdm_jax.train.loop import train_and_evaluate
+from helpers.files import digests
 from helpers.training import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _digests(folder) -> dict:
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      p = os.path.join(root, name)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def test_evaluate_refuses_an_out_that_is_its_own_sample_batch(tmp_path):
   for name in ("samples.npz", "ref.npz", "inception.pth"):
     (tmp_path / name).write_bytes(os.urandom(256))
-  before = _digests(tmp_path)
+  before = digests(tmp_path)
   s = str(tmp_path / "samples.npz")
   result = subprocess.run(
       [sys.executable, "-m", "fcdm_jax.evaluate", f"--samples={s}",
@@ -37,7 +27,7 @@ def test_evaluate_refuses_an_out_that_is_its_own_sample_batch(tmp_path):
   assert result.returncode != 0
   assert "error: --out=" in result.stderr and "is also an input" in result.stderr
   assert "Traceback" not in result.stderr
-  assert _digests(tmp_path) == before
+  assert digests(tmp_path) == before
 
 
 def test_check_output_refuses_existing_folder_and_unwritable(tmp_path):
@@ -61,8 +51,8 @@ def test_keep_checkpoints_zero_is_refused_with_checkpoints_intact(tmp_path):
     folder = workdir / "checkpoints" / str(step)
     folder.mkdir(parents=True)
     (folder / "state").write_bytes(os.urandom(64))
-  before = _digests(workdir)
+  before = digests(workdir)
   config = load_config(**{"data.path": str(tmp_path / "no_data"), "keep_checkpoints": 0})
   with pytest.raises(ValueError, match=r"config\.keep_checkpoints must be an integer >= 1, got 0"):
     train_and_evaluate(config, str(workdir))
-  assert _digests(workdir) == before
+  assert digests(workdir) == before
