@@ -12,13 +12,16 @@
   host runs the same checks, so they agree), so a finished run exits 0 on every host
   however late each gets there (JAX's own exit-time shutdown races the other hosts'). The
   barrier is the coordination service's, with a timeout (`FINISH_TIMEOUT_S`; after an
-  error `ERROR_FINISH_TIMEOUT_S`), so a host that never comes cannot hang the others.
+  error `ERROR_FINISH_TIMEOUT_S`), so a host that never comes cannot hang the others; a
+  bug's traceback is printed before that wait. Programs that run on all processes start
+  together too (`distributed.StartTogether`).
 Exit status: 0 done, `error_status` (1, or what the command documents) for bad input.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 import traceback
@@ -119,17 +122,20 @@ FINISH_TIMEOUT_S = 6 * 3600
 ERROR_FINISH_TIMEOUT_S = 300
 
 
-def finish(timeout_s: float = FINISH_TIMEOUT_S) -> None:
+def finish(status: int, timeout_s: float = FINISH_TIMEOUT_S) -> None:
   """The agreed end of a multi-process run (a no-op in one process): a barrier every process
-  reaches, then `jax.distributed.shutdown()`. If the others do not come within `timeout_s`
-  the shutdown is skipped (it would wait for them) and the process ends as it is."""
+  reaches, then `jax.distributed.shutdown()`. If the others do not come within `timeout_s`,
+  the process exits with `status` at once: JAX's exit-time shutdown would wait for them
+  and then abort."""
   if not jax.distributed.is_initialized():
     return
-  if distributed.exit_barrier("fcdm_jax_exit", timeout_s):
+  if distributed.meet("fcdm_jax_exit", timeout_s):
     jax.distributed.shutdown()
-  else:
-    print(f"warning: the other processes did not reach the end within {timeout_s:.0f} s; "
-          "exiting without the agreed shutdown", file=sys.stderr, flush=True)
+    return
+  print(f"warning: the other processes did not reach the end within {timeout_s:.0f} s; "
+        "exiting without the agreed shutdown", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
 
 
 def define_distributed_flag() -> None:
@@ -158,9 +164,18 @@ def run(main, error_status: int = 1) -> None:
       if _VERBOSE.value:
         traceback.print_exc()
       print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-      finish(ERROR_FINISH_TIMEOUT_S)
+      finish(error_status, ERROR_FINISH_TIMEOUT_S)
       sys.exit(error_status)
-    finish()
+    except SystemExit as e:   # a command's own exit status (e.g. preflight's DOES NOT FIT)
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)
+      finish(code, FINISH_TIMEOUT_S if code == 0 else ERROR_FINISH_TIMEOUT_S)
+      raise
+    except Exception:   # a bug: its traceback first, then the same agreed end
+      traceback.print_exc()
+      sys.stderr.flush()
+      finish(1, ERROR_FINISH_TIMEOUT_S)
+      sys.exit(1)
+    finish(status or 0)
     return status
 
   app.run(command, flags_parser=lambda argv: parse_flags(argv, error_status))

@@ -8,6 +8,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -42,13 +43,14 @@ def broadcast_from_host0(value):
   return multihost_utils.broadcast_one_to_all(value)
 
 
-def exit_barrier(name: str, timeout_s: float) -> bool:
+def meet(name: str, timeout_s: float) -> bool:
   """Every process waits here for the others, at most `timeout_s` (a no-op on one process).
 
   The coordination service's barrier, which needs no device and gives up after the
   timeout (`barrier` above waits on a device collective for ever). Returns whether every
   process arrived. `global_state.client` is JAX's own client of that service (what its
-  multi-process test harness uses); without it, the device barrier stands in.
+  multi-process test harness uses); without it, the device barrier stands in. Every process
+  must pass the same names in the same order.
   """
   if jax.process_count() == 1:
     return True
@@ -62,3 +64,40 @@ def exit_barrier(name: str, timeout_s: float) -> bool:
   except Exception:   # DEADLINE_EXCEEDED (or the service gone): the others did not come
     return False
   return True
+
+
+# How long a compiled program waits for the other processes before its first run: a
+# loaded host may compile a large model for many minutes.
+START_TIMEOUT_S = 2 * 3600
+_STARTS = itertools.count()   # barrier names: every process starts programs in the same order
+
+
+class StartTogether:
+  """A jitted function whose first run of each argument layout starts on all processes at once.
+
+  On CPU, cross-process collectives (gloo) connect the processes inside the first program
+  that needs them and give up after 30 s, so a process that compiled 30 s faster than
+  another fails its first step. Here each process compiles ahead (`lower().compile()`),
+  then all meet at a coordination-service barrier and start within milliseconds of each
+  other. On one process this is the jitted function itself.
+  """
+
+  def __init__(self, jitted, name: str):
+    self.jitted, self.name = jitted, name
+    self._compiled = {}
+
+  def __call__(self, *args):
+    if jax.process_count() == 1:
+      return self.jitted(*args)
+    leaves, tree = jax.tree.flatten(args)
+    layout = (tree, tuple((getattr(a, "shape", None), str(getattr(a, "dtype", type(a))),
+                           getattr(a, "sharding", None)) for a in leaves))
+    compiled = self._compiled.get(layout)
+    if compiled is None:
+      compiled = self.jitted.lower(*args).compile()
+      name = f"fcdm_jax/start/{self.name}/{next(_STARTS)}"
+      if not meet(name, START_TIMEOUT_S):
+        raise RuntimeError(f"the other processes did not reach {name} within "
+                           f"{START_TIMEOUT_S} s (one of them failed or hangs)")
+      self._compiled[layout] = compiled
+    return compiled(*args)

@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fcdm_jax import provenance, sharding
+from fcdm_jax import distributed, provenance, sharding
 from fcdm_jax.conditions import condition_of
 from fcdm_jax.data import source_spec
 from fcdm_jax.diffusion.objectives import make_objective
@@ -155,6 +155,7 @@ class Generator:
     if key not in _COMPILED:
       _COMPILED[key] = self._build(sample_fn)
     self._images = _COMPILED[key]
+    self._run = distributed.StartTogether(self._images, "sample")
 
   def _build(self, sample_fn):
     model, shape, decoder = self.model, self.shape, self.decoder
@@ -212,7 +213,7 @@ class Generator:
     padded = np.arange(size, dtype=np.uint32) + (indices[-1] + 1 if len(indices) else 0)
     padded[:len(indices)] = indices
     decoder_params = None if self.decoder is None else self.decoder.params
-    return self._images(params, decoder_params, stream_key(seed, STREAM_NOISE),
+    return self._run(params, decoder_params, stream_key(seed, STREAM_NOISE),
                         self._global(padded), self._global(self.condition.pad(conditions, size)))
 
   def generate(self, params, seed: int, indices, conditions) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from fcdm_jax.models import FCDM
-from fcdm_jax import sharding
+from fcdm_jax import distributed, sharding
 from fcdm_jax.train.state import TrainState, learning_rate_fn
 
 
@@ -77,7 +77,8 @@ class JittedTrainStep:
   """`train_step` jitted with explicit in/out shardings and the state donated.
 
   Calls (and `lower`) run under the mesh and logical axis rules, so the model's
-  activation constraints apply.
+  activation constraints apply. On several processes the first step starts on all of them
+  together (`distributed.StartTogether`).
   """
 
   def __init__(self, train_step, mesh: Mesh, state_shardings, config):
@@ -86,10 +87,11 @@ class JittedTrainStep:
                           in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                           out_shardings=(state_shardings, sharding.replicated(mesh)),
                           donate_argnums=0)
+    self._run = distributed.StartTogether(self.jitted, "train_step")
 
   def __call__(self, state, batch):
     with sharding.sharding_context(self.mesh, self.config):
-      return self.jitted(state, batch)
+      return self._run(state, batch)
 
   def lower(self, state, batch):
     with sharding.sharding_context(self.mesh, self.config):

@@ -1,5 +1,7 @@
-"""`python -m fcdm_jax.main` with every step slowed by STEP_DELAY seconds, and process
-END_DELAY_PROCESS reaching the command's end END_DELAY seconds after the others.
+"""`python -m fcdm_jax.main` with every step slowed by STEP_DELAY seconds, process
+START_DELAY_PROCESS reaching its first step START_DELAY seconds after the others (as a
+slower compile would) and process END_DELAY_PROCESS reaching the command's end END_DELAY
+seconds after the others.
 
 The crash tests need a run that is still going when they signal it; the tiny test model
 trains too fast for that. Only the test process is slowed; the code under test is the same.
@@ -16,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from fcdm_jax import cli, main
 from fcdm_jax import sharding
-from fcdm_jax.train import loop
+from fcdm_jax.train import loop, step
 
 _delay = float(os.environ.get("STEP_DELAY", "0.5"))
 _global_batch = sharding.global_batch
@@ -61,6 +63,22 @@ atexit.register(lambda: print("preemption checks: {steps} steps, {collectives} c
 
 _end_delay = float(os.environ.get("END_DELAY", "0"))
 _end_delay_process = int(os.environ.get("END_DELAY_PROCESS", "-1"))
+
+
+_start_delay = float(os.environ.get("START_DELAY", "0"))
+_start_delay_process = int(os.environ.get("START_DELAY_PROCESS", "-1"))
+_train_step_call = step.JittedTrainStep.__call__
+_started = []
+
+
+def _late_first_step(self, state, batch):
+  if not _started and jax.process_index() == _start_delay_process:
+    time.sleep(_start_delay)
+  _started.append(True)
+  return _train_step_call(self, state, batch)
+
+
+step.JittedTrainStep.__call__ = _late_first_step
 
 
 def _late_main(argv):
