@@ -155,6 +155,12 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
 
   # --- optimisation (published: AdamW, lr 1e-4 constant, wd 0, EMA 0.9999) ---------
   c.batch_size = 256  # global
+  # Gradient accumulation: the step splits the global batch into this many equal
+  # micro-batches (a scan inside the one compiled step), averages their gradients and
+  # updates AdamW and the EMA once. The recipe, data order, random draws and schedule
+  # (counted in optimizer steps) stay the batch's: only memory and speed change.
+  # batch_size must divide by grad_accum_steps x the data-parallel size.
+  c.grad_accum_steps = 1
   c.num_train_steps = 2_000_000
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,

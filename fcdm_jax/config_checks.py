@@ -2,9 +2,10 @@
 may be and what it was, before any work (training, sampling, the benchmark, the preflight).
 
 `check_config(config)` checks what every command that takes a config uses (the network,
-the sampler's steps and scale, the data scale); `training=True` adds what only a training
-run uses (batch, steps, checkpoints, optimizer, EMA, previews, evaluation). Checks that
-need the devices (a batch the mesh divides) are the training loop's `check_run_setup`.
+the sampler's steps, scale and guidance interval, the data scale); `training=True` adds
+what only a training run uses (batch, steps, checkpoints, optimizer, EMA, previews and
+their guidance interval, evaluation). Checks that need the devices (a batch the mesh
+divides) are the training loop's `check_run_setup`.
 A field a config does not have (one saved before the field existed) is not checked.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import math
 
 from fcdm_jax.conditions import CONDITIONS
-from fcdm_jax.diffusion.objectives import OBJECTIVES
+from fcdm_jax.diffusion import guidance
+from fcdm_jax.diffusion.objectives import OBJECTIVES, make_objective
 from fcdm_jax.models.fcdm import REMAT_POLICIES
 from fcdm_jax.models.layers import DWCONV_IMPLS, TEXT_EMBEDDERS
 
@@ -67,6 +69,14 @@ def _choice(config, field: str, allowed) -> None:
                      f"(set --config.{field}=...)")
 
 
+def _interval(config, section: str) -> None:
+  """A section's guidance interval: LOW,HIGH inside the objective's time (or none)."""
+  value = _get(config, f"{section}.cfg_interval")
+  if value is not _MISSING and value is not None:
+    guidance.check_interval(value, make_objective(config).time_range,
+                            f"config.{section}.cfg_interval")
+
+
 def check_config(config, *, training: bool = False) -> None:
   """Raises ValueError naming the first bad field of `config` (see the module docstring)."""
   _choice(config, "objective", OBJECTIVES)
@@ -90,12 +100,19 @@ def check_config(config, *, training: bool = False) -> None:
   _number(config, "data.vae_scale", 0, low_open=True)
   _number(config, "sample.steps", 1, integer=True, optional=True)
   _number(config, "sample.cfg_scale", optional=True)
+  _interval(config, "sample")
   if not training:
     return
   for field in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints"):
     _number(config, field, 1, integer=True)
   _number(config, "profile_steps", 0, integer=True)
+  _number(config, "grad_accum_steps", 1, integer=True)
+  accum, batch = _get(config, "grad_accum_steps"), _get(config, "batch_size")
+  if accum is not _MISSING and batch is not _MISSING and batch % accum:
+    raise ValueError(f"config.batch_size={batch} is not divisible by config.grad_accum_steps="
+                     f"{accum} (equal micro-batches); set --config.batch_size or "
+                     "--config.grad_accum_steps=...")
   _number(config, "optimizer.learning_rate", 0, low_open=True)
   _number(config, "optimizer.weight_decay", 0)
   _number(config, "optimizer.b1", 0, 1, high_open=True)
@@ -112,6 +129,8 @@ def check_config(config, *, training: bool = False) -> None:
   _number(config, "preview.every_steps", 0, integer=True)
   _number(config, "preview.steps", 1, integer=True, optional=True)
   _number(config, "preview.cfg_scale", optional=True)
+  _interval(config, "preview")
+  _interval(config, "eval")
   _number(config, "eval.every_steps", 0, integer=True)
   if _get(config, "eval.enabled") is True:
     _number(config, "eval.num_samples", 1, integer=True)

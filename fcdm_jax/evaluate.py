@@ -10,7 +10,9 @@ reference features for precision/recall (and the statistics when it carries none
 ADM's evaluator does. Features come from `fcdm_jax.models.inception` (ADM's preprocessing
 by default) on all local devices; the metric math is `fcdm_jax.metrics`.
 
-Two more modes. A training run, sampled and scored in one go (FID-k of its EMA weights;
+Two more modes. A training run, sampled and scored in one go (FID-k of its EMA weights,
+with the network evaluations per image the sampling cost; --sampler, --steps, --cfg_scale
+and --cfg_interval override the run's evaluation sampler;
 for a text model each sample conditioned on a random caption of --captions, plus the CLIP
 score with --clip; the MS-COCO FID-30K protocol with val2014's captions and reference):
 
@@ -39,6 +41,7 @@ from fcdm_jax import fileio
 from fcdm_jax.diffusion import samplers
 from fcdm_jax.evaluation import adm, fid_eval
 from fcdm_jax.models import inception
+from fcdm_jax.sampling import cost
 
 _LABELS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
            ("precision", "Precision"), ("recall", "Recall"), ("clip_score", "CLIP score"))
@@ -84,6 +87,11 @@ flags.DEFINE_enum("sampler", None, list(samplers.names()), "--workdir: sampler o
                   "(default: the run's eval/preview sampler).")
 flags.DEFINE_integer("steps", None, "--workdir: sampling steps override.")
 flags.DEFINE_float("cfg_scale", None, "--workdir: guidance scale override.")
+flags.DEFINE_string("cfg_interval", None, "--workdir: guidance interval override, LOW,HIGH "
+                    "in the objective's time (DDPM: step index 0 = data .. 999 = noise; "
+                    "flow: SiT's t, 0 = noise .. 1 = data; from a paper's sigma interval: "
+                    "DDPM the steps with sqrt((1-abar_t)/abar_t) in it, flow t = 1/(1+sigma)), "
+                    "or 'none' (guide every step). Default: the run's eval/preview setting.")
 # --reference_from
 flags.DEFINE_integer("resolution", 256, "--reference_from: ADM centre-crop size.")
 flags.DEFINE_string("split", "train", "--reference_from: the split (coco: val2014).")
@@ -114,7 +122,7 @@ def _run(f) -> dict:
     return fid_eval.evaluate_run(f.workdir, f.ref, f.inception, f.num_samples,
                         batch_size=f.batch_size, step=f.step, captions=f.captions,
                         clip=f.clip, vae=f.vae, sampler=f.sampler, steps=f.steps,
-                        cfg_scale=f.cfg_scale)
+                        cfg_scale=f.cfg_scale, cfg_interval=f.cfg_interval)
   return adm.evaluate(f.samples, f.ref, f.inception, batch_size=f.batch_size, which=f.metrics,
                   preprocess=f.preprocess, split_size=f.split_size,
                   pr_batch_size=f.pr_batch_size)
@@ -131,6 +139,8 @@ def main(argv):
   for key, label in _LABELS:
     if key in results:
       print(f"{label}: {results[key]}")
+  if results.get("cost"):
+    print(f"Cost: {cost.describe(results['cost'])}")
   if f.out:
     fileio.atomic_write_bytes(f.out, (json.dumps(results, indent=2, default=float) + "\n").encode())
 

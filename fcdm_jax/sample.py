@@ -4,6 +4,12 @@
         --num_samples=50000 --sampler=ddpm --steps=250 --cfg_scale=1.5 --out=samples/xl_256
     python -m fcdm_jax.sample --torch_checkpoint=FCDM-XL-256.pt --config=configs/xl_256.py \
         --vae=/models/sd-vae-ft-ema --num_samples=50000 --out=samples/xl_256_published
+    python -m fcdm_jax.sample --workdir=runs/xl_256 --vae=/models/sd-vae-ft-ema \
+        --num_samples=50000 --sampler=dpmpp_2m --steps=20 --cfg_interval=100,261 \
+        --out=samples/xl_256_dpmpp
+
+The last line prints, and `sample_settings.json` records (`cost`), the network evaluations
+each image cost (a guided one counts 2).
 
 Weights, labels, determinism, the output folder and resuming: `fcdm_jax.sampling.run`.
 Exit status 0 when the sample batch is complete, 1 on an error (one `error:` line).
@@ -17,7 +23,7 @@ from ml_collections import config_flags
 from fcdm_jax import cli
 from fcdm_jax.diffusion import samplers
 from fcdm_jax.diffusion.objectives import OBJECTIVES
-from fcdm_jax.sampling import run
+from fcdm_jax.sampling import cost, run
 
 flags.DEFINE_string("workdir", None, "Training run directory: its latest checkpoint's EMA "
                     "params (or --step's) and its saved config.")
@@ -26,7 +32,9 @@ flags.DEFINE_string("torch_checkpoint", None, "A published-layout FCDM checkpoin
                     "'ema'/'model', or .safetensors) instead of --workdir; needs --config.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file (configs/*.py): required with --torch_checkpoint; with "
-    "--workdir it replaces the saved config. Fields: --config.FIELD=VALUE.")
+    "--workdir it replaces the saved config. Fields: --config.FIELD=VALUE, e.g. "
+    "--config.sample.respacing=ddim50, --config.sample.cfg_interval=100,261 (a pair: "
+    "LOW,HIGH; 'none' for none), --config.sample.atol=1e-5.")
 flags.DEFINE_integer("num_samples", None, "How many images to sample (ADM's FID: 50000).",
                      required=True)
 flags.DEFINE_string("out", None, "Output directory: the .npz, png/ and the resumable parts.",
@@ -40,6 +48,14 @@ flags.DEFINE_integer("steps", None, "Sampling steps (DDPM: respaced steps; flow:
                      "points). Default: the config's sample.steps (250).")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none. Default: "
                    "the config's sample.cfg_scale (1.5).")
+flags.DEFINE_string("cfg_interval", None, "Guidance interval LOW,HIGH: guide only where the "
+                    "model's time t is in it (elsewhere the conditional rows alone run: half "
+                    "the cost); 'none': guide every step. In the objective's time: DDPM the "
+                    "step index (0 = data .. 999 = noise), flow SiT's t (0 = noise .. 1 = "
+                    "data). From a paper's sigma interval (EDM2: [0.34, 1.02]): DDPM the steps "
+                    "with sqrt((1-abar_t)/abar_t) in it (DiT's schedule: 100,261); flow "
+                    "t = 1/(1+sigma) (0.495,0.746). Default: the config's sample.cfg_interval "
+                    "(none); with --config also --config.sample.cfg_interval=LOW,HIGH.")
 flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
 flags.DEFINE_enum("method", None, ["euler", "heun", "dopri5"], "Flow samplers: the SDE/ODE "
                   "integration method (dopri5: ODE only).")
@@ -84,7 +100,8 @@ def main(argv):
     height, width, channels = summary["image_shape"]
     kind = "RGB" if channels == 3 else "grayscale, stored as RGB"
     print(f"{summary['npz']}: {summary['num_samples']} images of {height}x{width} ({kind}); "
-          f"{len(summary['generated'])} batches sampled now, {len(summary['kept'])} resumed")
+          f"{len(summary['generated'])} batches sampled now, {len(summary['kept'])} resumed"
+          + (f"; {cost.describe(summary['cost'])}" if summary.get("cost") else ""))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ CASES = {
     "main_batch_the_devices_do_not_divide": _case(
         "main", MAIN + ["--config.batch_size=6"],
         r"batch_size 6 is not divisible by the data-parallel size 4", fixtures=("data",)),
+    "main_micro_batches_the_devices_do_not_divide": _case(
+        "main", MAIN + ["--config.grad_accum_steps=4"],
+        r"batch_size 8 is not divisible by grad_accum_steps 4 x the data-parallel size 4",
+        fixtures=("data",)),
     "main_unwritable_workdir": _case(
         "main", ["--config=" + T, "--workdir={d}/a_file/run", "--config.data.path={d}/data"],
         r"workdir '.*a_file/run' is not writable", fixtures=("data", "a_file")),
@@ -133,12 +137,47 @@ CASES = {
         "sample", SAMPLE + ["--out={d}/samples", "--vae={d}/vae", "--cfg_scale=nan"],
         r"--cfg_scale must be a finite number \(1 = no guidance\), got nan",
         fixtures=("run", "vae"), absent=("samples",)),
+    "sample_cfg_interval_reversed": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--cfg_interval=261,100"],
+        r"--cfg_interval=\(261, 100\) is reversed: it must be LOW,HIGH with LOW <= HIGH",
+        fixtures=("run",), absent=("samples",)),
+    "sample_cfg_interval_outside_the_time": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--cfg_interval=100,1000"],
+        r"--cfg_interval=\(100, 1000\) lies outside the objective's time range \[0, 999\]",
+        fixtures=("run",), absent=("samples",)),
+    "sample_cfg_interval_not_a_pair": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--config=" + T,
+                            "--config.sample.cfg_interval=0.5"],
+        r"config\.sample\.cfg_interval must be two numbers LOW,HIGH", fixtures=("run",),
+        absent=("samples",)),
+    "sample_multistep_solver_with_one_step": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--vae={d}/vae", "--sampler=unipc",
+                            "--steps=1"],
+        r"unipc is a multistep solver: steps must be an integer >= 2", fixtures=("run", "vae"),
+        absent=("samples",)),
+    "sample_time_shift_zero": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--vae={d}/vae", "--config=" + T,
+                            "--sampler=dpmpp_2m", "--steps=10", "--config.sample.time_shift=0"],
+        r"time_shift must be a finite number > 0 \(1 = no shift\), got 0\.0",
+        fixtures=("run", "vae"), absent=("samples",)),
+    "sample_sampler_of_another_objective": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--vae={d}/vae", "--sampler=sde"],
+        r"sampler 'sde' does not serve the 'ddpm' objective; its samplers are "
+        r"\('ddpm', 'ddim', 'dpmpp_2m', 'unipc'\)", fixtures=("run", "vae"), absent=("samples",)),
+    "sample_unknown_sampler_setting": _case(
+        "sample", SAMPLE + ["--out={d}/samples", "--config=" + T, "--config.sample.no_such_key=1"],
+        r"config\.sample has no field 'no_such_key'; its fields: .*cfg_interval.*time_shift",
+        fixtures=("run",), absent=("samples",)),
     "sample_unknown_sampler": _case(
         "sample", SAMPLE + ["--out={d}/samples", "--sampler=magic"], r"--sampler.*magic"),
     "sample_unknown_flag": _case(
         "sample", SAMPLE + ["--out={d}/samples", "--num_sample=4"],
         r"unknown flag --num_sample \(did you mean --num_samples\?\)"),
     # ---------------------------------------------------------------- evaluate
+    "evaluate_run_with_a_reversed_cfg_interval": _case(
+        "evaluate", EVALUATE + ["--workdir={d}/run", "--cfg_interval=0.9,0.1"],
+        r"--cfg_interval=\(0\.9, 0\.1\) is reversed", fixtures=("run", "ref.npz",
+                                                                "inception.pth")),
     "evaluate_out_is_the_sample_batch": _case(
         "evaluate", EVALUATE + ["--samples={d}/samples.npz", "--out={d}/samples.npz"],
         r"--out=.*samples\.npz is also an input", fixtures=("samples.npz", "ref.npz",
@@ -388,6 +427,14 @@ BAD_VALUES = [
     ("model.hidden_size", 0, r"config\.model\.hidden_size must be an integer >= 1"),
     ("data.vae_scale", float("nan"), r"config\.data\.vae_scale must be a finite number > 0"),
     ("sample.steps", 0, r"config\.sample\.steps must be an integer >= 1, got 0"),
+    ("sample.cfg_interval", (300.0, 100.0), r"config\.sample\.cfg_interval=\(300, 100\) is "
+     r"reversed"),
+    ("preview.cfg_interval", (100.0, 2000.0), r"config\.preview\.cfg_interval=\(100, 2000\) "
+     r"lies outside the objective's time range \[0, 999\]"),
+    ("eval.cfg_interval", (0.5,), r"config\.eval\.cfg_interval must be two numbers"),
+    ("grad_accum_steps", 0, r"config\.grad_accum_steps must be an integer >= 1, got 0"),
+    ("grad_accum_steps", 3, r"config\.batch_size=8 is not divisible by "
+     r"config\.grad_accum_steps=3"),
 ]
 
 

@@ -10,6 +10,7 @@ import pytest
 from fcdm_jax import sharding
 from fcdm_jax.demo.digit_judge import DemoJudge
 from fcdm_jax.evaluation import EVALUATORS, make_evaluators
+from fcdm_jax.evaluation import fid_eval
 from fcdm_jax.evaluation.fid_eval import FidEvaluator
 from fcdm_jax.train import loop
 
@@ -68,6 +69,17 @@ def test_two_evaluators_write_to_tensorboard_every_n_steps(tmp_path, digit_class
   fid, demo = summary["eval"]
   assert fid["step"] == 4 and fid["fid"] == pytest.approx(written["eval/fid"][4], rel=1e-5)
   assert demo["step"] == 4 and demo["accuracy"] == written["eval/accuracy"][4]
+  # Each reports its cost: DDIM, 2 steps, unguided.
+  two = {"evaluations_per_image": 2, "evaluations_counted": "time grid"}
+  assert fid["cost"] == demo["cost"] == demo["conditional"]["cost"] == two
+
+  # `evaluate --workdir` of the run, guided on an interval: 4 conditional evaluations (steps
+  # 999, 666, 333, 0) and the null rows at the two inside [300, 700].
+  results = fid_eval.evaluate_run(workdir, config.eval.reference, config.eval.inception, 8,
+                                  batch_size=8, sampler="ddim", steps=4, cfg_scale=2.0,
+                                  cfg_interval="300,700", progress=False)
+  assert results["cost"] == {"evaluations_per_image": 6, "evaluations_counted": "time grid"}
+  assert np.isfinite(results["fid"])
 
 
 def test_bad_evaluation_setups_fail_before_training(tmp_path):

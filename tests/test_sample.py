@@ -14,6 +14,8 @@ from PIL import Image
 import jax
 
 from fcdm_jax import convert, distributed, sampling
+from fcdm_jax.diffusion import samplers
+from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.sampling import run as sampling_run
 from fcdm_jax.sampling import weights as sampling_weights
 from fcdm_jax.evaluation import adm
@@ -35,8 +37,10 @@ def pixel_run(tmp_path_factory):
   return dict(base=d, workdir=workdir, ema=ema)
 
 
-def _cli(*args):
+def _cli(*args, devices=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, "-m", "fcdm_jax.sample", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -93,6 +97,65 @@ def test_same_seed_same_images_whatever_the_batch(pixel_run):
   assert diff.max() <= 1 and (diff == 0).mean() > 0.99   # float rounding of other batch shapes
   assert np.abs(load(a).astype(int) - load(c).astype(int)).mean() > 5
   np.testing.assert_array_equal(np.load(a["npz"])["arr_1"], np.arange(10) % 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
+def test_multistep_solver_with_a_guidance_interval_records_its_cost(pixel_run, solver):
+  """`sample --sampler=dpmpp_2m|unipc --steps=20 --cfg_interval=100,261` writes the ADM batch
+  with the evaluations per image in sample_settings.json (20 conditional + one null-row
+  evaluation per step inside the interval); sample i is the same whatever the batch size
+  (8 devices here) and device count (2, in the command)."""
+  d = pixel_run["base"]
+  chosen = dict(sampler=solver, steps=20, cfg_scale=2.0, cfg_interval="100,261")
+  run = lambda out, batch: sampling_run.sample(str(d / out), 10, workdir=pixel_run["workdir"],
+                                               progress=False, seed=4, labels="balanced",
+                                               batch_size=batch, **chosen)
+  a, b = run(f"{solver}_8", 8), run(f"{solver}_16", 16)
+  out = d / f"{solver}_cli"
+  proc = _cli(f"--workdir={pixel_run['workdir']}", "--num_samples=10", f"--out={out}",
+              f"--sampler={solver}", "--steps=20", "--cfg_scale=2.0", "--cfg_interval=100,261",
+              "--batch_size=4", "--seed=4", "--labels=balanced", devices=2)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  objective = make_objective(sampling_config())
+  times = objective_time_grid(objective, solver, 20)
+  inside = int(np.sum((times >= 100) & (times <= 261)))
+  assert 0 < inside < 20
+  cost = {"evaluations_per_image": 20 + inside, "evaluations_counted": "time grid"}
+  assert f"; {20 + inside} network evaluations per image" in proc.stdout
+  for folder, summary in ((d / f"{solver}_8", a), (d / f"{solver}_16", b), (out, None)):
+    settings = json.loads((folder / "sample_settings.json").read_text())
+    assert settings["cost"] == cost, folder
+    assert settings["sample"]["cfg_interval"] == [100.0, 261.0]
+    assert summary is None or summary["cost"] == cost
+  load = lambda folder: np.load(folder / "samples_10x8x8x3.npz")["arr_0"].astype(int)
+  for other in (d / f"{solver}_16", out):
+    diff = np.abs(load(d / f"{solver}_8") - load(other))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, other   # float rounding only
+  again = run(f"{solver}_8", 8)   # complete: nothing sampled, the recorded cost returned
+  assert again["generated"] == [] and again["cost"] == cost
+
+
+@pytest.mark.slow
+def test_adaptive_dopri5_records_its_measured_cost(tmp_path):
+  """dopri5's evaluations depend on the data: none are recorded before it runs, its
+  measured mean and maximum once the batch is complete."""
+  workdir, _ = make_workdir(tmp_path / "run", sampling_config(objective="flow"), seed=1)
+  out = tmp_path / "dopri5"
+  summary = sampling_run.sample(str(out), 5, workdir=workdir, batch_size=8, progress=False,
+                                sampler="ode", method="dopri5", cfg_scale=2.0,
+                                cfg_interval="0.3,0.7")
+  cost = summary["cost"]
+  assert cost["evaluations_counted"] == "measured"
+  # f(0) alone (0 is outside the interval) + 2 rows for each other evaluation, 6 per attempt.
+  assert 1 + 2 * (1 + 6) <= cost["evaluations_per_image"] <= cost["evaluations_per_image_max"]
+  assert json.loads((out / "sample_settings.json").read_text())["cost"] == cost
+
+
+def objective_time_grid(objective, solver, steps):
+  return samplers.get(solver, objective.name).model_times(
+      objective, samplers.resolve(samplers.get(solver, objective.name), dict(steps=steps)))
 
 
 def test_resume_recomputes_only_missing_parts(pixel_run):
@@ -237,7 +300,8 @@ def test_bad_input(pixel_run, tmp_path):
 def test_cli_help_and_errors(tmp_path):
   proc = _cli("--help")
   for flag in ("--workdir", "--torch_checkpoint", "--config", "--num_samples", "--sampler",
-               "--steps", "--cfg_scale", "--out", "--vae", "--labels", "--[no]png", "--seed"):
+               "--steps", "--cfg_scale", "--cfg_interval", "--out", "--vae", "--labels",
+               "--[no]png", "--seed", "--config.sample.cfg_interval=100,261"):
     assert flag in proc.stdout
   proc = _cli(f"--workdir={tmp_path}", "--num_samples=0", f"--out={tmp_path / 'o'}")
   assert proc.returncode != 0 and "error: --num_samples must be a positive integer" in proc.stderr

@@ -414,7 +414,16 @@ def config_error(objective, **overrides):
     (lambda: guidance.guided_model(labelled_model, jnp.zeros((1,), jnp.int32), cfg_scale=2.0,
                                    null_label=None), "needs a null"),
     (lambda: ddpm_objective().make_sampler(dict(sampler="ddpm", steps=50, cfg_interval=(5, 1)),
-                                           None), "low <= high"),
+                                           None), r"cfg_interval=\(5, 1\) is reversed"),
+    (lambda: ddpm_objective().make_sampler(dict(sampler="ddpm", steps=50,
+                                                cfg_interval=(100, 1000)), None),
+     r"cfg_interval=\(100, 1000\) lies outside the objective's time range \[0, 999\]"),
+    (lambda: flow_objective().make_sampler(dict(sampler="ode", steps=50,
+                                                cfg_interval=(0.2, 1.5)), None),
+     r"cfg_interval=\(0.2, 1.5\) lies outside the objective's time range \[0, 1\]"),
+    (lambda: flow_objective().make_sampler(dict(sampler="ode", steps=50,
+                                                cfg_interval=(0.2, 0.3, 0.4)), None),
+     r"cfg_interval must be two numbers LOW,HIGH"),
     (lambda: ddpm_objective().make_sampler(dict(sampler="sde", steps=50), None),
      "sampler 'sde' does not serve the 'ddpm' objective"),
     (lambda: flow_objective().make_sampler(dict(sampler="ddim", steps=50), None),
@@ -482,6 +491,7 @@ def test_a_sampler_is_one_registry_entry(monkeypatch):
 
   monkeypatch.setitem(samplers.SAMPLERS, "ancestral", Sampler(
       objectives=("ddpm",), make=make, help="DDPM under another name",
+      model_times=ddpm.model_times,
       settings={"respacing": ddpm.RESPACING, "clip_x0": Setting(True, bool, "clip x0")}))
   assert samplers.names("ddpm") == ("ddpm", "ddim", "dpmpp_2m", "unipc", "ancestral")
   assert samplers.names("flow") == ("sde", "ode", "dpmpp_2m", "unipc")

@@ -42,10 +42,15 @@ def parse_config(path, *args):
 def test_every_sampler_setting_can_be_set_from_the_command_line():
   ddpm = parse_config(TESTS.parent / "configs" / "s_256.py", "--config.sample.respacing=ddim50",
                       "--config.sample.cfg_interval=(100,261)", "--config.eval.eta=0.5",
-                      "--config.preview.clip_denoised=True")
+                      "--config.preview.clip_denoised=True",
+                      "--config.preview.cfg_interval=100.5,300", "--config.eval.cfg_interval=none")
   assert ddpm.is_locked and ddpm.objective == "ddpm"
   sample = sampler_settings(ddpm, "sample")
   assert (sample["respacing"], sample["cfg_interval"]) == ("ddim50", (100, 261))
+  assert sampler_settings(ddpm, "preview")["cfg_interval"] == (100.5, 300.0)
+  assert sampler_settings(ddpm, "eval")["cfg_interval"] is None   # 'none' over the preview's
+  assert sampler_settings(ddpm, "sample", {"cfg_interval": "none"})["cfg_interval"] is None
+  assert sampler_settings(ddpm, "sample", {"cfg_interval": "5,6"})["cfg_interval"] == (5.0, 6.0)
   assert make_objective(ddpm).sampling_diffusion(sample).num_timesteps == 50
   assert sampler_settings(ddpm, "eval")["eta"] == 0.5
   assert sampler_settings(ddpm, "eval")["clip_denoised"] is True   # the preview's

@@ -67,8 +67,8 @@ class FixedFlowObjective:
   def __init__(self, x0, t):
     self.x0, self.t = x0, t
 
-  def loss(self, model_fn, x_start, rng):
-    del rng
+  def loss(self, model_fn, x_start, rng, positions=None):
+    del rng, positions
     return dict(loss=flow.training_loss(model_fn, x_start, self.x0, self.t))
 
 

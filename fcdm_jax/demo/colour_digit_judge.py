@@ -11,7 +11,8 @@ two ways:
           channel, matched to the nearest palette colour.
 A sample is right when both are. The same noise is sampled with guidance
 (`config.eval.cfg_scale`) and without (cfg_scale 1, when `config.eval.unguided`), and
-real colourised test digits give the ceiling. Writes `<workdir>/eval.json`, `eval/*`
+real colourised test digits give the ceiling. Writes `<workdir>/eval.json` (each run with its
+cost: network evaluations per image, `sampling.cost`), `eval/*`
 scalars, and `<workdir>/eval_grid.png`: one row per digit, its prompt's samples.
 """
 
@@ -143,7 +144,8 @@ class ColourDigitEvaluator:
         lambda images: judge.score(images, self.digits, self.colours))
     reference = judge.real_reference(len(self.conditions))
     first = results[self.runs[0][0]]
-    summary = dict(step=int(step), accuracy=first["accuracy"], **results, reference=reference,
+    summary = dict(step=int(step), accuracy=first["accuracy"], cost=first["cost"], **results,
+                   reference=reference,
                    prompts=[p for p, _, _ in self.prompts], samples_per_prompt=self.per_prompt,
                    text_encoder=self.encoder_dir, sampler=provenance.as_json(self.runs[0][1]),
                    seconds=round(time.time() - started, 2))

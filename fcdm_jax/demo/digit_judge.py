@@ -21,7 +21,8 @@ retrained and rewritten.
 class-balanced digits from the EMA params with guidance (`config.eval.cfg_scale`) and,
 when `config.eval.unguided` is True, also without it from the same noise (off by default:
 it costs half as much again as the guided run, whose every step runs the batch twice), and
-writes `<workdir>/eval.json` and `eval/*` scalars next to the real-data reference numbers.
+writes `<workdir>/eval.json` and `eval/*` scalars next to the real-data reference numbers;
+each judged run records its cost (`cost`: network evaluations per image, `sampling.cost`).
 Its sampling of the judged runs (`guidance_runs`, `GuidanceRuns`) serves the coloured-digit
 judge too.
 """
@@ -47,6 +48,7 @@ from fcdm_jax.data.embedded import IMAGE_SHAPE, NUM_CLASSES, load_embedded, to_m
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.evaluation.registry import check_count
 from fcdm_jax.models import FCDM
+from fcdm_jax.sampling import cost as cost_lib
 
 CLASSIFIER_DIR = "eval_classifier"
 PARAMS_FILE = "params.msgpack"
@@ -420,8 +422,8 @@ class GuidanceRuns:
 
   def judge(self, params, conditions, score: Callable[[np.ndarray], dict]
             ) -> tuple[dict, np.ndarray]:
-    """({run name: score(uint8 images) with cfg_scale, non_finite_samples, seconds}, the
-    first run's images)."""
+    """({run name: score(uint8 images) with cfg_scale, non_finite_samples, seconds, cost},
+    the first run's images)."""
     results, first = {}, None
     for (name, cfg), generator in zip(self.runs, self.generators):
       t0 = time.time()
@@ -431,10 +433,12 @@ class GuidanceRuns:
                         name, bad, len(images))
       first = images if first is None else first
       results[name] = dict(score(images), cfg_scale=float(cfg.get("cfg_scale", 1.0)),
-                           non_finite_samples=bad, seconds=round(time.time() - t0, 2))
-      logging.info("eval %s (cfg_scale %g): %s", name, results[name]["cfg_scale"],
+                           non_finite_samples=bad, seconds=round(time.time() - t0, 2),
+                           cost=generator.last_cost)
+      logging.info("eval %s (cfg_scale %g): %s (%s)", name, results[name]["cfg_scale"],
                    ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()
-                             if k.endswith(("accuracy", "distance")) and v is not None))
+                             if k.endswith(("accuracy", "distance")) and v is not None),
+                   cost_lib.describe(generator.last_cost))
     return results, first
 
 
@@ -500,6 +504,7 @@ def run_demo_eval(config, model, objective, ema_params, mesh, workdir: str, writ
       accuracy=first["accuracy"],
       frechet_distance=first["frechet_distance"],
       num_samples=num_samples,
+      cost=first["cost"],
       **results,
       reference=reference,
       sampler=provenance.as_json(runs[0][1]),

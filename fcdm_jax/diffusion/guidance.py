@@ -26,18 +26,62 @@ def combine_cfg(out, cfg_scale, num_guided: int):
   return jnp.concatenate([jnp.concatenate([mixed, mixed], axis=0), rest], axis=-1)
 
 
-def check_guidance(cfg_scale, null_label, interval=None):
-  """Clear errors for guidance the model cannot do; returns (scale, interval) normalised."""
+NO_INTERVAL = ("", "none")   # what a command line writes for "no guidance interval"
+
+
+def check_interval(interval, time_range=None, what: str = "cfg_interval"):
+  """The guidance interval as (low, high) floats, or None for none.
+
+  Accepts a pair of numbers or the command line's "LOW,HIGH"; None, an empty tuple, "none"
+  and ml_collections' parse of "None"/"none" for a tuple field ((None,), ('none',)) mean no
+  interval. Both ends must be finite with low <= high and, given the objective's
+  `time_range` (its model time, `Objective.time_range`), inside it. `what` names the value in
+  the errors (a flag or a config field).
+  """
+  if isinstance(interval, str):
+    interval = tuple(v.strip() for v in interval.strip().strip("()[]").split(","))
+  if interval is None or (isinstance(interval, (tuple, list)) and len(interval) <= 1 and all(
+      v is None or str(v).strip().lower() in NO_INTERVAL for v in interval)):
+    return None
+  try:
+    lo, hi = (float(v) for v in interval)
+  except (TypeError, ValueError):
+    raise ValueError(f"{what} must be two numbers LOW,HIGH (or 'none'), got {interval!r}") from None
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    raise ValueError(f"{what} must be finite numbers LOW,HIGH, got {interval!r}")
+  if lo > hi:
+    raise ValueError(f"{what}=({lo:g}, {hi:g}) is reversed: it must be LOW,HIGH with "
+                     "LOW <= HIGH")
+  if time_range is not None:
+    start, end = time_range
+    if lo < start or hi > end:
+      raise ValueError(f"{what}=({lo:g}, {hi:g}) lies outside the objective's time range "
+                       f"[{start:g}, {end:g}] (the time the model is called with; convert a "
+                       "paper's sigma interval with Objective.time_of_sigma)")
+  return (lo, hi)
+
+
+def check_guidance(cfg_scale, null_label, interval=None, time_range=None):
+  """Clear errors for guidance the model cannot do; returns (scale, interval) normalised
+  (`check_interval`)."""
   cfg_scale = float(cfg_scale)
   if cfg_scale != 1.0 and null_label is None:
     raise ValueError(f"cfg_scale={cfg_scale} needs a null (unconditional) label, but the model "
                      "has none (class_dropout_prob=0): use cfg_scale=1.0")
-  if interval is not None:
-    lo, hi = (float(v) for v in interval)
-    if lo > hi:
-      raise ValueError(f"guidance interval must be (low, high) with low <= high, got {interval}")
-    interval = (lo, hi)
-  return cfg_scale, interval
+  return cfg_scale, check_interval(interval, time_range)
+
+
+def rows_per_evaluation(times, cfg_scale, interval) -> np.ndarray:
+  """The network rows per image of an evaluation at each of `times` (what `guided_model`
+  runs): 1 unguided or outside the interval, 2 guided (the doubled batch, or the null rows
+  inside the interval). Compared in float32, as the model's time is."""
+  times = np.asarray(times, np.float32)
+  if float(cfg_scale) == 1.0:
+    return np.ones(times.shape, np.int64)
+  if interval is None:
+    return np.full(times.shape, 2, np.int64)
+  inside = (times >= np.float32(interval[0])) & (times <= np.float32(interval[1]))
+  return 1 + inside.astype(np.int64)
 
 
 def null_like(y, null_label):

@@ -33,11 +33,19 @@ SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0
 
 
 class SolveInfo(NamedTuple):
-  """How the solve went: accepted/attempted steps, where it stopped, whether it got to t1."""
+  """How the solve went: accepted/attempted steps, where it stopped, whether it got to t1,
+  and how often it evaluated f."""
   num_accepted: jax.Array
   num_steps: jax.Array
   t: jax.Array
   success: jax.Array
+  num_evaluations: jax.Array
+
+
+def evaluations(num_steps, first_step_given: bool = False):
+  """f evaluations of a solve with `num_steps` attempts: f(t0), Hairer's probe for the first
+  step (unless given), and 6 per attempt (its 7th stage is the next attempt's first, FSAL)."""
+  return (1 if first_step_given else 2) + (len(_C) - 1) * num_steps
 
 
 def _rms(x):
@@ -109,4 +117,5 @@ def dopri5(f, y0, t0: float, t1: float, *, rtol: float = 1e-3, atol: float = 1e-
 
   state = (t0, y0, f0, h, jnp.int32(0), jnp.int32(0))
   t, y, _, _, accepted, steps = jax.lax.while_loop(cond, body, state)
-  return y, SolveInfo(num_accepted=accepted, num_steps=steps, t=t, success=t >= t1)
+  return y, SolveInfo(num_accepted=accepted, num_steps=steps, t=t, success=t >= t1,
+                      num_evaluations=evaluations(steps, first_step is not None))

@@ -12,7 +12,8 @@ val2014 image statistics) when that folder is val2014's. With `config.eval.clip`
 whole CLIP model folder) each sample is also scored against its caption (eval/clip_score).
 Weights, captions and reference statistics are loaded once, when the run starts; every
 call samples the same conditions from the same noise (config.seed). Samples are scored a
-batch at a time: only their features are kept.
+batch at a time: only their features are kept. The results (and the log line) give the
+sampling's cost, `cost` (`sampling.cost`: network evaluations per image).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from fcdm_jax.data.captions import MANIFEST, CaptionTable, caption_folder
 from fcdm_jax.evaluation import adm
 from fcdm_jax.evaluation.clip_score import CLIPScorer
 from fcdm_jax.evaluation.registry import eval_counts
+from fcdm_jax.diffusion import guidance
+from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import inception
+from fcdm_jax.sampling import cost as cost_lib
 from fcdm_jax.sampling import weights
 
 WHICH = ("fid", "sfid", "is")
@@ -133,17 +137,18 @@ class FidEvaluator:
                                                  feats["pool"].shape[1],
                                                  feats["spatial"].shape[1])
     results = adm.sample_metrics(feats, self.stats, WHICH, split_size=self.num_samples)
+    results["cost"] = self.generator.last_cost
     scalars = {"eval/fid": results["fid"], "eval/sfid": results["sfid"],
                "eval/inception_score": results["inception_score"]}
     if clip_scores:
       results["clip_score"] = float(np.mean(np.concatenate(clip_scores)))
       scalars["eval/clip_score"] = results["clip_score"]
     writer.write_scalars(step, scalars)
-    logging.info("eval at step %d: FID-%d %.3f, sFID %.3f, IS %.3f%s (%.1f s)", step,
+    logging.info("eval at step %d: FID-%d %.3f, sFID %.3f, IS %.3f%s (%.1f s, %s)", step,
                  self.num_samples, results["fid"], results["sfid"],
                  results["inception_score"],
                  f", CLIP score {results['clip_score']:.3f}" if clip_scores else "",
-                 time.time() - start)
+                 time.time() - start, cost_lib.describe(results["cost"]))
     return dict(results, step=int(step), num_samples=self.num_samples)
 
 
@@ -152,12 +157,17 @@ def evaluate_run(workdir: str, ref: str, inception_path: str, num_samples: int, 
                  clip: str = "", vae: str = "", progress: bool = True, **sampler) -> dict:
   """FID, sFID, IS (and the CLIP score) of `num_samples` samples of a run's EMA weights:
   `evaluation.fid_eval.FidEvaluator`, the training hook, run once. `sampler`: sampler,
-  steps, cfg_scale overrides of the run's preview/eval settings (None = keep)."""
+  steps, cfg_scale, cfg_interval overrides of the run's preview/eval settings (None = keep;
+  cfg_interval: LOW,HIGH or 'none')."""
   config, identity = weights.resolve_model(workdir, None, None, step)
+  sampler = {k: v for k, v in sampler.items() if v is not None}
+  if "cfg_interval" in sampler:   # () is "none": it overrides the preview's interval too
+    sampler["cfg_interval"] = guidance.check_interval(
+        sampler["cfg_interval"], make_objective(config).time_range, "--cfg_interval") or ()
   with config.unlocked():
     config.eval.update(num_samples=int(num_samples), batch_size=int(batch_size),
                        inception=inception_path, reference=ref, captions=captions, clip=clip)
-    config.eval.update({k: v for k, v in sampler.items() if v is not None})
+    config.eval.update(sampler)
     if vae:
       config.preview.vae_dir = vae
   mesh = sharding.create_mesh(config)

@@ -14,7 +14,8 @@ Samples `config.eval.num_samples` with the eval sampler settings
                          with a wrong vae_scale or a collapsing EMA shows up here.
 Class models sample uniform random labels; text models sample captions as the FID
 evaluation does (`fid_eval.eval_captions`: config.eval.captions, else the run's own).
-Nothing is decoded, so a latent model needs no VAE.
+Nothing is decoded, so a latent model needs no VAE. The results (and the log line) give
+the sampling's cost, `cost` (`sampling.cost`: network evaluations per image).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from absl import logging
 from fcdm_jax import data, sampling
 from fcdm_jax.evaluation.fid_eval import eval_conditions
 from fcdm_jax.evaluation.registry import eval_counts
+from fcdm_jax.sampling import cost as cost_lib
 
 DATA_BATCHES = 4   # global batches of the training stream the data statistics come from
 
@@ -96,8 +98,9 @@ class SampleStats:
                "sample_std": std, "data_mean": self.data_mean, "data_std": self.data_std,
                "std_ratio": std / self.data_std}
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    cost = self.generator.last_cost
     logging.info("eval at step %d: %d samples, %.3f non-finite, mean %.4f, std %.4f (data: "
-                 "mean %.4f, std %.4f; ratio %.4f) (%.1f s)", step, self.num_samples,
+                 "mean %.4f, std %.4f; ratio %.4f) (%.1f s, %s)", step, self.num_samples,
                  results["sample_nonfinite"], mean, std, self.data_mean, self.data_std,
-                 results["std_ratio"], time.time() - start)
-    return dict(results, step=int(step), num_samples=self.num_samples)
+                 results["std_ratio"], time.time() - start, cost_lib.describe(cost))
+    return dict(results, step=int(step), num_samples=self.num_samples, cost=cost)

@@ -126,14 +126,16 @@ class FCDM(nn.Module):
   """The FCDM U-net. Fields 1-7 are the published constructor's, 8-10 choose the condition,
   the rest how it runs.
 
-  Call: `apply({'params': p}, x, t, y, train=False, force_drop_ids=None)` with x NHWC
-  (N, H, W, in_channels), t (N,) float timesteps, and y:
+  Call: `apply({'params': p}, x, t, y, train=False, force_drop_ids=None, positions=None)`
+  with x NHWC (N, H, W, in_channels), t (N,) float timesteps, and y:
   - condition='class' (published): (N,) int labels (num_classes = null), dropped to the
     null label at train time with probability class_dropout_prob;
   - condition='text': (N, text_dim) float pooled text embeddings (CLIP's, say), projected
     per level by `text_embedder` ('linear' or 'mlp') where the class rows would be added.
     The module takes them as given: caption dropout is the caller's (the empty caption's
     embedding in place of the caption's), so num_classes and class_dropout_prob are unused.
+  `positions` (N,): the examples' positions in the global training batch, which key their
+  label dropout (`layers.LabelEmbedder`; default 0..N-1).
   """
   in_channels: int = 4
   hidden_size: int = 128
@@ -187,7 +189,7 @@ class FCDM(nn.Module):
     kind.check_y(self, y, n)
 
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
+  def __call__(self, x, t, y, train: bool = False, force_drop_ids=None, positions=None):
     self.check_inputs(x, t, y)
     captions = self.condition_kind.uses_captions
     if captions and force_drop_ids is not None:
@@ -203,7 +205,7 @@ class FCDM(nn.Module):
                                     name=f"text_embedder_{k}")(y)
       else:
         y_emb = layers.LabelEmbedder(self.num_classes, width, self.class_dropout_prob,
-                                     name=f"y_embedder_{k}")(y, train, force_drop_ids)
+                                     name=f"y_embedder_{k}")(y, train, force_drop_ids, positions)
       conds.append((t_emb + y_emb.astype(t_emb.dtype)).astype(dtype))
 
     def stage(index, h):

@@ -285,13 +285,18 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-  """Class table with an extra null row (for CFG) when label dropout is enabled."""
+  """Class table with an extra null row (for CFG) when label dropout is enabled.
+
+  In training, the label at batch position p is dropped by its own draw from
+  fold_in(this level's 'label_dropout' key, p), with p the example's position in the
+  global batch (`positions`; default 0..N-1): the same drop whatever micro-batch holds it.
+  """
   num_classes: int
   hidden_size: int
   dropout_prob: float
 
   @nn.compact
-  def __call__(self, labels, train: bool, force_drop_ids=None):
+  def __call__(self, labels, train: bool, force_drop_ids=None, positions=None):
     rows = self.num_classes + int(self.dropout_prob > 0)
     table = self.param("embedding_table", logical(normal_002, ("vocab", "cond_embed")),
                        (rows, self.hidden_size))
@@ -299,8 +304,10 @@ class LabelEmbedder(nn.Module):
       labels = jnp.where(force_drop_ids == 1, self.num_classes, labels)
     elif train and self.dropout_prob > 0:
       rng = self.make_rng("label_dropout")
-      drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
-      labels = jnp.where(drop, self.num_classes, labels)
+      if positions is None:
+        positions = jnp.arange(labels.shape[0], dtype=jnp.uint32)
+      u = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(rng, p)))(positions)
+      labels = jnp.where(u < self.dropout_prob, self.num_classes, labels)
     return jnp.take(table, labels, axis=0)
 
 

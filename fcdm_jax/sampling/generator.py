@@ -19,6 +19,11 @@ null class) or pooled caption embeddings (the empty caption's embedding is the n
 Images. `image_decoder` is the one rule for what turns samples into images: a latent
 model's SD-VAE, none for a pixel model (1 or 3 channels).
 
+Cost. The program also returns each sample's network evaluations (`sampling.cost`): the
+sampler's count from its time grid (`samplers.evaluations_per_image`, `grid_evaluations`),
+or what adaptive dopri5 counted in its loop. `generate`, `generate_all` and `batches` leave
+the record of the samples they made in `last_cost`.
+
 Weights are arguments of every call, already placed in their shardings (replicated, or
 FSDP-sharded as `checkpoint.load_ema_params` restores them); the batch is split
 over the mesh's data-parallel axes.
@@ -40,9 +45,11 @@ from jax.sharding import Mesh
 from fcdm_jax import distributed, provenance, sharding
 from fcdm_jax.conditions import condition_of
 from fcdm_jax.data import source_spec
+from fcdm_jax.diffusion import samplers
 from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax.models import vae as vae_lib
+from fcdm_jax.sampling import cost as cost_lib
 
 # fold_in tags of PRNGKey(seed): independent streams of one sampling seed.
 STREAM_NOISE = 0    # the samples' starting and sampler noise
@@ -144,7 +151,11 @@ class Generator:
     self.mesh, self.decoder = mesh, decoder
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.parallel = sharding.data_parallel_size(mesh)
-    sample_fn = make_objective(config).make_sampler(sample_cfg, self.condition.null)
+    objective = make_objective(config)
+    sample_fn = objective.make_sampler(sample_cfg, self.condition.null)
+    # None: the sampler counts its evaluations as it runs (adaptive dopri5).
+    self.grid_evaluations = samplers.evaluations_per_image(sample_cfg, objective)
+    self.last_cost = None
     key = json.dumps([provenance.as_json(config.model), config.objective,
                       provenance.as_json(config.diffusion), provenance.as_json(config.flow),
                       provenance.as_json(sample_cfg), self.shape,
@@ -152,32 +163,39 @@ class Generator:
                       self.condition.key(),
                       [d.id for d in mesh.devices.flat], list(mesh.devices.shape)],
                      sort_keys=True, default=str)
-    if key not in _COMPILED:
-      _COMPILED[key] = self._build(sample_fn)
-    self._images = _COMPILED[key]
-    self._run = distributed.StartTogether(self._images, "sample")
+    if key not in _COMPILED:   # one compile per program, whatever the number of Generators
+      _COMPILED[key] = distributed.StartTogether(self._build(sample_fn), "sample")
+    self._run = _COMPILED[key]
+    self._images = self._run.jitted
 
   def _build(self, sample_fn):
     model, shape, decoder = self.model, self.shape, self.decoder
+    grid_evaluations = self.grid_evaluations
 
     def one(params, base, index, condition):
-      """Sample `index` alone: its noise depends on nothing but (seed, index)."""
+      """Sample `index` alone: its noise depends on nothing but (seed, index). Returns it
+      with its network evaluations."""
       key = jax.random.fold_in(base, index)
       x_T = jax.random.normal(jax.random.fold_in(key, 0), (1,) + shape, jnp.float32)
       model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      return sample_fn(model_fn, x_T, condition[None], jax.random.fold_in(key, 1))[0]
+      args = (model_fn, x_T, condition[None], jax.random.fold_in(key, 1))
+      if grid_evaluations is None:
+        x, evaluations = sample_fn(*args, return_evaluations=True)
+        return x[0], evaluations[0]
+      return sample_fn(*args)[0], jnp.float32(grid_evaluations)
 
     def images(params, decoder_params, base, indices, conditions):
       # No activation constraints inside the vmap, whatever context this is traced in: they
       # would name the per-sample batch of 1 and leave the vmapped batch axis unsharded
       # (every device sampling the whole batch). Its sharding comes from the inputs.
       with nn.logical_axis_rules(()):
-        x = jax.vmap(one, in_axes=(None, None, 0, 0))(params, base, indices, conditions)
+        x, evaluations = jax.vmap(one, in_axes=(None, None, 0, 0))(params, base, indices,
+                                                                    conditions)
       out = x
       if decoder is not None:
         out = decoder.model.apply(decoder_params, x / decoder.scale,
                                   method=decoder.model.decode)
-      return to_uint8(out), x
+      return to_uint8(out), x, evaluations
 
     # Weights keep the shardings they arrive with (replicated or FSDP).
     return jax.jit(images, out_shardings=self.batch_sharding)
@@ -203,8 +221,19 @@ class Generator:
     return jax.make_array_from_callback(values.shape, self.batch_sharding,
                                         lambda idx: values[idx])
 
+  def cost(self, evaluations) -> dict:
+    """The cost record (`sampling.cost`) of samples with these per-sample evaluations."""
+    return cost_lib.record(evaluations, measured=self.grid_evaluations is None)
+
+  def planned_cost(self) -> dict | None:
+    """The cost record known before sampling (a time grid's), or None (measured as it runs)."""
+    if self.grid_evaluations is None:
+      return None
+    return cost_lib.grid_record(self.grid_evaluations)
+
   def __call__(self, params, seed: int, indices, conditions):
-    """Starts sampling (asynchronously); returns device arrays of `padded_size(n)` samples."""
+    """Starts sampling (asynchronously); returns device arrays (uint8 images, samples
+    before decoding, network evaluations per sample) of `padded_size(n)` samples."""
     indices = np.asarray(indices, np.uint32)
     conditions = self.condition.check(conditions)
     if len(indices) != len(conditions):
@@ -216,27 +245,38 @@ class Generator:
     return self._run(params, decoder_params, stream_key(seed, STREAM_NOISE),
                         self._global(padded), self._global(self.condition.pad(conditions, size)))
 
-  def generate(self, params, seed: int, indices, conditions) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, samples before decoding) of exactly these samples, as numpy."""
-    images, raw = self(params, seed, indices, conditions)
+  def _generate(self, params, seed: int, indices, conditions):
+    images, raw, evaluations = self(params, seed, indices, conditions)
     n = len(indices)
-    return fetch(images)[:n], fetch(raw)[:n]
+    return fetch(images)[:n], fetch(raw)[:n], fetch(evaluations)[:n]
+
+  def generate(self, params, seed: int, indices, conditions) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, samples before decoding) of exactly these samples, as numpy; their
+    cost in `last_cost`."""
+    images, raw, evaluations = self._generate(params, seed, indices, conditions)
+    self.last_cost = self.cost(evaluations)
+    return images, raw
 
   def batches(self, params, seed: int, conditions, batch: int, progress=None):
     """Yields (start, uint8 images, samples before decoding) of samples 0..n-1 for n
     conditions, `batch` at a time (the last one padded to the same compiled shape): for
-    evaluations that keep features, not 30k images."""
+    evaluations that keep features, not 30k images. Once all are yielded, `last_cost` is
+    the record of the n samples."""
     conditions = self.condition.check(conditions)
     batch = self.padded_size(min(int(batch), len(conditions)))
+    spent = []
     for start in range(0, len(conditions), batch):
       chunk = conditions[start:start + batch]
       n = len(chunk)
       if n < batch:  # the last batch runs in the compiled shape
         chunk = self.condition.pad(chunk, batch)
-      image, raw = self.generate(params, seed, np.arange(start, start + batch), chunk)
+      image, raw, evaluations = self._generate(params, seed, np.arange(start, start + batch),
+                                               chunk)
+      spent.append(evaluations[:n])
       if progress is not None:
         progress(start + n, len(conditions))
       yield start, image[:n], raw[:n]
+    self.last_cost = self.cost(np.concatenate(spent))
 
   def generate_all(self, params, seed: int, conditions, batch: int, progress=None
                    ) -> tuple[np.ndarray, np.ndarray]:

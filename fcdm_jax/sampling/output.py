@@ -3,7 +3,9 @@
 Layout of --out (local or gs:// alike, through `fcdm_jax.fileio`):
 
   sample_settings.json            what made these samples; a rerun with others is refused
-  parts/part-{start}-{end}.npz    one finished batch each (written atomically)
+                                  (its `cost`, what they spent, is not compared)
+  parts/part-{start}-{end}.npz    one finished batch each (written atomically): images,
+                                  labels, each sample's network evaluations
   png/{index:06d}.png             with --png
   samples_{N}x{H}x{W}x3.npz       the ADM batch, assembled from the parts and written last:
                                   its presence marks the folder complete
@@ -24,6 +26,7 @@ from fcdm_jax.sampling import adm_npz
 from fcdm_jax import provenance
 
 SETTINGS = "sample_settings.json"
+COST = "cost"   # the key of sample_settings.json that records what the samples spent
 PARTS = "parts"
 PNG_DIR = "png"
 OUT_READY, OUT_COMPLETE, OUT_REFUSED = 0, 1, -1  # host 0's verdict on --out, broadcast
@@ -75,6 +78,12 @@ def _read_part(path: str) -> tuple[np.ndarray, np.ndarray]:
     return part["images"], part["labels"]
 
 
+def _read_part_evaluations(path: str) -> np.ndarray | None:
+  """A part's per-sample network evaluations (None in a part written before they were kept)."""
+  with fileio.open_read(path) as f, np.load(f, allow_pickle=False) as part:
+    return part["evaluations"] if "evaluations" in part.files else None
+
+
 class SampleOutput:
   """--out of one sampling command: `ranges` are the batches [start, end) of the samples,
   `labels` all their labels, `image_shape` (H, W, C) the images as generated."""
@@ -110,15 +119,42 @@ class SampleOutput:
         if not fileio.exists(self._png_path(start + j)):
           fileio.write_png(self._png_path(start + j), image)
 
-  def write_batch(self, b: int, images: np.ndarray) -> None:
-    """Batch `b`'s images (host 0): its PNGs, then its part."""
+  def write_batch(self, b: int, images: np.ndarray, evaluations: np.ndarray) -> None:
+    """Batch `b`'s images and their network evaluations (host 0): its PNGs, then its part."""
     if not self.is_host0:
       return
     start, end = self.ranges[b]
     self._write_pngs(start, images)
     buf = io.BytesIO()
-    np.savez(buf, images=images, labels=self.labels[start:end])
+    np.savez(buf, images=images, labels=self.labels[start:end],
+             evaluations=np.asarray(evaluations, np.float32))
     fileio.atomic_write_bytes(part_path(self.out, start, end), buf.getvalue())
+
+  def evaluations(self, grid_evaluations: int | None) -> np.ndarray | None:
+    """Every finished sample's network evaluations, from the parts (host 0; None elsewhere).
+    A part written before they were kept counts `grid_evaluations` (a time grid's), or is
+    left out when the sampler measures them."""
+    if not self.is_host0:
+      return None
+    counts = []
+    for start, end in self.ranges:
+      part = _read_part_evaluations(part_path(self.out, start, end))
+      if part is None and grid_evaluations is not None:
+        part = np.full(end - start, grid_evaluations, np.float32)
+      if part is not None:
+        counts.append(part)
+    return np.concatenate(counts) if counts else None
+
+  def record_result(self, settings: dict, result: dict) -> None:
+    """Adds `result` (what the run spent) to the recorded settings (host 0), before the
+    batch is assembled: a complete folder always has it."""
+    if self.is_host0:
+      provenance.record(fileio.join(self.out, SETTINGS), dict(settings, **result))
+
+  def recorded(self, key: str):
+    """`key` of the recorded settings (host 0; None elsewhere or when absent)."""
+    saved = provenance.read(fileio.join(self.out, SETTINGS)) if self.is_host0 else None
+    return (saved or {}).get(key)
 
   def pngs_of_resumed(self, batches: list[int]) -> None:
     """PNGs of resumed parts that were made without --png."""

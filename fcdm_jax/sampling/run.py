@@ -25,7 +25,10 @@ are written to PNG as grayscale and replicated to three channels in the `.npz`, 
 ADM's evaluator (and `fcdm_jax.evaluate`) take RGB batches.
 
 Output, in --out: `samples_{N}x{H}x{W}x3.npz` (`arr_0` uint8 NHWC, `arr_1` int64 labels;
-written atomically at the end), `png/{i:06d}.png` with --png, and `sample_settings.json`.
+written atomically at the end), `png/{i:06d}.png` with --png, and `sample_settings.json`,
+whose `cost` is what the samples spent (`sampling.cost`: network evaluations per image; a
+time grid's from the start, adaptive dopri5's as measured once the batch is complete; it
+is not one of the settings a rerun is compared on).
 While running, each finished batch is a file in `parts/`; a rerun of the same command
 resumes from them (and a finished one does nothing). An --out holding samples made with
 other settings is refused, never overwritten. The parts are deleted once the `.npz` is
@@ -57,13 +60,14 @@ from fcdm_jax.data.captions import caption_folder
 from fcdm_jax.models import vae as vae_lib
 from fcdm_jax.models.text_encoder import load_text_encoder
 from fcdm_jax.sampling import adm_npz
-from fcdm_jax.sampling.output import OUT_COMPLETE, SampleOutput, out_verdict
+from fcdm_jax.sampling import cost as cost_lib
+from fcdm_jax.sampling.output import COST, OUT_COMPLETE, SampleOutput, out_verdict
 from fcdm_jax.sampling.settings import effective_settings, sampler_settings
 from fcdm_jax.sampling.weights import load_model, resolve_model
 
 # config.sample fields the command line may override (None = keep the config's).
-SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "eta", "method", "guide_all_eps",
-                    "clip_denoised")
+SAMPLE_OVERRIDES = ("sampler", "steps", "cfg_scale", "cfg_interval", "eta", "method",
+                    "guide_all_eps", "clip_denoised")
 
 
 # ------------------------------------------------------------------------------ labels
@@ -210,6 +214,7 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   summary = {"npz": output.npz, "num_samples": num_samples, "image_shape": image_shape,
              "batch_size": batch, "generated": [], "kept": []}
   def normalize(saved):   # records list the sampler's settings as `effective_settings` does
+    saved = {k: v for k, v in saved.items() if k != COST}   # a result, not a setting
     sample = saved.get("sample")
     return dict(saved, sample=provenance.as_json(effective_settings(sample, config.objective))
                 ) if isinstance(sample, dict) else saved
@@ -217,15 +222,18 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
   if out_verdict(out, settings, final, normalize) == OUT_COMPLETE:
     logging.info("%s is already complete", output.npz)
     output.pngs_of_finished()
+    summary[COST] = output.recorded(COST)
     return summary
 
   params = load_model(config, weights, mesh)
-  output.start(settings)
+  output.start(dict(settings, **{COST: generator.planned_cost()}))
   summary["kept"] = output.finished_batches()
   output.pngs_of_resumed(summary["kept"])
   todo = [b for b in range(len(ranges)) if b not in summary["kept"]]
-  logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices",
-               num_samples, image_shape, len(ranges), batch, len(summary["kept"]), mesh.size)
+  logging.info("sampling %d images of %s in %d batches of %d (%d already done) on %d devices "
+               "with %s (%s)", num_samples, image_shape, len(ranges), batch,
+               len(summary["kept"]), mesh.size, sample_cfg.get("sampler"),
+               cost_lib.describe(generator.planned_cost()))
   resumed = sum(ranges[b][1] - ranges[b][0] for b in summary["kept"])
   with tqdm(total=num_samples, initial=resumed, desc="sampling", unit="img", file=sys.stderr,
             disable=not progress or jax.process_index() != 0) as bar:
@@ -237,12 +245,16 @@ def sample(out: str, num_samples: int, *, workdir: str | None = None,
         indices = np.arange(start, start + batch, dtype=np.uint32)   # padded past the end
         result = generator(params, seed, indices, batch_conditions)
       if pending is not None:
-        done, images = pending
+        done, images, evaluations = pending
         n = ranges[done][1] - ranges[done][0]
-        output.write_batch(done, sampling.fetch(images)[:n])
+        output.write_batch(done, sampling.fetch(images)[:n], sampling.fetch(evaluations)[:n])
         summary["generated"].append(done)
         bar.update(n)
-      pending = None if b is None else (b, result[0])
+      pending = None if b is None else (b, result[0], result[2])
+  counts = output.evaluations(generator.grid_evaluations)   # host 0 reads them
+  summary[COST] = None if counts is None else generator.cost(counts)
+  output.record_result(settings, {COST: summary[COST]})
   output.assemble(keep_parts)
-  logging.info("wrote %s", output.npz)
+  logging.info("wrote %s%s", output.npz,
+               f" ({cost_lib.describe(summary[COST])})" if summary[COST] else "")
   return summary

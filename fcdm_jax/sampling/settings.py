@@ -6,8 +6,10 @@ preview's settings with config.eval's sampler fields that are set (in-training e
 and the demo judges; None there means "the preview's"). `overrides` (the command line's)
 come last; None values keep the section's. Every key must be a setting of a sampler that
 serves the config's objective (`fcdm_jax.diffusion.samplers`), else ValueError naming the
-allowed keys; the values themselves are checked when the sampler is made, except the
-guidance scale, which every sampler takes: a finite number, checked here.
+allowed keys; the values themselves are checked when the sampler is made, except what every
+sampler takes, checked here naming the flag or field: the guidance scale (a finite number)
+and the guidance interval (`guidance.check_interval`: LOW,HIGH in the objective's time, or
+'none'; it comes back as a (low, high) tuple or None).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from fcdm_jax.diffusion import samplers
+from fcdm_jax.diffusion import guidance, samplers
+from fcdm_jax.diffusion.objectives import make_objective
 
 SECTIONS = ("sample", "preview", "eval")
 # Fields of config.preview and config.eval that are not sampler settings.
@@ -51,6 +54,12 @@ def sampler_settings(config, section: str, overrides: Mapping | None = None) -> 
                             or not math.isfinite(scale)):
     where = "--cfg_scale" if "cfg_scale" in given else f"config.{section}.cfg_scale"
     raise ValueError(f"{where} must be a finite number (1 = no guidance), got {scale!r}")
+  if "cfg_interval" in settings:
+    source = "preview" if section == "eval" and config.eval.get("cfg_interval") is None \
+        else section
+    where = "--cfg_interval" if "cfg_interval" in given else f"config.{source}.cfg_interval"
+    settings["cfg_interval"] = guidance.check_interval(
+        settings["cfg_interval"], make_objective(config).time_range, where)
   return settings
 
 

@@ -119,6 +119,12 @@ def check_run_setup(config, mesh) -> None:
   if config.batch_size % dp:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the data-parallel "
                      f"size {dp} (mesh {dict(mesh.shape)}); use a multiple of {dp}")
+  accum = int(config.grad_accum_steps)
+  if config.batch_size % (accum * dp):
+    # Each micro-batch is split over the same devices as the batch.
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
+                     f"{accum} x the data-parallel size {dp} (mesh {dict(mesh.shape)}); use "
+                     f"a multiple of {accum * dp}")
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the number of "
                      f"processes {jax.process_count()}")

@@ -6,6 +6,7 @@ examples spread evenly through the run's caption folder (neighbouring examples a
 one image captioned several ways; the texts are logged).
 Pixel-space models are shown as images; latent models are decoded with the VAE when
 `config.preview.vae_dir` names one, else their first three latent channels are shown.
+Each grid's log line gives its cost (`sampling.cost`: network evaluations per image).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from absl import logging
 from fcdm_jax import conditions, fileio, sampling
 from fcdm_jax import images as images_lib
 from fcdm_jax.data.captions import CaptionTable, caption_folder
+from fcdm_jax.sampling import cost as cost_lib
 from fcdm_jax.sampling.settings import sampler_settings
 
 SAMPLES_DIR = "samples"
@@ -74,5 +76,7 @@ class PreviewWriter:
     fileio.write_png(path, grid)
     self.writer.write_images(step, {"samples": grid[None]})
     self.last_path = path
+    logging.info("preview at step %d: %s (%s)", step, path,
+                 cost_lib.describe(self.generator.last_cost))
     return path
 

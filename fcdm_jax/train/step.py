@@ -1,9 +1,11 @@
-"""One training step: objective loss, AdamW update, EMA, and a finiteness flag for the loop."""
+"""One training step: objective loss (summed over micro-batches when accumulating), AdamW
+update, EMA, and a finiteness flag for the loop."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,10 +35,28 @@ def posterior_sample(batch: dict, key: jax.Array) -> jax.Array:
   return x + batch["x_std"] * eps
 
 
+def micro_batches(a: jax.Array, count: int) -> jax.Array:
+  """(B, ...) -> (count, B / count, ...); micro-batch j holds the examples j, j + count, ...
+
+  The batch is split over the devices in contiguous blocks, and this split divides each
+  block in place (reshape to (B / count, count), then swap the two axes), so every
+  micro-batch stays sharded as the batch was, with no data moved between devices.
+  """
+  b = a.shape[0]
+  split = jnp.moveaxis(a.reshape((b // count, count) + a.shape[1:]), 1, 0)
+  return nn.with_logical_constraint(split, (None, "activation_batch") + (None,) * (a.ndim - 1))
+
+
 def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The pure step function. `batch` = {'x': NHWC float32, 'y': int32 labels}, plus
-  'x_std' for latent posteriors (`posterior_sample`).
+  """The pure step function. `batch` = {'x': NHWC float32, 'y': labels or text embeddings},
+  plus 'x_std' for latent posteriors (`posterior_sample`).
+
+  With `config.grad_accum_steps` = A > 1 the batch is split into A micro-batches
+  (`micro_batches`) whose gradients a `lax.scan` sums, for one AdamW and one EMA update
+  per step. Every random draw of an example (posterior, time, noise, label dropout) is
+  keyed by the step and its position in the global batch, so the step equals the A = 1
+  step to float rounding; metrics are global-batch means.
 
   `metrics['finite']` says whether loss and gradient were finite: the training loop
   checks it for every step before each checkpoint save and stops at the first bad step,
@@ -45,21 +65,38 @@ def make_train_step(config, model: FCDM, objective, tx: optax.GradientTransforma
   """
   decay = float(config.ema_decay)
   lr_fn = learning_rate_fn(config)
+  accum = int(config.grad_accum_steps)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss_rng, dropout_rng = jax.random.split(step_rng)
     x0 = posterior_sample(batch, jax.random.fold_in(step_rng, _POSTERIOR_TAG))
+    examples = dict(x=x0, y=batch["y"],
+                    position=jnp.arange(x0.shape[0], dtype=jnp.uint32))
 
-    def loss_fn(params):
+    def loss_fn(params, part):
       def model_fn(x_t, t):
-        return model.apply({"params": params}, x_t, t, batch["y"], train=True,
-                           rngs={"label_dropout": dropout_rng})
-      terms = objective.loss(model_fn, x0, loss_rng)
+        return model.apply({"params": params}, x_t, t, part["y"], train=True,
+                           positions=part["position"], rngs={"label_dropout": dropout_rng})
+      terms = objective.loss(model_fn, part["x"], loss_rng, part["position"])
       terms = {k: jnp.mean(v) for k, v in terms.items()}
       return terms["loss"], terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accum == 1:
+      grads, terms = grad_fn(state.params, examples)
+    else:
+      def accumulate(total, part):
+        grads, terms = grad_fn(state.params, part)
+        return jax.tree.map(jnp.add, total, grads), terms
+
+      parts = jax.tree.map(lambda a: micro_batches(a, accum), examples)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, terms = jax.lax.scan(accumulate, zeros, parts)
+      # Equal micro-batches: the mean of their means is the global-batch mean.
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      terms = jax.tree.map(lambda v: jnp.mean(v, axis=0), terms)
+    loss = terms["loss"]
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -5,6 +5,13 @@ settings it reads (with their defaults) and how it is built (`base.Sampler`). Ad
 that module plus its line below; the sampling command's `--sampler` choices, the config's
 declared settings (`config_base`) and every error list names from this table.
 
+Cost. `evaluations_per_image(settings, objective)` is what one image costs in network
+evaluations, from the sampler's `model_times` and the guidance settings: an evaluation
+counts 2 where it is guided (the doubled batch, or the null rows inside the guidance
+interval) and 1 where it is conditional only; None for a sampler whose evaluations depend
+on the data (adaptive dopri5), which counts them as it runs (`base`). Every output that
+reports a cost uses it (through `fcdm_jax.sampling.Generator`).
+
 Settings. Every sampler reads `base.COMMON` (sampler, steps, cfg_scale, cfg_interval,
 guide_all_eps) and its own keys. The keys a section of a config may hold are those of the
 samplers serving its objective (`setting_keys`); None means "the sampler's default".
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from fcdm_jax.diffusion import guidance
 from fcdm_jax.diffusion.samplers import ddim, ddpm, dpmpp_2m, ode, sde, unipc
 from fcdm_jax.diffusion.samplers.base import COMMON, Sampler, Setting
 
@@ -81,3 +89,17 @@ def resolve(sampler: Sampler, values: Mapping) -> dict:
     unset = key not in values or (values[key] is None and not setting.nullable)
     out[key] = setting.default if unset else values[key]
   return out
+
+
+def evaluations_per_image(settings: Mapping, objective) -> int | None:
+  """Network evaluations one image costs with `settings` (a config.sample-like mapping) on
+  `objective` (an `objectives.Objective`): 2 per guided evaluation, 1 per conditional-only
+  one (`guidance.rows_per_evaluation` at each of the sampler's `model_times`); None when the
+  count depends on the data (the sampler counts it as it runs)."""
+  sampler = get(settings.get("sampler"), objective.name)
+  resolved = resolve(sampler, settings)
+  times = sampler.model_times(objective, resolved)
+  if times is None:
+    return None
+  interval = guidance.check_interval(resolved["cfg_interval"], objective.time_range)
+  return int(guidance.rows_per_evaluation(times, resolved["cfg_scale"], interval).sum())

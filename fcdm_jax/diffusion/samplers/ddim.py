@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from fcdm_jax.diffusion import guidance
 from fcdm_jax.diffusion.gaussian import GaussianDiffusion, check_eta
 from fcdm_jax.diffusion.samplers.base import Sampler, Setting, noise_source
-from fcdm_jax.diffusion.samplers.ddpm import CLIP_DENOISED, RESPACING
+from fcdm_jax.diffusion.samplers.ddpm import CLIP_DENOISED, RESPACING, model_times
 
 
 def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn, x_T, *, eta: float = 0.0, rng=None,
@@ -45,7 +45,7 @@ def make(objective, settings, guide):
   return sample_fn
 
 
-SAMPLER = Sampler(objectives=("ddpm",), make=make,
+SAMPLER = Sampler(objectives=("ddpm",), make=make, model_times=model_times,
                   settings={"respacing": RESPACING, "clip_denoised": CLIP_DENOISED,
                             "eta": Setting(0.0, float, "DDIM eta (0 = deterministic)")},
                   help="DDIM (training previews)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fcdm_jax.diffusion import guidance
 from fcdm_jax.diffusion.gaussian import GaussianDiffusion
@@ -46,6 +47,11 @@ def make(objective, settings, guide):
   return sample_fn
 
 
-SAMPLER = Sampler(objectives=("ddpm",), make=make,
+def model_times(objective, settings) -> np.ndarray:
+  """One evaluation per respaced step, at its original index, from the noisiest down."""
+  return objective.sampling_diffusion(settings).timestep_map[::-1].astype(np.float32)
+
+
+SAMPLER = Sampler(objectives=("ddpm",), make=make, model_times=model_times,
                   settings={"respacing": RESPACING, "clip_denoised": CLIP_DENOISED},
                   help="DDPM ancestral sampling (the paper's FID protocol)")

@@ -184,4 +184,6 @@ def solver(name: str, flow_grid: str, loop, help: str) -> Sampler:
     return sample_fn
 
   return Sampler(objectives=OBJECTIVES, make=make, settings={"time_shift": TIME_SHIFT},
-                 help=help)
+                 help=help,
+                 model_times=lambda objective, settings: model_times(objective, settings,
+                                                                     flow_grid, name))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fcdm_jax.diffusion import flow, guidance
 from fcdm_jax.diffusion.samplers.base import (Sampler, Setting, check_grid_steps, check_method,
-                                              noise_source, positive_steps, times)
+                                              grid_times, noise_source, positive_steps, times)
 
 SDE_METHODS = ("euler", "heun")
 
@@ -90,8 +91,25 @@ def make(objective, settings, guide):
   return sample_fn
 
 
+def model_times(objective, settings) -> np.ndarray:
+  """Euler: one evaluation per step at its start; Heun: two, at its start and end; then one
+  at t1 for the last step (if any), as `sde_sample_loop` calls the model."""
+  num_steps = positive_steps(settings["steps"])
+  method, _, last_step, t0, t1 = check_sde(
+      num_steps, settings["method"], settings["diffusion_form"], settings["last_step"],
+      float(settings["last_step_size"]), objective.sample_eps)
+  ts = jnp.linspace(t0, t1, num_steps, dtype=jnp.float32)
+  starts = np.asarray(ts[:-1])
+  if method == "heun":
+    ends = np.asarray(ts[:-1] + (ts[1] - ts[0]))
+    starts = np.stack([starts, ends], axis=1).reshape(-1)
+  last = [np.float32(t1)] if last_step is not None else []
+  return np.concatenate([starts, np.asarray(last, np.float32)])
+
+
 SAMPLER = Sampler(
-    objectives=("flow",), make=make, help="SiT's SDE sampler (the paper's flow protocol)",
+    objectives=("flow",), make=make, model_times=model_times,
+    help="SiT's SDE sampler (the paper's flow protocol)",
     settings={
         "method": Setting("euler", str, f"integration method, one of {SDE_METHODS}"),
         "diffusion_form": Setting("sigma", str, f"w(t), one of {flow.DIFFUSION_FORMS}"),

@@ -1,0 +1,96 @@
+"""The README's sampler table (`fcdm_jax.demo.sampler_sweep`, `python -m
+fcdm_jax.demo.sampler_table`) on a tiny untrained flow demo run with tiny counts: its rows,
+their evaluations per image against the network's counted calls, resuming (rows already in
+the file are not sampled again; a missing one is, alike), a file of other settings refused,
+and the markdown table."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fcdm_jax.demo import sampler_sweep
+
+from helpers.network_calls import counted_rows, rows_since
+from helpers.runs import make_workdir
+from helpers.training import seed_classifier, tiny_demo_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 8
+TINY = dict(num_samples=N, steps=(3,), reference_steps=3, only=["dpmpp_2m"], batch_size=N)
+
+
+def test_plan_covers_every_sampler_and_the_reference():
+  rows = sampler_sweep.plan("flow", "sde")
+  labels = {r["label"] for r in rows}
+  assert labels == {"sde (euler)", "ode (euler)", "ode (heun)", "ode (dopri5)", "dpmpp_2m",
+                    "unipc"}
+  assert [r["steps"] for r in rows if r["label"] == "unipc"] == list(sampler_sweep.STEPS)
+  assert [(r["label"], r["steps"]) for r in rows if r["reference"]] == [("sde (euler)", 250)]
+  ddpm = sampler_sweep.plan("ddpm", "ddpm")
+  assert {r["label"] for r in ddpm} == {"ddpm", "ddim", "dpmpp_2m", "unipc"}
+  assert [(r["label"], r["steps"]) for r in ddpm if r["reference"]] == [("ddpm", 250)]
+  with pytest.raises(ValueError, match=r"--samplers \['magic'\] are none of this run's"):
+    sampler_sweep.plan("ddpm", "ddpm", only=["magic"])
+
+
+@pytest.mark.slow
+def test_rows_count_their_evaluations_and_resume(tmp_path, digit_classifier):
+  workdir, _ = make_workdir(tmp_path / "run", tiny_demo_config("flow", seed=5))
+  seed_classifier(digit_classifier, workdir)
+  out = str(tmp_path / "table.json")
+  ran = {}
+  with counted_rows() as calls:
+    def on_row(row):
+      ran[sampler_sweep.row_key(row)] = rows_since(calls) / N
+
+    data = sampler_sweep.sweep(workdir, out, on_row=on_row, **TINY)
+    rows = {sampler_sweep.row_key(r): r for r in data["rows"]}
+    # dpmpp_2m at 3 steps and the reference (SiT's Euler SDE at 3 grid points: 2 steps and
+    # the last step), each without and with the interval.
+    assert sorted(rows) == sorted([("dpmpp_2m", 3, False, False), ("dpmpp_2m", 3, False, True),
+                                   ("sde (euler)", 3, True, False),
+                                   ("sde (euler)", 3, True, True)])
+    assert {k: r["evaluations_per_image"] for k, r in rows.items()} == ran
+    assert rows["dpmpp_2m", 3, False, False]["evaluations_per_image"] == 6   # all guided
+    assert 3 < rows["dpmpp_2m", 3, False, True]["evaluations_per_image"] < 6
+    assert data["settings"]["guidance_interval"] == pytest.approx([1 / 2.02, 1 / 1.34],
+                                                                  abs=1e-4)
+    for r in rows.values():
+      assert 0 <= r["accuracy"] <= 1 and r["frechet_distance"] > 0 and r["seconds"] > 0
+    with open(out) as f:
+      assert json.load(f) == data
+
+    # Again: every row is there, nothing runs.
+    again = sampler_sweep.sweep(workdir, out, on_row=on_row, **TINY)
+    assert again == data and rows_since(calls) == 0
+    # One row lost: only it is sampled again, to the same numbers.
+    lost = ("dpmpp_2m", 3, False, True)
+    data["rows"] = [r for r in data["rows"] if sampler_sweep.row_key(r) != lost]
+    with open(out, "w") as f:
+      json.dump(data, f)
+    ran.clear()
+    resumed = sampler_sweep.sweep(workdir, out, on_row=on_row, **TINY)
+    assert list(ran) == [lost] and ran[lost] == rows[lost]["evaluations_per_image"]
+    redone = {sampler_sweep.row_key(r): r for r in resumed["rows"]}[lost]
+    for key in ("evaluations_per_image", "accuracy", "frechet_distance"):
+      assert redone[key] == rows[lost][key], key
+
+  with pytest.raises(ValueError, match="made with other settings.*num_samples"):
+    sampler_sweep.sweep(workdir, out, **dict(TINY, num_samples=N + 2))
+
+  table = sampler_sweep.markdown(resumed)
+  assert table.count("\n| dpmpp_2m | 3 |") == 2 and table.count("(reference) | 3 |") == 2
+  assert "Real digits: classifier accuracy" in table and "of the reference's Fréchet" in table
+
+  # The command: every row done, it prints the table.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.demo.sampler_table",
+                         f"--workdir={workdir}", f"--out={out}", f"--num_samples={N}",
+                         "--steps=3", "--reference_steps=3", "--samplers=dpmpp_2m",
+                         f"--batch_size={N}"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert table in proc.stdout
