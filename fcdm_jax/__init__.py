@@ -10,7 +10,8 @@ Entry points (`python -m fcdm_jax.NAME --help`):
                    caption folder of a captioned one
   export_torch     a run's checkpoint as a published-layout `.pt` / `.safetensors`
   bench            compile time, throughput, memory and MFU of a config (a package)
-  preflight        compile a config for a TPU slice here: fits or not, roofline bound
+  preflight        compile a config for a TPU slice or GPUs here: fits or not, roofline
+                   bound; --fit: the fastest remat and accumulation that fit
   preflight_table  the TPU table of docs/performance.md (resumable)
   demo.prepare     prepare the text-to-image demo's data (its first run does it too)
 
@@ -31,5 +32,11 @@ import os as _os
 # GCS emulator; TensorFlow's gfile (EPATH_USE_TF=1) has no emulator setting. Set before
 # etils.epath picks a backend (it decides once per process).
 _os.environ.setdefault("EPATH_USE_TF", "false")
+# The gpu extra's CUDA plugin checks its CUDA libraries whenever JAX starts; on a machine
+# without an NVIDIA GPU the failed check is a logged traceback before JAX falls back to the
+# CPU. JAX leaves CUDA out there anyway (the same device files decide, as in
+# jax._src.hardware_utils), so the check guards nothing and is skipped.
+if not any(_os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")):
+  _os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 __version__ = "0.1.0"

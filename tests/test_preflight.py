@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from fcdm_jax import tpu_topology
-from fcdm_jax.perf import tpu_preflight
+from fcdm_jax.perf import preflight_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.py"
@@ -59,22 +59,22 @@ def test_bad_topology_names_list_the_accepted_forms(name):
 def test_out_of_memory_messages():
   new = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (45.75G) exceeds available HBM (15.75G).")
-  assert tpu_preflight.parse_oom(new) == dict(required_bytes=int(45.75 * 2**30),
+  assert preflight_run.parse_oom(new) == dict(required_bytes=int(45.75 * 2**30),
                                           available_bytes=int(15.75 * 2**30))
   old = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 17.5G of 15.5G hbm."
-  assert tpu_preflight.parse_oom(old)["required_bytes"] == int(17.5 * 2**30)
-  assert tpu_preflight.parse_oom("INVALID_ARGUMENT: bad shape") is None
+  assert preflight_run.parse_oom(old)["required_bytes"] == int(17.5 * 2**30)
+  assert preflight_run.parse_oom("INVALID_ARGUMENT: bad shape") is None
 
 
 def test_roofline_picks_the_binding_resource():
-  r = tpu_preflight.roofline(flops=197e12, nbytes=819e9 / 2, peak_tflops=197.0, bandwidth=819e9,
+  r = preflight_run.roofline(flops=197e12, nbytes=819e9 / 2, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=98.5e12, images=256)
   assert r["binds"] == "compute" and r["step_s_bound"] == pytest.approx(1.0)
   assert r["img_per_s_bound"] == pytest.approx(256) and r["mfu_bound"] == pytest.approx(0.5)
-  r = tpu_preflight.roofline(flops=197e12, nbytes=1e9, peak_tflops=197.0, bandwidth=819e9,
+  r = preflight_run.roofline(flops=197e12, nbytes=1e9, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=1.02 * 197e12, images=256)   # nominal > counted
   assert r["mfu_bound"] == 1.0
-  r = tpu_preflight.roofline(flops=1e12, nbytes=819e9 * 2, peak_tflops=197.0, bandwidth=819e9,
+  r = preflight_run.roofline(flops=1e12, nbytes=819e9 * 2, peak_tflops=197.0, bandwidth=819e9,
                          model_flops=1e12, images=8)
   assert r["binds"] == "HBM bandwidth" and r["step_s_bound"] == pytest.approx(2.0)
 

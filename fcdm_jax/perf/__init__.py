@@ -1,4 +1,4 @@
-"""Performance measurement: what the benchmark and the TPU preflight commands compute.
+"""Performance measurement: what the benchmark and the preflight commands compute.
 
   machine        the machine's facts: vendor peak FLOP/s per chip, the CPU's estimated peak,
                  load and other processes' busy time, peak memory
@@ -9,7 +9,9 @@
   benchmark      one benchmark of a config (`run`) and its report
   input_bench    the host side of the data sources: examples/s per host
   dwconv_study   the depthwise conv formulations at a config's level shapes
-  tpu_preflight  the run's programs compiled for a TPU slice: fits or not, roofline bound
+  targets        what the preflight compiles for: TPU slices and GPUs by name (their facts)
+  preflight_run  the run's programs compiled for a TPU slice or GPUs: fits or not, roofline bound
+  fit            the preflight's --fit: the fastest (remat, accumulation) that fits
   tpu_table      the TPU preflight table of docs/performance.md and the defaults chosen from it
 
 Nothing here imports a command module (`fcdm_jax.bench`, `preflight`, `preflight_table`).

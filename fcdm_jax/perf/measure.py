@@ -9,6 +9,8 @@ import statistics
 import time
 from typing import Any, Callable
 
+import jax
+
 from fcdm_jax import fileio
 from fcdm_jax.flops import cost_analysis
 from fcdm_jax.perf.machine import busy_seconds, cpu_count, peak_rss_bytes
@@ -66,6 +68,22 @@ def jax_memory(device, compiled) -> dict[str, Any]:
   out["xla_planned_bytes"] = planned["planned"] if planned else None
   out["xla_temp_bytes"] = planned["temp"] if planned else None  # None: the backend has no analysis
   return out
+
+
+def compiled_cost(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program (flops, 'bytes accessed', ...; every loop
+  body counted once). A program compiled for abstract GPUs has none of its own
+  (`cost_analysis()` is None there): its optimized module is analysed instead, with XLA's
+  HLO cost analysis through jaxlib's private entry (no public one exists); {} if that fails."""
+  ca = cost_analysis(compiled)
+  if ca:
+    return ca
+  try:
+    from jax._src.lib import _jax  # private: imported here so that its absence costs only this
+    module = compiled.runtime_executable().hlo_modules()[0]
+    return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
+  except Exception:  # noqa: BLE001 - a private API: its absence only loses the counts
+    return {}
 
 
 def lowered_flops(lowered) -> float | None:
