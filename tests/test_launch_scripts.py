@@ -124,6 +124,51 @@ def test_gpu_single_node_dry_run():
   assert run("gpu_single_node.sh", "--dry-run").returncode == 2
 
 
+def test_gpu_single_node_dry_run_with_accumulation_shows_the_preflight_first():
+  result = run("gpu_single_node.sh", "--dry-run", "--workdir=/tmp/run", "--gpus=0,1,2,3",
+               "--gpu-type=4090", "--accum=4", "--", "--config.seed=3", "--verbose_errors")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [
+      "+ python3 -m fcdm_jax.preflight --config=configs/xl_256.py --topology=4x4090 "
+      "--programs=train --config.grad_accum_steps=4 --config.seed=3",
+      "+ python3 -m fcdm_jax.main --config=configs/xl_256.py --workdir=/tmp/run "
+      "--config.grad_accum_steps=4 --config.seed=3 --verbose_errors"]
+  skipped = run("gpu_single_node.sh", "--dry-run", "--workdir=/tmp/run", "--gpus=0,1",
+                "--gpu-type=4090", "--skip-preflight")
+  assert skipped.returncode == 0 and "fcdm_jax.preflight" not in skipped.stdout
+  bad = run("gpu_single_node.sh", "--dry-run", "--workdir=/tmp/run", "--accum=0")
+  assert bad.returncode == 2 and "--accum must be a positive integer" in bad.stderr
+
+
+@pytest.mark.parametrize("status, message", [
+    (1, "configs/xl_256.py does not fit on 2x4090 (preflight figures above)"),
+    (2, "the preflight could not run (exit 2"),
+])
+def test_gpu_single_node_stops_before_training_when_the_preflight_refuses(tmp_path, status,
+                                                                        message):
+  """No dry run: the GPU model comes from nvidia-smi, the preflight compiles for it, and a
+  refusal stops the script before training (the fake python records every call)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  smi = bin_dir / "nvidia-smi"
+  smi.write_text("#!/usr/bin/env bash\n"
+                 "if [[ \"$*\" == *name,* ]]; then echo '0, NVIDIA GeForce RTX 4090, 24564 MiB'\n"
+                 "else echo 'NVIDIA GeForce RTX 4090'; echo 'NVIDIA GeForce RTX 4090'; fi\n")
+  smi.chmod(0o755)
+  calls = tmp_path / "python_calls"
+  python = tmp_path / "python3"
+  python.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n"
+                    f"echo '[train] total 30.1 GiB of 18.0 GiB usable'\nexit {status}\n")
+  python.chmod(0o755)
+  env = {"PYTHON": str(python), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+  result = run("gpu_single_node.sh", "--workdir=/tmp/run", env=env)
+  assert result.returncode == 2 and message in result.stderr
+  assert "30.1 GiB of 18.0 GiB" in result.stdout
+  called = calls.read_text().splitlines()
+  assert called == ["-m fcdm_jax.preflight --config=configs/xl_256.py --topology=2x4090 "
+                    "--programs=train"]   # and fcdm_jax.main never ran
+
+
 def test_slurm_sets_jax_device_ids_per_layout():
   env = {"SLURM_JOB_ID": "77", "SLURM_GPUS_ON_NODE": "4", "WORKDIR": "/shared/run",
          "DRY_RUN": "1"}
@@ -138,6 +183,21 @@ def test_slurm_sets_jax_device_ids_per_layout():
   assert bad.returncode == 2 and "use 1 (per node) or 4 (per GPU)" in bad.stderr
   outside = run("slurm_multinode.sbatch", env={"WORKDIR": "/shared/run"})
   assert outside.returncode == 2 and "submit it with sbatch" in outside.stderr
+
+
+def test_slurm_takes_the_accumulation_and_preflights_the_job_gpus():
+  env = {"SLURM_JOB_ID": "77", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NUM_NODES": "2",
+         "WORKDIR": "/shared/run", "DRY_RUN": "1", "GPU_TYPE": "h100", "GRAD_ACCUM_STEPS": "2"}
+  result = run("slurm_multinode.sbatch", "--config.seed=1", env=env)
+  assert result.returncode == 0, result.stderr
+  lines = [l for l in result.stdout.splitlines() if l.startswith("+ ")]
+  assert lines[0] == ("+ python3 -m fcdm_jax.preflight --config=configs/xl_256.py "
+                      "--topology=2x8xh100 --programs=train --config.grad_accum_steps=2 "
+                      "--config.seed=1")
+  assert lines[1].startswith("+ srun") and lines[1].endswith(
+      "--config.distributed=True --config.grad_accum_steps=2 --config.seed=1")
+  skipped = run("slurm_multinode.sbatch", env={**env, "SKIP_PREFLIGHT": "1"})
+  assert skipped.returncode == 0 and "fcdm_jax.preflight" not in skipped.stdout
 
 
 def test_gpu_bench_dry_run_lists_every_run():
