@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.runs import run_without_module
 
 from fcdm_jax import gpu_topology
 from fcdm_jax.perf import targets
@@ -115,15 +116,8 @@ def test_bad_gpu_topology_exits_2_naming_the_known_ones(tmp_path):
 @pytest.mark.slow
 def test_without_the_extra_one_line_and_exit_2(tmp_path):
   """A Python that cannot find JAX's CUDA plugin (a shadowing stub of importlib's finder)."""
-  hide = tmp_path / "sitecustomize.py"
-  hide.write_text("import importlib.util as u\n_f = u.find_spec\n"
-                  "u.find_spec = lambda n, *a, **k: None if n == 'jax_plugins.xla_cuda12' "
-                  "else _f(n, *a, **k)\n")
-  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight", f"--config={TINY}",
-                         "--topology=4x4090"], capture_output=True, text=True, timeout=300,
-                        cwd=REPO, env=env)
+  proc = run_without_module('jax_plugins.xla_cuda12', ["-m", "fcdm_jax.preflight", f"--config={TINY}",
+                                               "--topology=4x4090"], tmp_path, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stderr.strip() == ("error: compiling for a GPU needs JAX's CUDA plugin "
                                  "(jax-cuda12-plugin), which is not installed: "

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.runs import run_without_module
 
 from fcdm_jax import tpu_topology
 from fcdm_jax.perf import preflight_run
@@ -82,14 +83,8 @@ def test_roofline_picks_the_binding_resource():
 @pytest.mark.slow
 def test_without_libtpu_one_line_and_nonzero_exit(tmp_path):
   """A Python that cannot find libtpu (a shadowing stub of importlib's finder)."""
-  hide = tmp_path / "sitecustomize.py"
-  hide.write_text("import importlib.util as u\n_f = u.find_spec\n"
-                  "u.find_spec = lambda n, *a, **k: None if n == 'libtpu' else _f(n, *a, **k)\n")
-  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight", f"--config={TINY}",
-                         "--topology=v5e:2x2"], capture_output=True, text=True, timeout=120,
-                        cwd=REPO, env=env)
+  proc = run_without_module('libtpu', ["-m", "fcdm_jax.preflight", f"--config={TINY}",
+                                               "--topology=v5e:2x2"], tmp_path, timeout=120)
   assert proc.returncode == 2
   assert 'pip install -e ".[tpu]"' in proc.stderr and "Traceback" not in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1

@@ -134,3 +134,16 @@ def make_workdir(path, config, seed=0):
                           "config": json.loads(config.to_json_best_effort())})
   ckpt.close()
   return str(path), ema
+
+
+def run_without_module(module: str, argv, tmp_path, timeout=300):
+  """Runs `python argv...` from the repository on the CPU with `module` hidden from
+  importlib's finder (a sitecustomize stub): a machine without an optional extra."""
+  hide = tmp_path / "sitecustomize.py"
+  hide.write_text("import importlib.util as u\n_f = u.find_spec\n"
+                  f"u.find_spec = lambda n, *a, **k: None if n == {module!r} "
+                  "else _f(n, *a, **k)\n")
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO, env=env)
