@@ -12,7 +12,7 @@ Entry points (`python -m fcdm_jax.NAME --help`):
   bench            compile time, throughput, memory and MFU of a config (a package)
   preflight        compile a config for a TPU slice or GPUs here: fits or not, roofline
                    bound; --fit: the fastest remat and accumulation that fit
-  preflight_table  the TPU table of docs/performance.md (resumable)
+  preflight_table  the TPU and GPU tables of docs/performance.md (resumable)
   demo.prepare     prepare the text-to-image demo's data (its first run does it too)
 
 Commands are flags and a `main` run through `cli` (one `error:` line per bad input, a clean

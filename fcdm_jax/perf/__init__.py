@@ -12,7 +12,9 @@
   targets        what the preflight compiles for: TPU slices and GPUs by name (their facts)
   preflight_run  the run's programs compiled for a TPU slice or GPUs: fits or not, roofline bound
   fit            the preflight's --fit: the fastest (remat, accumulation) that fits
+  table_rows     what the preflight tables share: rows saved as they finish, one process each
   tpu_table      the TPU preflight table of docs/performance.md and the defaults chosen from it
+  gpu_table      the GPU preflight table: per config and GPU node, the fastest layout that fits
 
 Nothing here imports a command module (`fcdm_jax.bench`, `preflight`, `preflight_table`).
 """

@@ -9,9 +9,12 @@ Not every pair is compiled. Accumulation does not change a step's arithmetic and
 passes over the weights, so for each policy the fewest micro-batches that fit is that
 policy's best: its accumulation steps are tried from 1 up, the next try sized from the
 last plan (its temporaries, which shrink with the micro-batch, against the room the rest
-leaves), and the first that fits ends the policy. A policy whose compute time alone (FLOPs
-per device / peak, from the step lowered for the CPU) is no lower than the best bound found
-cannot win and is not compiled. Without config.grad_accum_steps only the policies are
+leaves), and the first that fits ends the policy. Policies are tried in order of the work
+they recompute (`REMATS`); recomputing adds FLOPs and rereads what it recomputes from, and
+removes neither, so a policy can only beat one before it by fitting in fewer micro-batches:
+its tries stop below the fewest that fit so far (none at all once a policy fits the full
+batch). A policy whose compute time alone (FLOPs per device / peak, from the step lowered
+for the CPU) is no lower than the best bound found cannot win either and is not compiled. Without config.grad_accum_steps only the policies are
 compared, at the full batch. Times are bounds derived from compiler counts and vendor
 peaks, not measurements; the byte counts see each loop body once (the micro-batch loop
 too), so a memory-bound choice is flagged as less certain.
@@ -19,15 +22,19 @@ too), so a memory-bound choice is flagged as less certain.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
+
+import jax
 
 from fcdm_jax import sharding
 from fcdm_jax.models.fcdm import REMAT_POLICIES
 from fcdm_jax.perf import preflight_run
 
 HEADROOM = 0.10   # of the usable memory left free by the chosen layout
-# Policies in order of the work they recompute (none recomputes nothing).
-REMATS = tuple(p for p in ("none", "dots_no_batch", "dots", "block") if p in REMAT_POLICIES)
+# Policies in order of the work they recompute: none recomputes nothing, dots keeps every
+# matmul's output, dots_no_batch those without batch dimensions, block only its input.
+REMATS = tuple(p for p in ("none", "dots", "dots_no_batch", "block") if p in REMAT_POLICIES)
 
 
 def accumulation_steps(batch: int, data_parallel: int) -> list[int]:
@@ -88,7 +95,18 @@ def run(config, topology: str, *, batch: int | None = None, remats=REMATS,
   flops_cache: dict = {}
   candidates: list[dict[str, Any]] = []
   best = None
-  for remat in remats:
+  fewest = fewest_by = None   # the fewest micro-batches a policy so far fits in, and which
+  for remat in sorted(remats, key=REMATS.index):
+    tries = [a for a in steps if fewest is None or (a is not None and a < fewest)]
+    if (fewest is not None and not tries) or (best is not None and not has_accum):
+      reason = (f"{fewest_by} fits "
+                + (f"in {fewest} micro-batch{'es' if fewest > 1 else ''}" if has_accum
+                   else "the full batch")
+                + "; more recompute in as many cannot be faster")
+      candidates.append(dict(remat=remat, grad_accum_steps=None, compiled=False,
+                             compute_s=None, skipped=reason))
+      log(f"  {remat}: not compiled, {reason}")
+      continue
     trial = config.copy_and_resolve_references()
     with trial.unlocked():
       trial.model.remat = remat
@@ -102,7 +120,7 @@ def run(config, topology: str, *, batch: int | None = None, remats=REMATS,
       log(f"  {remat}: not compiled, its compute alone ({1e3 * compute_s:.2f} ms) is no "
           f"lower than the best bound ({1e3 * best['step_s_bound']:.2f} ms)")
       continue
-    accum = steps[0]
+    accum = tries[0]
     while accum is not None or not has_accum:
       with trial.unlocked():
         if has_accum:
@@ -128,6 +146,8 @@ def run(config, topology: str, *, batch: int | None = None, remats=REMATS,
         if cand["step_s_bound"] is not None and (
             best is None or cand["step_s_bound"] < best["step_s_bound"]):
           best = cand
+        if fewest is None or (accum is not None and accum < fewest):
+          fewest, fewest_by = accum, remat
         break
       if not has_accum:
         break
@@ -135,8 +155,16 @@ def run(config, topology: str, *, batch: int | None = None, remats=REMATS,
         accum = next((a for a in steps if a > accum), None)
       else:
         accum = _next_steps(steps, accum, memory, limit)
+      if accum is not None and fewest is not None and accum >= fewest:
+        log(f"  {remat}: stops, it would need {accum} or more micro-batches where "
+            f"{fewest_by} fits in {fewest}")
+        accum = None
   result: dict[str, Any] = dict(
-      topology=topology, batch=batch, headroom=HEADROOM, usable_bytes=target.usable_bytes,
+      date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), jax=jax.__version__,
+      config=str(config.get("name", "")), topology=topology, device_kind=devices[0].device_kind,
+      devices=n, dtype=dtype, mesh=dict(mesh.shape), params_sharding=config.sharding.params,
+      dwconv_impl=config.model.dwconv_impl, batch=batch, headroom=HEADROOM,
+      memory_bytes=target.memory_bytes, usable_bytes=target.usable_bytes,
       unit=target.unit, candidates=candidates, choice=best,
       overrides=None if best is None else overrides(config, best["remat"],
                                                     best["grad_accum_steps"]),

@@ -24,20 +24,15 @@ roofline bounds derived from compiler counts, not measurements.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
-import os
 import pathlib
-import subprocess
 import sys
-import tempfile
-import time
-from concurrent import futures
 from typing import Any
 
 from fcdm_jax.config_base import PARAM_MESH_AXES
 from fcdm_jax.models.layers import resolve_dwconv_impl
+from fcdm_jax.perf import table_rows
 
 RESULTS = "docs/tpu_preflight.json"   # the defaults, relative to the repository's root
 DOC = "docs/performance.md"
@@ -215,57 +210,27 @@ def load(path: pathlib.Path) -> dict[str, Any]:
 
 
 def save(path: pathlib.Path, results: dict[str, Any], key: str) -> None:
-  """Adds row `key` of `results` to the file, merged under a lock with what other sittings
-  (`--only`/`--skip` on disjoint rows) wrote meanwhile; written to a temporary file and
-  renamed, so an interrupted run loses one row at most. `results` gains their rows too."""
-  with open(path.with_suffix(".json.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    merged = load(path)
-    merged[key] = results[key]
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-  results.update(merged)
+  """Adds row `key` of `results` to the file (`table_rows.save`: locked, merged, atomic)."""
+  table_rows.save(path, results, key, load)
 
 
 def run_entry(e: dict[str, Any], timeout_s: int, log) -> dict[str, Any]:
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, "report.json")
-    t0 = time.time()
-    try:
-      proc = subprocess.run(command(e, out), capture_output=True, text=True,
-                            timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-      return dict(e, error=f"timed out after {timeout_s} s", date=time.strftime("%Y-%m-%d"))
-    if proc.returncode in (0, 1) and os.path.exists(out):
-      with open(out) as f:
-        return summarize(e, json.load(f))
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    log(f"  failed after {time.time() - t0:.0f} s: {' | '.join(tail)}")
-    return dict(e, error=f"exit {proc.returncode}: {' | '.join(tail)[:500]}",
-                date=time.strftime("%Y-%m-%d"))
+  return table_rows.run_preflight(e, command, summarize, timeout_s, log)
 
 
 def run_all(todo, results, results_path, doc, timeout_s, jobs, log) -> None:
   """Compiles `todo` with `jobs` rows at a time, each in its own process; every finished row
-  is saved (and the doc rewritten) by this thread alone, so no row is lost to a race."""
-  def one(e):
-    log(f"{time.strftime('%H:%M:%S')} {e['key']}: compiling ...")
-    t0 = time.time()
-    return run_entry(e, timeout_s, log), time.time() - t0
+  is saved (and the doc rewritten) as it ends."""
+  def done(e, r, seconds):
+    results[e["key"]] = r
+    save(results_path, results, e["key"])
+    write_doc(doc, results)
+    log(f"  {e['key']} done in {seconds:.0f} s: "
+        + (r["error"] if "error" in r else
+           f"{_gib(r['hbm_used_bytes'])} GiB, fits={r['fits']}, "
+           f"bound {r.get('step_s_bound')} s ({r.get('binds')})"))
 
-  with futures.ThreadPoolExecutor(jobs) as pool:
-    pending = {pool.submit(one, e): e for e in todo}
-    for fut in futures.as_completed(pending):
-      e = pending[fut]
-      r, seconds = fut.result()
-      results[e["key"]] = r
-      save(results_path, results, e["key"])
-      write_doc(doc, results)
-      log(f"  {e['key']} done in {seconds:.0f} s: "
-          + (r["error"] if "error" in r else
-             f"{_gib(r['hbm_used_bytes'])} GiB, fits={r['fits']}, "
-             f"bound {r.get('step_s_bound')} s ({r.get('binds')})"))
+  table_rows.run_all(todo, lambda e: run_entry(e, timeout_s, log), done, jobs, log)
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -424,13 +389,11 @@ def render_defaults(results: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _gib(v) -> str:
-  return "-" if v is None else f"{v / 2**30:.1f}"
+_gib = table_rows.gib
 
 
 def _label(e) -> str:
-  """configs/xl_512.py -> XL/512."""
-  return pathlib.Path(e["config"]).stem.upper().replace("_", "/")
+  return table_rows.label(e["config"])
 
 
 HEADER = ("| config | slice | dtype | remat | dwconv | mesh | HBM GiB / chip | fits | "
@@ -497,16 +460,7 @@ def render(results: dict[str, Any]) -> str:
 
 def write_doc(doc: pathlib.Path, results: dict[str, Any]) -> None:
   """Replaces the table between the markers (appends a section if there is none)."""
-  text = doc.read_text() if doc.exists() else ""
-  table = render(results)
-  if START in text and END in text:
-    head, rest = text.split(START, 1)
-    text = head + table + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip("\n") + "\n\n## TPU preflight table\n\n" + table + "\n"
-  tmp = doc.with_suffix(f".md.{os.getpid()}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, doc)
+  table_rows.write_section(doc, render(results), START, END, "TPU preflight table")
 
 
 def update(results_path, doc, *, render_only: bool = False, only: str = "", skip: str = "",
@@ -519,12 +473,8 @@ def update(results_path, doc, *, render_only: bool = False, only: str = "", skip
   results_path, doc = pathlib.Path(results_path), pathlib.Path(doc)
   results = load(results_path)
   if not render_only:
-    todo = [e for e in entries()
-            if only in e["key"] and not (skip and skip in e["key"])
-            and (results.get(e["key"]) is None
-                 or (retry_errors and "error" in results[e["key"]]))]
-    if max_entries:
-      todo = todo[:max_entries]
+    todo = table_rows.pending(entries(), results, only=only, skip=skip,
+                              retry_errors=retry_errors, max_entries=max_entries)
     run_all(todo, results, results_path, doc, timeout_s, max(1, jobs), log)
   write_doc(doc, results)
   return results
