@@ -214,4 +214,13 @@ def test_fit_overrides_fit(tmp_path):
                                *overrides)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert report["fits"] and report["grad_accum_steps"] == choice["grad_accum_steps"]
-  assert report["programs"]["train"]["memory"]["total"] == choice["memory_bytes"]
+  train = report["programs"]["train"]
+  assert train["memory"]["total"] == choice["memory_bytes"]
+  # The micro-batch loop's bytes counted through: A - 1 more passes of its body (the
+  # compiled count less two passes over the state), what --fit ranked the candidates by.
+  pc, accum = train["per_chip"], choice["grad_accum_steps"]
+  body = pc["bytes_accessed_loops_once"] - 2 * train["memory"]["argument"]
+  assert pc["micro_batch_loop_estimated"] and body > 0
+  assert pc["bytes_accessed"] == pytest.approx(pc["bytes_accessed_loops_once"]
+                                               + (accum - 1) * body)
+  assert train["roofline"]["memory_s"] == pytest.approx(pc["bytes_accessed"] / 1008e9)

@@ -16,8 +16,9 @@ its tries stop below the fewest that fit so far (none at all once a policy fits 
 batch). A policy whose compute time alone (FLOPs per device / peak, from the step lowered
 for the CPU) is no lower than the best bound found cannot win either and is not compiled. Without config.grad_accum_steps only the policies are
 compared, at the full batch. Times are bounds derived from compiler counts and vendor
-peaks, not measurements; the byte counts see each loop body once (the micro-batch loop
-too), so a memory-bound choice is flagged as less certain.
+peaks, not measurements. The byte counts see each loop body once except the micro-batch
+loop, counted through by estimate (`perf.preflight_run`), so that candidates with more
+micro-batches pay for them; a memory-bound choice is flagged as less certain.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def format_result(result: dict[str, Any]) -> str:
                     if best["grad_accum_steps"] is not None else "")
                  + f": step >= {1e3 * best['step_s_bound']:.2f} ms (a bound, not a measurement)")
     if best["binds"] != "compute":
-      lines.append("  (memory-bound: byte counts see each loop body once, so this choice is "
-                   "less certain than a compute-bound one)")
+      lines.append("  (memory-bound: byte counts see the model's loops once and the "
+                   "micro-batch loop by estimate, so this choice is less certain than a "
+                   "compute-bound one)")
     lines.append(f"overrides: {result['overrides']}")
   return "\n".join(lines)

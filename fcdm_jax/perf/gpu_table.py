@@ -121,8 +121,9 @@ def render(results: dict[str, Any]) -> str:
            "Micro-batches x per GPU: the accumulation steps and each micro-batch's examples "
            "per GPU. Compiled: the candidates compiled (the others could not win, `perf.fit`). "
            "**Step bound and img/s are roofline bounds derived from compiler counts and "
-           "vendor peaks, not measurements**; bytes count each loop body once, so a "
-           "memory-bound row with accumulation is the least certain.", "", *HEADER]
+           "vendor peaks, not measurements**; bytes count the model's loops once and the "
+           "micro-batch loop through by an estimate (`perf.preflight_run`), so a "
+           "memory-bound row is less certain than a compute-bound one.", "", *HEADER]
   missing = []
   for e in entries():
     r = results.get(e["key"])
