@@ -96,7 +96,7 @@ else
   num_gpus=""
 fi
 if [[ -z "$GPU_TYPE" && "$DRY_RUN" != 1 ]]; then
-  name="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+  name="$(nvidia-smi --query-gpu=name --format=csv,noheader | awk 'NR == 1')"
   GPU_TYPE="$(gpu_type_of "$name")"
   if [[ -z "$GPU_TYPE" && "$SKIP_PREFLIGHT" != 1 ]]; then
     echo "gpu_single_node.sh: the preflight has no target for '$name'; training without it" \

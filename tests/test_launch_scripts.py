@@ -151,9 +151,12 @@ def test_gpu_single_node_stops_before_training_when_the_preflight_refuses(tmp_pa
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   smi = bin_dir / "nvidia-smi"
+  # The second GPU's line comes late, after a reader taking the first may have gone: the
+  # script must not die of SIGPIPE under pipefail (it did, under load, with `head -n 1`).
   smi.write_text("#!/usr/bin/env bash\n"
                  "if [[ \"$*\" == *name,* ]]; then echo '0, NVIDIA GeForce RTX 4090, 24564 MiB'\n"
-                 "else echo 'NVIDIA GeForce RTX 4090'; echo 'NVIDIA GeForce RTX 4090'; fi\n")
+                 "else echo 'NVIDIA GeForce RTX 4090'; sleep 0.3; "
+                 "echo 'NVIDIA GeForce RTX 4090'; fi\n")
   smi.chmod(0o755)
   calls = tmp_path / "python_calls"
   python = tmp_path / "python3"
