@@ -42,8 +42,6 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   del argv   # cli.run refuses positional arguments
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # TF (for TFDS / clu) must not take GPU memory
   summary = train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value,
                                make_evaluators=make_evaluators)
   summary.pop("state", None)

@@ -7,10 +7,14 @@
 - A project module imported inside a function says why on that line (a comment): only to
   defer a heavy optional dependency or to break a cycle.
 - No test file imports another test file (shared code is in tests/helpers/).
+- No command imports TensorFlow when it starts (seconds that `--help` and an early error
+  need not wait for): the writers and TFDS sources import it when they are used.
 """
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fcdm_jax"
@@ -94,3 +98,14 @@ def test_no_test_file_imports_another():
          for path in sorted((REPO / "tests").rglob("*.py"))
          for module, line, _ in _imports(path) if module.split(".")[0].startswith("test_")]
   assert not bad, "\n".join(bad)
+
+
+def test_commands_start_without_tensorflow():
+  for command in ("main", "sample", "evaluate", "preflight"):
+    code = (f"import sys, fcdm_jax.{command}\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'tensorflow_datasets', 'clu')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", (command, proc.stdout[-3000:])

@@ -96,6 +96,8 @@ class MirroredWriter(interface.MetricWriter):
 
 def create_writer(workdir: str, is_host0: bool, mirror_every_s: float = 60.0):
   """Logging everywhere; event files in `workdir` on host 0, local or remote alike."""
+  import tensorflow as tf   # clu's summary writer is TensorFlow's: it must not take GPU memory
+  tf.config.set_visible_devices([], "GPU")
   if not is_host0:
     return metric_writers.create_default_writer(None, just_logging=True)
   if not fileio.is_remote(workdir):

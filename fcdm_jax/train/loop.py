@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
 from fcdm_jax import data as data_lib
 from fcdm_jax import compilation_cache, config_checks, distributed, fileio, provenance
@@ -34,7 +33,7 @@ from fcdm_jax.diffusion.objectives import make_objective
 from fcdm_jax.models import FCDM
 from fcdm_jax import checkpoint as ckpt_lib
 from fcdm_jax import sharding
-from fcdm_jax.train import events, torch_state
+from fcdm_jax.train import torch_state
 from fcdm_jax.train.state import create_train_state, make_optimizer, state_layout
 from fcdm_jax.train.preview import PreviewWriter
 from fcdm_jax.train.step import jit_train_step, make_train_step
@@ -220,6 +219,10 @@ def train_and_evaluate(config, workdir: str, make_evaluators=None) -> dict[str, 
 
   train_step = jit_train_step(make_train_step(config, model, objective, tx), mesh,
                               shardings, config)
+  # TensorFlow (under clu's writers) is imported here, not with the module: it takes
+  # seconds, which `--help` and an error found before this point need not wait for.
+  from clu import periodic_actions
+  from fcdm_jax.train import events  # imports clu's writers, so TensorFlow: deferred (above)
   writer = events.create_writer(workdir, is_host0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
