@@ -17,6 +17,7 @@ are complete only when their marker file (a manifest, the final `.npz`) is writt
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -260,6 +261,21 @@ def check_output_folder(out: PathLike, *, inputs=(), flag: str = "--out") -> Non
   except OSError as e:
     raise ValueError(f"{flag}={out} cannot be written ({type(e).__name__}: {e}); pick a "
                      "writable location") from e
+
+
+@contextlib.contextmanager
+def local_lock(p: PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on the local file `p` (created if missing) for the `with`
+  block, across processes (flock): for writers on one machine that merge into one file.
+  Object stores have no locks, so a URL is refused."""
+  if is_remote(p):
+    raise ValueError(f"{p}: a lock file must be on the local file system")
+  with open(os.fspath(p), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:

@@ -76,9 +76,10 @@ def digit_classifier(tmp_path_factory):
   """A folder holding the demo judge's digit classifier (`eval_classifier/`), trained once
   per test run with the real recipe: tests that run a demo copy it into their workdir, as
   a rerun of the demo finds its own cache there."""
+  from fcdm_jax import fileio
   from fcdm_jax.demo import digit_judge as demo_eval
   folder = _shared_between_workers(tmp_path_factory, "digit_classifier")
-  with _lock(folder.parent / "digit_classifier.lock"):
+  with fileio.local_lock(folder.parent / "digit_classifier.lock"):
     # The first worker trains and writes the cache; the others find it.
     demo_eval.load_or_train_classifier(str(folder))
   return folder / demo_eval.CLASSIFIER_DIR
@@ -92,22 +93,4 @@ def _shared_between_workers(tmp_path_factory, name: str) -> pathlib.Path:
   folder = root / name
   folder.mkdir(exist_ok=True)
   return folder
-
-
-class _lock:
-  """An exclusive lock on a file, held across processes for the `with` block."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-
-  def __enter__(self):
-    import fcntl
-    self.file = open(self.path, "a")
-    fcntl.flock(self.file, fcntl.LOCK_EX)
-    return self
-
-  def __exit__(self, *exc):
-    import fcntl
-    fcntl.flock(self.file, fcntl.LOCK_UN)
-    self.file.close()
 

@@ -59,3 +59,28 @@ def test_failed_write_keeps_the_old_file(root):
     fileio.atomic_write(target, broken)
   assert fileio.read_bytes(target) == b"old"
   assert fileio.listdir(root) == ["keep.txt"]
+
+
+def test_local_lock_excludes_other_processes(tmp_path):
+  """A second process waits for the lock: its line comes after the holder's release."""
+  import subprocess
+  import sys
+  import time
+  lock, log = tmp_path / "x.lock", tmp_path / "log"
+  child = ("import sys\nfrom fcdm_jax import fileio\n"
+           "open(sys.argv[2] + '.started', 'w').close()\n"
+           "with fileio.local_lock(sys.argv[1]):\n"
+           "  open(sys.argv[2], 'a').write('child\\n')\n")
+  with fileio.local_lock(lock):
+    proc = subprocess.Popen([sys.executable, "-c", child, str(lock), str(log)])
+    deadline = time.time() + 60
+    while not (tmp_path / "log.started").exists() and time.time() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.5)   # the child is now blocked on the lock
+    with open(log, "a") as f:
+      f.write("holder\n")
+  assert proc.wait(timeout=60) == 0
+  assert log.read_text().splitlines() == ["holder", "child"]
+  with pytest.raises(ValueError, match="local file system"):
+    with fileio.local_lock("gs://bucket/x.lock"):
+      pass

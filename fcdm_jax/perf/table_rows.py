@@ -9,7 +9,6 @@ loses one row at most and a rerun goes on from the rows already there.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
@@ -20,6 +19,8 @@ import time
 from concurrent import futures
 from typing import Any, Callable
 
+from fcdm_jax import fileio
+
 Row = dict[str, Any]
 
 
@@ -27,8 +28,7 @@ def save(path: pathlib.Path, results: dict[str, Row], key: str,
          load: Callable[[pathlib.Path], dict[str, Row]]) -> None:
   """Adds row `key` of `results` to the file, merged under a lock with the rows `load`
   reads from it now; `results` gains those rows too."""
-  with open(path.with_suffix(".json.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with fileio.local_lock(path.with_suffix(".json.lock")):
     merged = load(path)
     merged[key] = results[key]
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
