@@ -36,6 +36,39 @@ def test_plan_covers_every_sampler_and_the_reference():
     sampler_sweep.plan("ddpm", "ddpm", only=["magic"])
 
 
+def _row(label, steps, evals, distance, interval=False, reference=False):
+  return dict(label=label, steps=steps, evaluations_per_image=evals, frechet_distance=distance,
+              accuracy=1.0, sampling_seconds=1.0, reference=reference,
+              guidance_interval=[0.5, 0.75] if interval else None)
+
+
+def test_fewest_within_compares_each_half_to_its_own_reference():
+  data = dict(settings=dict(objective="flow", step=1, num_samples=8, cfg_scale=4.0,
+                            sigma_interval=[0.34, 1.02], guidance_interval=[0.5, 0.75]),
+              rows=[_row("sde (euler)", 250, 500, 80.0, reference=True),
+                    _row("sde (euler)", 250, 300, 10.0, interval=True, reference=True),
+                    _row("unipc", 5, 10, 90.0), _row("unipc", 8, 16, 83.9),
+                    _row("unipc", 10, 20, 70.0), _row("dpmpp_2m", 8, 16, 82.0),
+                    _row("ddim", 5, 10, 84.1),
+                    # With the interval: far below the other half's reference (80), but
+                    # only 10.4 and below counts against its own (10.0).
+                    _row("unipc", 5, 6, 12.0, interval=True),
+                    _row("unipc", 10, 12, 10.4, interval=True)])
+  without = sampler_sweep.fewest_within(data, interval=False)
+  # Fewest evaluations first, ties by distance; ddim (84.1 > 84.0) never fits.
+  assert [(k, r["steps"]) for k, r in without.items()] == [("dpmpp_2m", 8), ("unipc", 8)]
+  within = sampler_sweep.fewest_within(data, interval=True)
+  assert [(k, r["steps"]) for k, r in within.items()] == [("unipc", 10)]
+  table = sampler_sweep.markdown(data)
+  assert "Without the interval, fewest evaluations" in table
+  assert "- dpmpp_2m: 16 (8 steps), distance 82.00" in table
+  assert "- unipc: 12 (10 steps), distance 10.40" in table
+  # No reference with the interval measured yet: that half has no note.
+  data["rows"] = [r for r in data["rows"] if not (r["reference"] and r["guidance_interval"])]
+  assert sampler_sweep.fewest_within(data, interval=True) == {}
+  assert "With the interval, fewest" not in sampler_sweep.markdown(data)
+
+
 @pytest.mark.slow
 def test_rows_count_their_evaluations_and_resume(tmp_path, digit_classifier):
   workdir, _ = make_workdir(tmp_path / "run", tiny_demo_config("flow", seed=5))
