@@ -67,6 +67,11 @@ def test_fewest_within_compares_each_half_to_its_own_reference():
   data["rows"] = [r for r in data["rows"] if not (r["reference"] and r["guidance_interval"])]
   assert sampler_sweep.fewest_within(data, interval=True) == {}
   assert "With the interval, fewest" not in sampler_sweep.markdown(data)
+  glance = sampler_sweep.grid(data).splitlines()
+  assert glance[0] == ("| sampler | interval | 5 steps | 8 steps | 10 steps | 250 steps |")
+  assert "| unipc | no | 90.0 / 10 | 83.9 / 16 | 70.0 / 20 |  |" in glance
+  assert "| sde (euler) (reference) | no |  |  |  | 80.0 / 500 |" in glance
+  assert "| unipc | yes | 12.0 / 6 |  | 10.4 / 12 |  |" in glance
 
 
 @pytest.mark.slow
@@ -126,4 +131,4 @@ def test_rows_count_their_evaluations_and_resume(tmp_path, digit_classifier):
                          f"--batch_size={N}"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert table in proc.stdout
+  assert table in proc.stdout and sampler_sweep.grid(resumed) in proc.stdout

@@ -270,3 +270,30 @@ def markdown(data: dict) -> str:
         f"- {label}: {r['evaluations_per_image']} ({r['steps'] or 'adaptive'} steps), "
         f"distance {r['frechet_distance']:.2f}" for label, r in best.items()]
   return "\n".join(lines)
+
+
+def grid(data: dict) -> str:
+  """The table at a glance (the README's form): one line per sampler and half, one column
+  per step count, each cell 'Fréchet distance / evaluations per image'; the reference on
+  its own line, adaptive samplers in an 'adaptive' column. Accuracy and wall time are in
+  `markdown`'s table."""
+  rows = _order(data)
+  counts = sorted({r["steps"] for r in rows if r["steps"] is not None})
+  adaptive = any(r["steps"] is None for r in rows)
+  columns = [str(n) for n in counts] + (["adaptive"] if adaptive else [])
+  lines, cells = [], {}
+  for r in rows:
+    line = (f"{r['label']}{' (reference)' if r['reference'] else ''}",
+            "yes" if r["guidance_interval"] is not None else "no")
+    if line not in cells:
+      lines.append(line)
+      cells[line] = {}
+    column = "adaptive" if r["steps"] is None else str(r["steps"])
+    cells[line][column] = f"{r['frechet_distance']:.1f} / {r['evaluations_per_image']}"
+  out = ["| sampler | interval | " + " | ".join(f"{c} steps" if c != "adaptive" else c
+                                               for c in columns) + " |",
+         "| --- | --- |" + " ---: |" * len(columns)]
+  for line in lines:
+    out.append(f"| {line[0]} | {line[1]} | "
+               + " | ".join(cells[line].get(c, "") for c in columns) + " |")
+  return "\n".join(out)

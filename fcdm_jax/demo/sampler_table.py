@@ -5,7 +5,8 @@
 samples and judges every sampler at 5, 8, 10, 15, 20, 25 and 50 steps and the reference
 (DDPM 250 for the DDPM objective, SiT's Euler SDE 250 for flow), with and without EDM2's
 guidance interval, 500 samples each; rows already in --out are skipped (stop it and run it
-again to go on). Prints a line per new row, then the markdown table.
+again to go on). Prints a line per new row, then the markdown table and the same at a
+glance (Fréchet distance / evaluations per image by steps, the README's form).
 Exit status 0 when the table is printed, 1 on an error (one `error:` line).
 """
 
@@ -61,6 +62,8 @@ def main(argv):
                              reference_steps=f.reference_steps, only=f.samplers,
                              sigma_interval=sigma, batch_size=f.batch_size, on_row=report)
   print(sampler_sweep.markdown(data))
+  print()
+  print(sampler_sweep.grid(data))
 
 
 if __name__ == "__main__":
