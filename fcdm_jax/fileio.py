@@ -27,6 +27,9 @@ from typing import Callable, Iterator, Union
 from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
+# The process's umask, read once at import (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
 
@@ -196,6 +199,10 @@ def atomic_write(p: PathLike, write: Callable[[str], object]) -> None:
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
   os.close(fd)
   try:
+    # mkstemp makes the file private (0600); the result gets the mode a plain open() would
+    # give it (the umask's), or the replaced file's own.
+    os.chmod(tmp, os.stat(target).st_mode & 0o7777 if os.path.exists(target)
+             else 0o666 & ~_UMASK)
     write(tmp)
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())

@@ -84,3 +84,16 @@ def test_local_lock_excludes_other_processes(tmp_path):
   with pytest.raises(ValueError, match="local file system"):
     with fileio.local_lock("gs://bucket/x.lock"):
       pass
+
+
+def test_atomic_writes_get_the_umask_mode_or_keep_the_old_one(tmp_path):
+  """Not mkstemp's private 0600: a new file as open() would make it, a replaced one keeps
+  its mode."""
+  import os
+  import stat
+  out = tmp_path / "table.json"
+  fileio.atomic_write_bytes(str(out), b"1")
+  assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~fileio._UMASK
+  os.chmod(out, 0o640)
+  fileio.atomic_write_bytes(str(out), b"2")
+  assert stat.S_IMODE(out.stat().st_mode) == 0o640 and out.read_bytes() == b"2"
