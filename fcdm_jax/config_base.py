@@ -174,11 +174,16 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   # Each section declares every setting of the objective's samplers (their keys and
   # defaults come from the registry, fcdm_jax.diffusion.samplers; None: the sampler's own
   # default), so `--config.sample.respacing=ddim50` and the like can set them.
+  # Previews and in-training evaluation (config.eval's None: the preview's) sample with
+  # what the demo's sampler table (README) found cheapest at the reference's quality;
+  # config.sample keeps the paper's FID protocol.
   if objective == "ddpm":
     c.sample = ml_collections.ConfigDict(sampler_fields(
         objective, sampler="ddpm", steps=250, cfg_scale=1.5))
+    # UniPC 20 steps (40 evaluations per image guided): Fréchet distance 74.3 against
+    # DDIM's 79.2 at 20 steps and 77.3 at 50, and DDPM 250's 79.0 at 500 evaluations.
     c.preview = ml_collections.ConfigDict(sampler_fields(
-        objective, sampler="ddim", steps=250, cfg_scale=4.0))
+        objective, sampler="unipc", steps=20, cfg_scale=4.0))
   else:
     c.sample = ml_collections.ConfigDict(sampler_fields(
         objective, sampler="sde", steps=250, cfg_scale=1.5))

@@ -132,3 +132,19 @@ def test_rows_count_their_evaluations_and_resume(tmp_path, digit_classifier):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert table in proc.stdout and sampler_sweep.grid(resumed) in proc.stdout
+
+
+def test_readme_quotes_the_measured_tables():
+  """The README's sampler tables are the committed measurements' (docs/sampler_table_*.json),
+  as `grid` prints them."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  tables = sorted(n for n in os.listdir(os.path.join(REPO, "docs"))
+                  if n.startswith("sampler_table_") and n.endswith(".json"))
+  assert tables, "no measured sampler table in docs/"
+  for name in tables:
+    with open(os.path.join(REPO, "docs", name)) as f:
+      data = json.load(f)
+    assert sampler_sweep.grid(data) in readme, name
+    with open(os.path.join(REPO, "docs", "sampler_tables.md")) as f:
+      assert sampler_sweep.markdown(data) in f.read(), name

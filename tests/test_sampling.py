@@ -107,9 +107,10 @@ def test_the_three_sections_give_the_settings_they_gave_before():
   assert (overridden["sampler"], overridden["steps"], overridden["method"]) == ("ode", 250,
                                                                                  "heun")
   ddpm = config_base.get_config("XL", 512, "ddpm")
-  assert {k: sampler_settings(ddpm, "preview")[k] for k in ("sampler", "steps", "cfg_scale",
-                                                            "eta")} == \
-      dict(sampler="ddim", steps=250, cfg_scale=4.0, eta=0.0)
+  # The DDPM previews' UniPC 20 steps (the README's sampler table).
+  assert {k: sampler_settings(ddpm, "preview")[k] for k in ("sampler", "steps",
+                                                            "cfg_scale")} == \
+      dict(sampler="unipc", steps=20, cfg_scale=4.0)
   ddpm.eval.steps = 10
   assert sampler_settings(ddpm, "eval") == dict(sampler_settings(ddpm, "preview"), steps=10)
   assert sampler_settings(ddpm, "sample", dict(cfg_scale=None))["cfg_scale"] == 1.5
