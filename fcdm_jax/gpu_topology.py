@@ -111,12 +111,19 @@ def _installed(module: str) -> bool:
     return False
 
 
+# JAX's CUDA plugins (the `.[gpu]` extra installs the CUDA 12 one; a machine set up for
+# CUDA 13 has `jax-cuda13-plugin`): either compiles for every target here.
+CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+# Where ptxas comes from without a toolkit on PATH: nvcc's wheel for CUDA 12 or 13.
+PTXAS_PACKAGES = ("nvidia.cuda_nvcc", "nvidia.cu13")
+
+
 def missing_packages() -> str | None:
   """What is missing to compile for a GPU here (None: nothing): JAX's CUDA plugin, and
   ptxas (nvcc's wheel or a CUDA toolkit on PATH), which turns XLA's PTX into GPU code."""
-  if not _installed("jax_plugins.xla_cuda12"):
+  if not any(_installed(m) for m in CUDA_PLUGINS):
     return "JAX's CUDA plugin (jax-cuda12-plugin)"
-  if not _installed("nvidia.cuda_nvcc") and shutil.which("ptxas") is None:
+  if not any(_installed(m) for m in PTXAS_PACKAGES) and shutil.which("ptxas") is None:
     return "ptxas (nvidia-cuda-nvcc-cu12)"
   return None
 

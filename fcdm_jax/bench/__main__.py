@@ -8,6 +8,7 @@ divide, a --json that exists or cannot be written; checked before any timing).
 
 from __future__ import annotations
 
+import json
 import sys
 
 import jax
@@ -15,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fcdm_jax import cli, config_checks, fileio
-from fcdm_jax.perf import benchmark, input_bench
+from fcdm_jax.perf import benchmark, input_bench, plan_check
 from fcdm_jax.perf.dwconv_study import dwconv_study
 from fcdm_jax.perf.machine import machine_info
 from fcdm_jax.perf.measure import save_report
@@ -58,6 +59,10 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
 _JSON = flags.DEFINE_string("json", None, "write the report here as JSON (local or gs://); "
                             "an existing file is refused unless --overwrite")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace --json if it exists")
+_PREFLIGHT_JSON = flags.DEFINE_string(
+    "preflight_json", None, "on a GPU or TPU: a `fcdm_jax.preflight --json` report of the "
+    "same config, batch and settings for this device's target; prints its memory plan of "
+    "the training step beside this device's plan and peak (`fcdm_jax.perf.plan_check`)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -68,6 +73,18 @@ def main(argv):
   if _JSON.value:   # before the work: never over a file unasked, nor the config file
     fileio.check_output(_JSON.value, overwrite=_OVERWRITE.value, flag="--json",
                         inputs=(cli.config_file(_CONFIG),))
+  preflight = None
+  if _PREFLIGHT_JSON.value:   # read and checked before minutes of compiling
+    if _MODE.value not in ("train", "both") or _COMPILE_ONLY.value:
+      raise ValueError("--preflight_json compares the training step's memory: it needs "
+                       "--mode=train or both, without --compile_only")
+    preflight = json.loads(fileio.read_bytes(_PREFLIGHT_JSON.value))
+    if not (preflight.get("programs") or {}).get("train", {}).get("memory"):
+      raise ValueError(f"--preflight_json={_PREFLIGHT_JSON.value}: no memory plan of the "
+                       "training step in it (a `python -m fcdm_jax.preflight --json` report "
+                       "with the train program)")
+    resolved = benchmark.apply_overrides(config, _DTYPE.value, _REMAT.value, _DWCONV_IMPL.value)
+    plan_check.check_settings(preflight, plan_check.config_settings(resolved, _BATCH.value))
   if _MODE.value == "input":
     batch = _BATCH.value if _BATCH.present else int(config.batch_size)
     report = input_bench.run_input(config, batch=batch, steps=_REPEATS.value,
@@ -85,6 +102,9 @@ def main(argv):
                            vs_torch=_VS_TORCH.value, peak_tflops=_PEAK_TFLOPS.value,
                            compile_only=_COMPILE_ONLY.value, count_flops=_COUNT_FLOPS.value,
                            num_devices=_NUM_DEVICES.value, torch_threads=_TORCH_THREADS.value)
+  if preflight is not None:
+    report["vs_preflight"] = plan_check.compare(preflight, report)
+    print(plan_check.format_comparison(report["vs_preflight"]))
   save_report(report, ["python -m fcdm_jax.bench", *sys.argv[1:]], _JSON.value)
 
 

@@ -67,6 +67,7 @@ def jax_memory(device, compiled) -> dict[str, Any]:
   planned = xla_memory(compiled)
   out["xla_planned_bytes"] = planned["planned"] if planned else None
   out["xla_temp_bytes"] = planned["temp"] if planned else None  # None: the backend has no analysis
+  out["xla_plan"] = planned   # every part, to compare with the preflight's plan
   return out
 
 
