@@ -48,12 +48,28 @@ def _unpadded(eqn) -> tuple[list[jax.ShapeDtypeStruct], dict]:
   return args, params
 
 
+def _counting_sharding():
+  """Where each equation is compiled to be counted: the CPU, whatever the default backend.
+  The count must not depend on the chip: the benchmark on an H200 (jax 0.11.2, counting on
+  the GPU) printed 49.66 GMACs for FCDM-XL/256 against 64.53 on a CPU (jax 0.10.2); which of
+  the two, the GPU's cost analysis or the newer jax, undercounts was not separated
+  (docs/performance.md, "Accelerators"). None (the default device) only where JAX was
+  started without its CPU backend."""
+  try:
+    return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  except RuntimeError:
+    return None
+
+
 def _primitive_flops(eqn) -> float:
   """XLA's flop count of one equation compiled alone for its exact shapes (cached)."""
   args, params = _unpadded(eqn)
   key = (eqn.primitive.name, tuple((a.shape, str(a.dtype)) for a in args),
          tuple(sorted((k, _hashable(v)) for k, v in params.items())))
   if key not in _FLOPS_CACHE:
+    sharding = _counting_sharding()
+    if sharding is not None:
+      args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
     fn = jax.jit(lambda *xs: eqn.primitive.bind(*xs, **params))
     _FLOPS_CACHE[key] = cost_analysis(fn.lower(*args).compile()).get("flops", 0.0)
   return _FLOPS_CACHE[key]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared one-GPU benchmark (issue 14, item 5): FCDM-XL/256 in bf16, training step and
-# sampling forward against the published-structure PyTorch module under autocast, the
+# The prepared one-GPU benchmark: FCDM-XL/256 in bf16, training step and sampling forward
+# against the published-structure PyTorch module under autocast (with --topology, beside the
+# preflight's deviceless memory plan for that GPU's target), the
 # whole-model training step per depthwise-conv formulation, and the depthwise-conv study.
 # Every result is a JSON file (plus its log) in one folder, with the machine and commit.
 # The same script runs on a CPU with a tiny config (tests/test_launch_scripts.py).
@@ -19,19 +20,25 @@ Options (each also read from the environment variable in brackets):
                      the published per-block checkpointing on the PyTorch side)
   --impls=LIST       dwconv formulations of the training-step runs, comma-separated [IMPLS]
                      (default: xla,shift,shift_vjp)
+  --topology=NAME    first compile the training step for this GPU's target without the GPU
+                     (`fcdm_jax.preflight`, e.g. 1xh100, 1xh200, 1x4090; needs JAX's CUDA
+                     plugin and ptxas) and print its memory plan beside the GPU's own in the
+                     vs_torch run [TOPOLOGY] (default: none)
   --gpu=INDEX        the GPU to use [CUDA_VISIBLE_DEVICES] (default: 0)
   --python=EXE       Python with fcdm_jax[test] and jax[cuda12] [PYTHON] (default: python3)
   --dry-run          print the commands instead of running them [DRY_RUN=1]
   -h, --help         this text
 
 Runs, each writing OUT/NAME.json and OUT/NAME.log:
+  preflight          (with --topology) the training step's deviceless plan for that target
   vs_torch           train + sample, JAX vs PyTorch (alternating steps)
   train_dwconv_IMPL  the training step with dwconv_impl xla, shift, shift_vjp
   dwconv_study       the depthwise 7x7 conv alone (forward, backward, fused chain)
 OUT/machine.txt holds the date, the commit, nvidia-smi and the package versions.
 
-Example (flags after -- go to every bench run):
-  launch/gpu_bench.sh --out=runs/h100 -- --repeats=10
+Example (flags after -- go to every bench run; --config.x=y overrides there are not given
+to the preflight, whose plan is then refused if they change batch, dtype or remat):
+  launch/gpu_bench.sh --out=runs/h200 --batch=256 --topology=1xh200 -- --repeats=10
 EOF
 }
 
@@ -42,6 +49,7 @@ DTYPE="${DTYPE:-bf16}"
 REMAT="${REMAT:-block}"
 IMPLS="${IMPLS:-xla,shift,shift_vjp}"
 PYTHON="${PYTHON:-python3}"
+TOPOLOGY="${TOPOLOGY:-}"
 DRY_RUN="${DRY_RUN:-0}"
 BENCH_FLAGS=()
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
@@ -56,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --dtype=*) DTYPE="${1#*=}" ;;
     --remat=*) REMAT="${1#*=}" ;;
     --impls=*) IMPLS="${1#*=}" ;;
+    --topology=*) TOPOLOGY="${1#*=}" ;;
     --gpu=*) export CUDA_VISIBLE_DEVICES="${1#*=}" ;;
     --python=*) PYTHON="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
@@ -105,7 +114,17 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
   cat "$OUT/machine.txt"
 fi
 
-bench vs_torch --mode=both --remat="$REMAT" --vs-torch
+vs_preflight=()
+if [[ -n "$TOPOLOGY" ]]; then
+  model_dtype=bfloat16; [[ "$DTYPE" == fp32 ]] && model_dtype=float32
+  cmd=("$PYTHON" -m fcdm_jax.preflight --config="$CONFIG" --topology="$TOPOLOGY"
+       --batch="$BATCH" --programs=train --config.model.dtype="$model_dtype"
+       --config.model.remat="$REMAT" --json="$OUT/preflight.json")
+  printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
+  if [[ "$DRY_RUN" != 1 ]]; then "${cmd[@]}" 2>&1 | tee "$OUT/preflight.log"; fi
+  vs_preflight=(--preflight_json="$OUT/preflight.json")
+fi
+bench vs_torch --mode=both --remat="$REMAT" --vs-torch "${vs_preflight[@]+"${vs_preflight[@]}"}"
 for impl in "${impls[@]}"; do
   bench "train_dwconv_$impl" --mode=train --remat="$REMAT" --dwconv_impl="$impl"
 done

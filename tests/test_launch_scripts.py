@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from fcdm_jax import gpu_topology
+
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 REPO = LAUNCH.parent
 SCRIPTS = ["tpu_pod.sh", "gpu_single_node.sh", "slurm_multinode.sbatch", "gpu_bench.sh"]
@@ -213,6 +215,13 @@ def test_gpu_bench_dry_run_lists_every_run():
   assert [l.split("--dwconv_impl=")[1].split()[0] for l in lines[1:4]] == \
       ["xla", "shift", "shift_vjp"]
   assert "--mode=dwconv --json=/tmp/b/dwconv_study.json" in lines[4]
+  with_plan = run("gpu_bench.sh", "--dry-run", "--out=/tmp/b", "--batch=256", "--topology=1xh200")
+  lines = [l for l in with_plan.stdout.splitlines() if l.startswith("+ ")]
+  assert len(lines) == 6 and "-m fcdm_jax.preflight --config=configs/xl_256.py" in lines[0]
+  assert ("--topology=1xh200 --batch=256 --programs=train --config.model.dtype=bfloat16 "
+          "--config.model.remat=block --json=/tmp/b/preflight.json") in lines[0]
+  assert "--vs-torch --preflight_json=/tmp/b/preflight.json" in lines[1]
+  assert "--preflight_json" not in " ".join(lines[2:])
   assert run("gpu_bench.sh", "--dry-run", "--batch=0").returncode == 2
   assert run("gpu_bench.sh", "--dry-run", "--dtype=fp16").returncode == 2
   assert run("gpu_bench.sh", "--dry-run", "--impls=xla,conv").returncode == 2
@@ -224,6 +233,11 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
   run of the three; the dry run above checks that all three are there by default)."""
   out = tmp_path / "bench"
   env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHON": sys.executable}
+  # With the gpu extra (CI installs it), the deviceless plan for an H200 comes first and the
+  # CPU's plan is printed beside it.
+  gpu_plan = gpu_topology.missing_packages() is None
+  if gpu_plan:
+    env["TOPOLOGY"] = "1xh200"
   result = subprocess.run(
       ["bash", str(LAUNCH / "gpu_bench.sh"), "--config=tests/configs/tiny.py", "--batch=2",
        "--remat=none", "--dtype=fp32", "--impls=shift_vjp", f"--out={out}", "--", "--repeats=1", "--warmup=1",
@@ -236,6 +250,10 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path):
   assert vs["batch"] == 2 and vs["machine"]["num_devices"] == 1
   for mode in ("train", "sample"):
     assert vs["results"][mode]["speedup_vs_torch"] > 0
+  if gpu_plan:
+    assert vs["vs_preflight"]["preflight"]["target"] == "NVIDIA H200"
+    assert vs["vs_preflight"]["parts"]["argument"]["ratio"] == 1.0
+    assert "memory plan of train: preflight for NVIDIA H200" in result.stdout
   r = json.loads((out / "train_dwconv_shift_vjp.json").read_text())
   assert r["dwconv_impl_resolved"] == "shift_vjp" and r["results"]["train"]["step_s"]["median"] > 0
   assert "sample" not in r["results"] and not (out / "train_dwconv_xla.json").exists()

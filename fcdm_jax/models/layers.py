@@ -207,8 +207,10 @@ def resolve_dwconv_impl(impl: str, backend: str | None = None) -> str:
   backend; the TPU preflight compiles for 'tpu' from a CPU process).
 
   CPU: shifted multiply-adds with the hand-written backward (docs/performance.md).
-  GPU: shifted multiply-adds (XLA's grouped-conv backward has slow paths there; not yet
-  re-measured against 'shift_vjp'). TPU: XLA's grouped convolution (the TPU preflight
+  GPU: shifted multiply-adds (XLA's grouped-conv backward is up to 3x slower there: on an
+  H200 the conv alone at XL's shapes, docs/performance.md "Accelerators"; 'shift_vjp' was
+  about 17% cheaper than 'shift' in that study of the conv alone, the whole step not yet
+  compared). TPU: XLA's grouped convolution (the TPU preflight
   table: least HBM and lowest step bound of the three on XL/256).
   """
   if impl not in DWCONV_IMPLS:
