@@ -23,7 +23,7 @@ def in_repo(monkeypatch):
   monkeypatch.chdir(REPO)
 
 
-def fit_report(e, *, fits=True, accum=2, used=10 * 2**30):
+def fit_report(e, *, fits=True, accum=2, used=10 * 2**30, dwconv=table.DWCONV):
   """A --fit report as `perf.fit.run` writes it: a no-remat candidate at the full batch that
   did not fit, the chosen accumulation, a policy skipped."""
   per_gpu = e["batch"] // 4
@@ -36,7 +36,7 @@ def fit_report(e, *, fits=True, accum=2, used=10 * 2**30):
                  skipped="compute alone 270.00 ms >= best bound")
   return dict(date="2026-12-03 16:00:00 UTC", jax="0.10.2", config="fcdm", topology=e["topology"],
               device_kind="NVIDIA GeForce RTX 4090", devices=4, dtype="bfloat16",
-              mesh={"data": 1, "fsdp": 4}, params_sharding="fsdp", dwconv_impl="shift",
+              mesh={"data": 1, "fsdp": 4}, params_sharding="fsdp", dwconv_impl=dwconv,
               batch=e["batch"], headroom=0.1, memory_bytes=24 * 2**30,
               usable_bytes=18 * 2**30, unit="GPU", candidates=[first, chosen, skipped],
               choice=chosen if fits else None,
@@ -67,7 +67,7 @@ def test_a_row_keeps_the_choice_and_what_it_cost():
   assert row["compiled"] == 2 and row["compile_s"] == 190.0 and len(row["candidates"]) == 3
   line = table._row_line(e, row)
   assert line.startswith("| XL/256 | 4x4090 | none | 2 x 32 | 10.0 (18.0 of 24.0) | yes | "
-                         "210.0 | compute | 1219 | 2 | 190 |")
+                         f"210.0 | compute | 1219 | 2 | 190 | {table.DWCONV} |")
   text = table.render({e["key"]: row})
   assert ("`python -m fcdm_jax.main --config=configs/xl_256.py --config.model.dtype=bfloat16 "
           "--config.batch_size=256 --config.grad_accum_steps=2 --config.model.remat=none`") in text
@@ -101,6 +101,34 @@ def test_skips_done_rows_and_saves_each_new_one(tmp_path, monkeypatch):
   assert "old" not in text and text.endswith("\n\ntail\n") and "Still missing" not in text
   table.update(results, doc, log=lambda s: None)
   assert len(ran) == 2   # nothing left for a second sitting
+
+
+def test_rows_of_an_older_dwconv_default_are_shown_and_compiled_again(tmp_path, monkeypatch):
+  """The GPU default became shift_vjp (XLA's GPU compiler took hours over `shift`'s
+  backward): rows made with `shift`, and failed rows that name none, are stale."""
+  assert table.DWCONV == "shift_vjp"
+  es = table.entries()
+  results, doc = tmp_path / "r.json", tmp_path / "perf.md"
+  doc.write_text(table.START + "\n" + table.END + "\n")
+  rows = {e["key"]: table.summarize(e, fit_report(e)) for e in es}
+  rows[es[3]["key"]] = table.summarize(es[3], fit_report(es[3], dwconv="shift"))
+  rows[es[5]["key"]] = {k: v for k, v in es[5].items() if k != "dwconv"} | dict(
+      error="timed out after 3000 s", date="2026-12-03")
+  results.write_text(json.dumps(rows))
+  text = table.render(rows)
+  assert table._row_line(es[3], rows[es[3]["key"]]).endswith("| shift |")
+  assert ("Made with an older default formulation (2 rows, compiled again by the next run): "
+          f"S/512 on 4x4090; S/512 on 8xh100.") in text
+  ran = []
+
+  def fake_run(e, command, summarize, timeout_s, log):
+    ran.append(e["key"])
+    return summarize(e, fit_report(e))
+
+  monkeypatch.setattr(table_rows, "run_preflight", fake_run)
+  table.update(results, doc, log=lambda s: None)
+  assert ran == [es[3]["key"], es[5]["key"]]
+  assert "older default" not in doc.read_text()
 
 
 def test_a_failed_preflight_is_a_row_with_its_error(tmp_path):

@@ -207,11 +207,13 @@ def resolve_dwconv_impl(impl: str, backend: str | None = None) -> str:
   backend; the TPU preflight compiles for 'tpu' from a CPU process).
 
   CPU: shifted multiply-adds with the hand-written backward (docs/performance.md).
-  GPU: shifted multiply-adds (XLA's grouped-conv backward is up to 3x slower there: on an
-  H200 the conv alone at XL's shapes, docs/performance.md "Accelerators"; 'shift_vjp' was
-  about 17% cheaper than 'shift' in that study of the conv alone, the whole step not yet
-  compared). TPU: XLA's grouped convolution (the TPU preflight
-  table: least HBM and lowest step bound of the three on XL/256).
+  GPU: the same. With autodiff's backward ('shift') XLA's GPU compiler can take hours:
+  FCDM-S/256 with remat 'dots' for four RTX 4090s sat over 50 min in priority fusion's
+  Triton tiling search, against 55 s with 'shift_vjp' and 50 s with 'xla'; on an H200 the
+  conv alone at XL's shapes cost about 17% less with 'shift_vjp' than with 'shift', and
+  XLA's grouped-conv backward up to 3x more (docs/performance.md, "Accelerators").
+  TPU: XLA's grouped convolution (the TPU preflight table: least HBM and lowest step bound
+  of the three on XL/256).
   """
   if impl not in DWCONV_IMPLS:
     raise ValueError(f"unknown dwconv_impl {impl!r}; expected one of {DWCONV_IMPLS}")
@@ -220,7 +222,7 @@ def resolve_dwconv_impl(impl: str, backend: str | None = None) -> str:
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return "shift_vjp"
-  return "shift" if backend in ("gpu", "cuda", "rocm") else "xla"
+  return "shift_vjp" if backend in ("gpu", "cuda", "rocm") else "xla"
 
 
 class DepthwiseConv(nn.Module):

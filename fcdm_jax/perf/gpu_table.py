@@ -17,6 +17,7 @@ import pathlib
 import sys
 from typing import Any
 
+from fcdm_jax.models.layers import resolve_dwconv_impl
 from fcdm_jax.perf import table_rows
 
 RESULTS = "docs/gpu_preflight.json"   # relative to the repository's root
@@ -30,10 +31,13 @@ RESOLUTIONS = (256, 512)
 TOPOLOGIES = ("4x4090", "8xa100-80gb", "8xh100")
 # The paper's claim the README answers from this table: XL/256 at batch 256 on four 4090s.
 PAPER_SETTING = ("configs/xl_256.py", "4x4090")
+# The depthwise-conv formulation the GPU configs run with ('auto' on a GPU). A row compiled
+# with another one (an older default) is stale: shown until a run compiles it again.
+DWCONV = resolve_dwconv_impl("auto", backend="gpu")
 
 
 def entry(config: str, topology: str) -> dict[str, Any]:
-  return dict(config=config, topology=topology, batch=BATCH, dtype=DTYPE,
+  return dict(config=config, topology=topology, batch=BATCH, dtype=DTYPE, dwconv=DWCONV,
               key=f"{config}|{topology}|{BATCH}|{DTYPE}")
 
 
@@ -76,6 +80,12 @@ def summarize(e: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
   return row
 
 
+def stale(row: dict[str, Any]) -> bool:
+  """Made with another depthwise-conv formulation than the GPU default (rows from before
+  the default changed; a failed row records the one it tried, older ones none)."""
+  return (row.get("dwconv_used") or row.get("dwconv")) != DWCONV
+
+
 def load(path: pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {}
 
@@ -87,16 +97,18 @@ def save(path: pathlib.Path, results: dict[str, Any], key: str) -> None:
 # ----------------------------------------------------------------------------- markdown
 
 HEADER = ("| config | GPUs | remat | micro-batches x per GPU | memory GiB / GPU (usable of total) "
-          "| fits | step bound ms | binds | img/s bound | compiled | compile s |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| fits | step bound ms | binds | img/s bound | compiled | compile s | dwconv |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def _row_line(e: dict[str, Any], r: dict[str, Any]) -> str:
   head = f"| {table_rows.label(e['config'])} | {e['topology']} |"
+  dwconv = r.get("dwconv_used") or r.get("dwconv") or "shift"   # rows before the column: shift
   if "error" in r:
-    return head + f" not compiled: {r['error'][:80]} | | | | | | | | |"
+    return head + f" not compiled: {r['error'][:80]} | | | | | | | | | {dwconv} |"
   if r.get("remat_used") is None:
-    return head + " - | - | - | **no** | - | - | - | " + f"{r['compiled']} | {r['compile_s']:.0f} |"
+    return (head + " - | - | - | **no** | - | - | - | "
+            + f"{r['compiled']} | {r['compile_s']:.0f} | {dwconv} |")
   step = r.get("step_s_bound")
   bound = "-" if step is None else f"{1e3 * step:.1f}"
   rate = "-" if not step else f"{r['batch'] / step:.0f}"
@@ -105,7 +117,7 @@ def _row_line(e: dict[str, Any], r: dict[str, Any]) -> str:
   return (head + f" {r['remat_used']} | {r['grad_accum_steps']} x {r['micro_batch_per_device']} |"
           f" {memory} | {'yes' if r['fits'] else '**no** (closest shown)'} |"
           f" {bound} | {r.get('binds') or '-'} | {rate} | {r['compiled']} |"
-          f" {r['compile_s']:.0f} |")
+          f" {r['compile_s']:.0f} | {dwconv} |")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -123,7 +135,9 @@ def render(results: dict[str, Any]) -> str:
            "**Step bound and img/s are roofline bounds derived from compiler counts and "
            "vendor peaks, not measurements**; bytes count the model's loops once and the "
            "micro-batch loop through by an estimate (`perf.preflight_run`), so a "
-           "memory-bound row is less certain than a compute-bound one.", "", *HEADER]
+           "memory-bound row is less certain than a compute-bound one. dwconv: the "
+           f"depthwise-conv formulation compiled (the GPU default is `{DWCONV}`; rows made "
+           "with another are compiled again by the next run).", "", *HEADER]
   missing = []
   for e in entries():
     r = results.get(e["key"])
@@ -131,6 +145,11 @@ def render(results: dict[str, Any]) -> str:
       missing.append(e)
     else:
       lines.append(_row_line(e, r))
+  old = [e for e in entries() if results.get(e["key"]) is not None and stale(results[e["key"]])]
+  if old:
+    lines += ["", f"Made with an older default formulation ({len(old)} rows, compiled again "
+              "by the next run): " + "; ".join(f"{table_rows.label(e['config'])} on "
+                                               f"{e['topology']}" for e in old) + "."]
   if missing:
     lines += ["", f"Still missing ({len(missing)} of {len(entries())} rows, not yet compiled): "
               + "; ".join(f"{table_rows.label(e['config'])} on {e['topology']}"
@@ -159,7 +178,7 @@ def update(results_path, doc, *, render_only: bool = False, only: str = "", skip
   results = load(results_path)
   if not render_only:
     todo = table_rows.pending(entries(), results, only=only, skip=skip,
-                              retry_errors=retry_errors, max_entries=max_entries)
+                              retry_errors=retry_errors, max_entries=max_entries, stale=stale)
 
     def done(e, r, seconds):
       results[e["key"]] = r

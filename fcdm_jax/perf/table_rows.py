@@ -106,13 +106,16 @@ def run_all(todo: list[Row], run_entry: Callable[[Row], Row],
 
 
 def pending(entries: list[Row], results: dict[str, Row], *, only: str = "", skip: str = "",
-            retry_errors: bool = False, max_entries: int = 0) -> list[Row]:
+            retry_errors: bool = False, max_entries: int = 0,
+            stale: Callable[[Row], bool] | None = None) -> list[Row]:
   """The entries to compile: those without a row (or with a failed one, when
-  `retry_errors`), whose key contains `only` and not `skip`, at most `max_entries` (> 0)."""
+  `retry_errors`, or one `stale` says was made with settings since changed), whose key
+  contains `only` and not `skip`, at most `max_entries` (> 0)."""
   todo = [e for e in entries
           if only in e["key"] and not (skip and skip in e["key"])
           and (results.get(e["key"]) is None
-               or (retry_errors and "error" in results[e["key"]]))]
+               or (retry_errors and "error" in results[e["key"]])
+               or (stale is not None and stale(results[e["key"]])))]
   return todo[:max_entries] if max_entries else todo
 
 
