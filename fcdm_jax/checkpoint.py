@@ -146,6 +146,13 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    # orbax starts removing stale temporary directories in a thread when the manager is made
+    # and awaits it only in save() (orbax-checkpoint 0.12.8): a command that stops before its
+    # first save (bad input) must wait for it here, or the thread can outlive the
+    # interpreter's executors and print a traceback at exit. Private, hence looked up.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.wait_until_finished()
     self.manager.close()
 

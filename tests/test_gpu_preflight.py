@@ -15,28 +15,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers.gpu_preflight import TINY, needs_gpu_extra, preflight_cli
 from helpers.runs import run_without_module
 
 from fcdm_jax import gpu_topology
 from fcdm_jax.perf import targets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.py"
 GiB = 2**30
-needs_gpu_extra = pytest.mark.skipif(gpu_topology.missing_packages() is not None,
-                                     reason='the gpu extra is not installed '
-                                            '(pip install -e ".[gpu]")')
-
-
-def preflight_cli(tmp_path, *args, name="report.json", timeout=900):
-  out = tmp_path / name
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
-  env.pop("XLA_CLIENT_MEM_FRACTION", None)
-  proc = subprocess.run([sys.executable, "-m", "fcdm_jax.preflight", f"--config={TINY}",
-                         f"--json={out}", *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=REPO, env=env)
-  return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
 # ----------------------------------------------------------------------------- no extra needed

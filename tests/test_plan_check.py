@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_gpu_preflight import TINY, needs_gpu_extra, preflight_cli
+from helpers.gpu_preflight import TINY, needs_gpu_extra, preflight_cli
 
 from fcdm_jax.perf import plan_check
 
