@@ -14,8 +14,8 @@ they recompute (`REMATS`), each only up to the fewest micro-batches that fit so 
 as many micro-batches a later policy can still win: recomputing adds FLOPs, but it can
 remove memory traffic (an elementwise value recomputed inside a fusion is neither stored
 in the forward pass nor read back in the backward one), and a memory-bound step gets
-faster (the GPU table's B/256 on 4x4090: no remat bounded at 150 ms, dots at 43 ms, at
-the same micro-batch). The one sound cut is compute: a policy whose compute time alone
+faster (the GPU table's B/256 on 4x4090: no remat bounded at 49.8 ms, dots at 29.3 ms,
+at the same micro-batch, both memory-bound). The one sound cut is compute: a policy whose compute time alone
 (FLOPs per device / peak, from the step lowered for the CPU) is no lower than the best
 bound found cannot win and is not compiled. Without config.grad_accum_steps only the
 policies are compared, at the full batch. Times are bounds derived from compiler counts
